@@ -1,0 +1,165 @@
+"""Attention mask for verifying a static token tree in one target pass.
+
+A tree of T nodes (node 0 = root, parents[i] < i) is verified for B sequences at once.
+Sequence b has prefix_lens[b] tokens in its KV cache; its KV layout for the pass is
+[prefix tokens, then the T tree nodes in node order], and its query rows are the T tree
+nodes. Node i sees every prefix token and the tree nodes on its own root path.
+
+Worked example: the tree root -> {A, B}, A -> {C} is parents = [-1, 0, 0, 1]
+(nodes 0=root, 1=A, 2=B, 3=C). With prefix_lens = [2] and max_kv_len = 7:
+
+            prefix  root  A  B  C  pad
+    kv j:    0  1    2    3  4  5   6
+    root  [  1  1    1    0  0  0   0 ]
+    A     [  1  1    1    1  0  0   0 ]
+    B     [  1  1    1    0  1  0   0 ]
+    C     [  1  1    1    1  0  1   0 ]
+"""
+from __future__ import annotations
+
+import torch
+
+from chimera_kernels._dispatch import (can_sync, cdiv, check_triton_device, jit_kernel, next_power_of_2,
+                                       use_triton)
+
+tl = None  # triton.language, bound on first use by jit_kernel (importing this module never imports triton)
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_inputs(parents: torch.Tensor, prefix_lens: torch.Tensor,
+                  max_kv_len: int | None) -> tuple[int, int | None]:
+    """Validate; return (max_kv_len, tree depth). Depth is None when values cannot be read.
+
+    The depth (longest root-to-node path, in edges) bounds the parent walk of the kernel.
+    """
+    if parents.dim() != 1 or parents.shape[0] < 1 or parents.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"tree_attention_mask: parents must be a non-empty 1-D int32/int64 tensor [T], "
+                         f"got {parents.dtype} of shape {tuple(parents.shape)}")
+    if prefix_lens.dim() != 1 or prefix_lens.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"tree_attention_mask: prefix_lens must be a 1-D int32/int64 tensor [B], "
+                         f"got {prefix_lens.dtype} of shape {tuple(prefix_lens.shape)}")
+    num_nodes = parents.shape[0]
+    if not (can_sync(parents) and can_sync(prefix_lens)):
+        # During CUDA graph capture the caller must pass max_kv_len; values go unchecked.
+        if max_kv_len is None:
+            raise ValueError("tree_attention_mask: pass max_kv_len explicitly during CUDA graph capture")
+        return max_kv_len, None
+
+    parent_list = parents.tolist()
+    depth = [0] * num_nodes
+    if parent_list[0] != -1:
+        raise ValueError(f"tree_attention_mask: parents[0] must be -1 (node 0 is the root), "
+                         f"got {parent_list[0]}")
+    for i in range(1, num_nodes):
+        if not 0 <= parent_list[i] < i:
+            raise ValueError(f"tree_attention_mask: parents[{i}] = {parent_list[i]}, need "
+                             f"0 <= parents[i] < i (nodes in topological order)")
+        depth[i] = depth[parent_list[i]] + 1
+    lens = prefix_lens.tolist()
+    if any(n < 0 for n in lens):
+        raise ValueError(f"tree_attention_mask: prefix_lens must be >= 0, got {lens}")
+    needed = max(lens, default=0) + num_nodes
+    if max_kv_len is None:
+        max_kv_len = needed
+    elif max_kv_len < needed:
+        raise ValueError(f"tree_attention_mask: max_kv_len = {max_kv_len} < max(prefix_lens) + T = {needed}")
+    return max_kv_len, max(depth)
+
+
+def tree_attention_mask_reference(parents: torch.Tensor, prefix_lens: torch.Tensor,
+                                  max_kv_len: int | None = None) -> torch.Tensor:
+    """PyTorch reference (also the CPU path).
+
+    parents:     [T] int, parents[0] = -1, 0 <= parents[i] < i
+    prefix_lens: [B] int, KV entries already cached per sequence
+    max_kv_len:  columns of the mask; default and minimum max(prefix_lens) + T
+    Returns [B, T, max_kv_len] bool on prefix_lens' device (see the module docstring for an example).
+    """
+    max_kv_len, _ = _check_inputs(parents, prefix_lens, max_kv_len)
+    num_nodes, device = parents.shape[0], prefix_lens.device
+    parent_list = parents.tolist()
+    # ancestor_or_self[i, a]: a is i or an ancestor of i. Row parents[i] is complete before row i.
+    ancestor_or_self = torch.eye(num_nodes, dtype=torch.bool)  # [T, T], built on the host
+    for i in range(1, num_nodes):
+        ancestor_or_self[i] |= ancestor_or_self[parent_list[i]]
+    ancestor_or_self = ancestor_or_self.to(device)
+
+    j = torch.arange(max_kv_len, device=device)  # [max_kv_len]
+    rel = j[None, :] - prefix_lens.long()[:, None]  # [B, max_kv_len] tree node of column j if 0 <= rel < T
+    in_prefix = rel < 0
+    in_tree = (rel >= 0) & (rel < num_nodes)
+    tree_visible = ancestor_or_self[:, rel.clamp(0, num_nodes - 1)].permute(1, 0, 2)  # [B, T, max_kv_len]
+    return in_prefix[:, None, :] | (in_tree[:, None, :] & tree_visible)
+
+
+def _tree_mask_kernel(
+    parents_ptr, prefix_lens_ptr, mask_ptr,  # [T] int32, [B], [B, T, max_kv_len] uint8
+    num_nodes, max_kv_len, max_depth,
+    stride_mask_b, stride_mask_i, stride_mask_j,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """One program: BLOCK_I query nodes x BLOCK_J kv columns of one sequence.
+
+    Grid (cdiv(max_kv_len, BLOCK_J), cdiv(T, BLOCK_I), B).
+    """
+    offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)  # [BLOCK_J] kv columns
+    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)  # [BLOCK_I] query nodes
+    b = tl.program_id(2)
+    i_mask = offs_i < num_nodes
+    prefix_len = tl.load(prefix_lens_ptr + b)
+    rel = offs_j - prefix_len  # [BLOCK_J] the tree node at column j when 0 <= rel < T
+
+    # Walk every query row up its root path: node = i, parent(i), ..., 0, then -1 for good.
+    # E.g. parents [-1, 0, 0, 1], i = 3: node 3 -> 1 -> 0 -> -1, so columns of nodes {3, 1, 0}.
+    node = tl.where(i_mask, offs_i, -1)  # [BLOCK_I]
+    visible = rel[None, :] == node[:, None]  # [BLOCK_I, BLOCK_J]
+    for _ in range(max_depth):
+        node = tl.load(parents_ptr + node, mask=node >= 0, other=-1)
+        visible = visible | (rel[None, :] == node[:, None])
+    # rel == node only matches tree columns (nodes are < T), or node -1 at column prefix_len - 1,
+    # which is a prefix column anyway: no separate "is a tree column" test is needed.
+    visible = (rel < 0)[None, :] | visible
+
+    ptrs = mask_ptr + b * stride_mask_b + offs_i[:, None] * stride_mask_i + offs_j[None, :] * stride_mask_j
+    tl.store(ptrs, visible.to(tl.uint8), mask=i_mask[:, None] & (offs_j < max_kv_len)[None, :])
+
+
+def tree_attention_mask_triton(parents: torch.Tensor, prefix_lens: torch.Tensor,
+                               max_kv_len: int | None = None) -> torch.Tensor:
+    """Triton implementation; same arguments and result as tree_attention_mask_reference.
+
+    Builds the mask from `parents` directly: each program walks its query nodes' parent
+    chains (depth steps), no ancestor matrix is precomputed.
+    """
+    max_kv_len, depth = _check_inputs(parents, prefix_lens, max_kv_len)
+    check_triton_device("tree_attention_mask_triton", prefix_lens)
+    num_nodes, batch = parents.shape[0], prefix_lens.shape[0]
+    if depth is None:  # values unread (graph capture): a chain of T nodes is the deepest tree
+        depth = num_nodes - 1
+    # Stored as uint8 and viewed as bool: same bytes, and no reliance on bool pointers in Triton.
+    mask = torch.empty(batch, num_nodes, max_kv_len, dtype=torch.uint8, device=prefix_lens.device)
+    if batch == 0 or max_kv_len == 0:
+        return mask.view(torch.bool)
+    parents = parents.to(device=prefix_lens.device, dtype=torch.int32).contiguous()
+    block_i = min(16, next_power_of_2(num_nodes))
+    block_j = min(128, next_power_of_2(max_kv_len))
+    grid = (cdiv(max_kv_len, block_j), cdiv(num_nodes, block_i), batch)
+    jit_kernel(_tree_mask_kernel)[grid](
+        parents, prefix_lens.contiguous(), mask,
+        num_nodes, max_kv_len, depth,
+        mask.stride(0), mask.stride(1), mask.stride(2),
+        BLOCK_I=block_i, BLOCK_J=block_j,
+    )
+    return mask.view(torch.bool)
+
+
+def tree_attention_mask(parents: torch.Tensor, prefix_lens: torch.Tensor,
+                        max_kv_len: int | None = None) -> torch.Tensor:
+    """Dispatcher: the Triton kernel for CUDA tensors, the reference otherwise (CHIMERA_KERNELS overrides).
+
+    Only prefix_lens decides the device (the mask is made there); parents may live anywhere.
+    """
+    if use_triton(prefix_lens):
+        return tree_attention_mask_triton(parents, prefix_lens, max_kv_len)
+    return tree_attention_mask_reference(parents, prefix_lens, max_kv_len)

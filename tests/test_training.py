@@ -1,0 +1,232 @@
+"""The training pipeline on tiny random targets: it learns, it resumes exactly, it runs on 2 processes."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from conftest import build_tiny_target
+from vllm_chimera.checkpoint import load_draft
+from vllm_chimera.training import TrainingSettings, train
+from vllm_chimera.training.cli import train_main
+from vllm_chimera.training.data import CachedData, build_cache, tokenize_conversation
+from vllm_chimera.training.loss import IGNORE, head_labels
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_bigram_target(folder, seed=3):
+    """A tiny Llama whose greedy next token depends on the current token alone.
+
+    Zeroing every layer's attention and MLP outputs leaves h_t = norm(E[x_t]); with an
+    untied LM head, greedy(x_t) is then a fixed random map over the vocabulary. The target's
+    own greedy continuations follow that map, so the label of head i at t (the target's
+    prediction of x_{t+2+i}) is a learnable function of x_{t+1}: a test of learning that a
+    random, chaotic target (whose labels cannot be learnt from little data) could not give.
+    """
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=False,
+                         initializer_range=0.3, architectures=["LlamaForCausalLM"])
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    model.save_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A tiny target folder and token rows: random 4-token prompts + the target's greedy
+    continuation (loss on the continuation only)."""
+    root = tmp_path_factory.mktemp("tiny_training")
+    target = build_bigram_target(root / "target")
+    g = torch.Generator().manual_seed(0)
+
+    def write(name, n):
+        prompts = torch.randint(0, 128, (n, 4), generator=g)
+        with torch.no_grad():
+            ids = target.generate(prompts, attention_mask=torch.ones_like(prompts),
+                                  max_new_tokens=36, min_new_tokens=36, do_sample=False,
+                                  pad_token_id=0)
+        path = root / f"{name}.jsonl"
+        with path.open("w") as f:
+            for row in ids.tolist():
+                f.write(json.dumps({"input_ids": row, "loss_mask": [0] * 4 + [1] * 36}) + "\n")
+        return str(path)
+
+    return {"root": root, "target": str(root / "target"), "train": write("train", 64),
+            "val": write("val", 16)}
+
+
+def settings_for(setup, output_dir, **overrides) -> TrainingSettings:
+    values = dict(target=setup["target"], train_data=setup["train"], val_data=setup["val"],
+                  output_dir=str(output_dir), cache_dir=str(setup["root"] / "cache"),
+                  num_heads=3, max_length=64, epochs=6, batch_size=8, micro_batch_size=4,
+                  lr=3e-3, warmup_ratio=0.1, save_every=5, progress=False, seed=0)
+    values.update(overrides)
+    return TrainingSettings(**values)
+
+
+def test_head_labels_align_with_offsets():
+    # greedy[t] is the target's guess for x_{t+1}; head i at t must get greedy[t+1+i].
+    greedy = torch.arange(10, 17)[None]  # [1, 7]
+    mask = torch.ones(1, 7, dtype=torch.bool)
+    mask[0, 4] = False  # x_4 is not a response token
+    labels = head_labels(greedy, mask, num_heads=2)  # [2, 1, 6]
+    assert labels[0, 0].tolist() == [11, 12, IGNORE, 14, 15, IGNORE]  # predicts x_2..x_6
+    assert labels[1, 0].tolist() == [12, IGNORE, 14, 15, IGNORE, IGNORE]  # predicts x_3..x_6
+
+
+def test_cache_roundtrip_and_resume(tiny_setup, tmp_path):
+    target = build_tiny_target(tmp_path / "t", seed=3)
+    seqs = [(list(range(5 + i)), [1] * (5 + i)) for i in range(5)]
+    data = build_cache(target, seqs, tmp_path / "c", batch_tokens=16, progress=False)
+    assert len(data) == 5 and data.num_tokens == sum(5 + i for i in range(5))
+    batch = data.batch([4, 0], torch.device("cpu"))
+    assert batch["tokens"].shape == (2, 9) and batch["lengths"].tolist() == [9, 5]
+    with torch.no_grad():
+        out = target.base_model(input_ids=torch.arange(9)[None]).last_hidden_state[0]
+    torch.testing.assert_close(batch["hidden"][0], out, atol=2e-2, rtol=1e-2)  # stored as fp16
+    assert CachedData.open(tmp_path / "c").hidden.dtype.name == "float16"
+
+
+def test_training_learns_a_learnable_pattern(tiny_setup, tmp_path):
+    metrics = train(settings_for(tiny_setup, tmp_path / "run", eval_every=12))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    history = [r for r in log if "loss" in r]
+    first, last = history[0], history[-1]
+    assert last["loss"] < 0.3 * first["loss"]
+    accuracy = metrics["validation"]["head_accuracy"]  # [K], from 0 at the start
+    assert max(first["head_accuracy"]) < 0.1 and min(accuracy) > 0.7, (first, accuracy)
+    assert metrics["validation"]["est_accept_length"] > 2.5
+    assert any("validation" in r for r in log[:-1])  # eval_every validated mid-run
+    assert metrics["finished"] and (tmp_path / "run" / "loss_curve.png").stat().st_size > 0
+    draft = load_draft(tmp_path / "run" / "draft")
+    assert draft.config.num_decoding_heads == 3
+
+
+def test_resume_equals_uninterrupted(tiny_setup, tmp_path):
+    common = dict(epochs=2, save_every=3)
+    whole = train(settings_for(tiny_setup, tmp_path / "whole", **common))
+    part = train(settings_for(tiny_setup, tmp_path / "part", stop_at_step=5, **common))
+    assert not part["finished"] and part["steps"] == 5
+    assert not (tmp_path / "part" / "draft").exists()
+    resumed = train(settings_for(tiny_setup, tmp_path / "part", **common))
+    assert resumed["finished"] and resumed["steps"] == whole["steps"] == 16
+    a, b = load_draft(tmp_path / "whole" / "draft"), load_draft(tmp_path / "part" / "draft")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert resumed["validation"] == whole["validation"]
+
+
+def test_resume_refuses_changed_settings(tiny_setup, tmp_path):
+    train(settings_for(tiny_setup, tmp_path / "run", epochs=1, stop_at_step=2))
+    with pytest.raises(ValueError, match="settings changed.*lr"):
+        train(settings_for(tiny_setup, tmp_path / "run", epochs=1, lr=1e-2))
+
+
+@pytest.mark.parametrize("flag", ["use_trigram_encoder", "use_context_encoder"])
+def test_ablations_train(tiny_setup, tmp_path, flag):
+    metrics = train(settings_for(tiny_setup, tmp_path / flag, epochs=1, **{flag: False}))
+    config = load_draft(tmp_path / flag / "draft").config
+    assert getattr(config, flag) is False and metrics["finished"]
+
+
+def test_reduced_draft_vocabulary_trains(tiny_setup, tmp_path):
+    metrics = train(settings_for(tiny_setup, tmp_path / "rv", epochs=2,
+                                 draft_overrides={"draft_vocab_size": 32}))
+    draft = load_draft(tmp_path / "rv" / "draft")
+    assert draft.config.draft_vocab_size == 32 and len(set(draft.draft_to_target_ids.tolist())) == 32
+    assert metrics["validation"]["head_accuracy"][0] > 0.2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_matches_one_process(tiny_setup, tmp_path):
+    """torchrun, 2 CPU processes, gloo: the same steps as one process (DDP averages the
+    two halves of each batch exactly as gradient accumulation over two micro-batches does)."""
+    args = ["--target", tiny_setup["target"], "--train-data", tiny_setup["train"],
+            "--val-data", tiny_setup["val"], "--cache-dir", str(tiny_setup["root"] / "cache"),
+            "--num-heads", "3", "--max-length", "64", "--epochs", "1", "--batch-size", "8",
+            "--micro-batch-size", "4", "--lr", "3e-3", "--device", "cpu", "--no-progress",
+            "--num-threads", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+         "-m", "vllm_chimera.training.cli", *args, "--output-dir", str(tmp_path / "ddp")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["machine"]["processes"] == 2 and metrics["finished"]
+    assert train_main([*args, "--output-dir", str(tmp_path / "single")]) == 0
+    a, b = load_draft(tmp_path / "ddp" / "draft"), load_draft(tmp_path / "single" / "draft")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--output-dir", "x"], "--target"),
+    (["--target", "/nonexistent/folder", "--output-dir", "x"], "neither a prepared target"),
+    (["--target", "{target}", "--output-dir", "x", "--train-data", "/no/such.jsonl"],
+     "--train-data: no such file"),
+    (["--target", "{target}", "--output-dir", "x", "--train-data", "{train}", "--val-data", "none",
+      "--batch-size", "0"], "batch_size must be positive"),
+    (["--target", "{target}", "--output-dir", "x", "--train-data", "{train}", "--val-data", "none",
+      "--loss-on", "everything"], "invalid choice"),
+])
+def test_cli_errors_are_clear(tiny_setup, capsys, argv, message):
+    argv = [a.format(**tiny_setup) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+class CharTokenizer:
+    """A stand-in tokenizer: one token per character, SmolLM2's chat template layout."""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        text = "<sys>" + "".join(f"<{m['role']}>{m['content']}</end>\n" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_tokenize_conversation_masks_assistant_turns():
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                {"role": "user", "content": "q"}, {"role": "assistant", "content": "ok!"}]
+    ids, mask = tokenize_conversation(CharTokenizer(), messages, max_length=1000)
+    text = "".join(map(chr, ids))
+    masked = "".join(c for c, m in zip(text, mask) if m)
+    assert masked == "yo</end>\nok!</end>\n"  # the replies and their end-of-turn markers
+    # "<sys><user>hi</end>\n<assistant>" is 31 characters: the cut keeps "yo</".
+    ids, mask = tokenize_conversation(CharTokenizer(), messages, max_length=35)
+    assert len(ids) == len(mask) == 35 and mask[31:] == [1] * 4 and sum(mask) == 4
+
+
+def test_evaluate_a_saved_draft(tiny_setup, tmp_path):
+    metrics = train(settings_for(tiny_setup, tmp_path / "run", epochs=2))
+    argv = ["--target", tiny_setup["target"], "--train-data", tiny_setup["train"],
+            "--val-data", tiny_setup["val"], "--cache-dir", str(tiny_setup["root"] / "cache"),
+            "--max-length", "64", "--output-dir", str(tmp_path / "eval"),
+            "--evaluate", str(tmp_path / "run" / "draft")]
+    assert train_main(argv) == 0
+    evaluation = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert evaluation["validation"]["head_accuracy"] == metrics["validation"]["head_accuracy"]

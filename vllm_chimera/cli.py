@@ -1,0 +1,166 @@
+"""Command-line entry points (argparse lives here and nowhere else).
+(`vllm-chimera`, vLLM's own command line, lives in vllm_chimera/vllm/cli.py: only the
+vLLM glue imports vLLM.)
+
+chimera-demo: (1) the reference decoder on a tiny random Llama target built in a temporary
+folder: greedy speculative output equals plain output, with a random draft (mostly
+rejected) and with an oracle draft (always accepted), for a chain and a tree; (2) the same
+property inside vLLM on toy models, with tokens/s against plain vLLM. No download needed.
+It gives way to the demo with a trained SmolLM2 draft once that lands.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vllm_chimera.checkpoint import load_draft_for_target, save_draft
+from vllm_chimera.config import ChimeraConfig
+from vllm_chimera.model import ChimeraDraftModel
+from vllm_chimera.reference import (ChimeraDrafter, SpeculativeDecoder, TargetOracleDrafter,
+                                    generate_plain)
+from vllm_chimera.tree import TokenTree
+
+DEMO_TREE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 0, 0)]
+
+
+@dataclass
+class DemoSettings:
+    num_heads: int = 4
+    num_prompts: int = 4
+    max_new_tokens: int = 64
+    seed: int = 0
+
+
+def _tiny_target(folder: str, seed: int):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True, initializer_range=0.3,
+                         architectures=["LlamaForCausalLM"])
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def run_demo(settings: DemoSettings) -> bool:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        target = _tiny_target(f"{tmp}/target", settings.seed)
+        draft = ChimeraDraftModel(ChimeraConfig.for_target(target.config,
+                                                           num_decoding_heads=settings.num_heads))
+        save_draft(draft, f"{tmp}/draft")  # exercise the real save/load path
+        draft = load_draft_for_target(f"{tmp}/draft", target).eval()
+        g = torch.Generator().manual_seed(settings.seed)
+        prompts = [torch.randint(0, 512, (n,), generator=g) for n in range(3, 3 + 5 * settings.num_prompts, 5)]
+        print(f"tiny random Llama target (d=128, 4 layers, V=512), {len(prompts)} prompts, "
+              f"{settings.max_new_tokens} greedy tokens each, K={settings.num_heads}")
+        print(f"{'drafter':<24}{'verification':<14}{'tokens/step':>12}{'exact':>8}{'seconds':>10}")
+        plain = [generate_plain(target, p, settings.max_new_tokens).token_ids for p in prompts]
+        all_exact = True
+        for drafter_name, drafter in [("chimera (untrained)", ChimeraDrafter(draft)),
+                                      ("oracle (target itself)", TargetOracleDrafter(target, settings.num_heads))]:
+            for tree_name, tree in [("chain", TokenTree.chain(settings.num_heads)),
+                                    ("tree", TokenTree.from_paths(DEMO_TREE))]:
+                decoder = SpeculativeDecoder(target, drafter, tree)
+                start = time.perf_counter()
+                results = [decoder.generate(p, settings.max_new_tokens) for p in prompts]
+                seconds = time.perf_counter() - start
+                exact = all(r.token_ids == ref for r, ref in zip(results, plain))
+                all_exact &= exact
+                steps = [n for r in results for n in r.accept_lengths]
+                print(f"{drafter_name:<24}{tree_name:<14}{sum(steps) / len(steps):>12.2f}"
+                      f"{'yes' if exact else 'NO':>8}{seconds:>10.2f}")
+        print("greedy speculative output equals plain output:", "yes" if all_exact else "NO")
+        return all_exact
+
+
+def demo_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="chimera-demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-heads", type=int, default=DemoSettings.num_heads)
+    parser.add_argument("--num-prompts", type=int, default=DemoSettings.num_prompts)
+    parser.add_argument("--max-new-tokens", type=int, default=DemoSettings.max_new_tokens)
+    parser.add_argument("--seed", type=int, default=DemoSettings.seed)
+    parser.add_argument("--no-vllm", action="store_true", help="only the reference decoder")
+    args = parser.parse_args(argv)
+    if args.num_heads < 4:
+        parser.error("--num-heads must be >= 4 (the demo tree is 4 levels deep)")
+    ok = run_demo(DemoSettings(args.num_heads, args.num_prompts, args.max_new_tokens, args.seed))
+    if not args.no_vllm:
+        from vllm_chimera.vllm.demo import run_vllm_demo
+
+        ok &= run_vllm_demo(max_tokens=args.max_new_tokens, seed=args.seed)
+    return 0 if ok else 1
+
+
+def mtbench_prompts(target_dir: str, num_prompts: int) -> list[str]:
+    """MT-bench first turns as chat prompts for the target (benchmark data, never trained on)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from vllm_chimera.prepare import cache_dir, prepare_mtbench
+
+    questions = cache_dir() / "data" / "mtbench" / "question.jsonl"
+    if not questions.is_file():
+        questions = prepare_mtbench(questions.parent)
+    turns = [json.loads(line)["turns"][0] for line in questions.read_text().splitlines() if line]
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                          add_generation_prompt=True) for t in turns[:num_prompts]]
+
+
+def bench_main(argv=None) -> int:
+    """chimera-bench: plain, n-gram and Chimera inside vLLM, side by side in one run."""
+    import os
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="chimera-bench", description=bench_main.__doc__)
+    parser.add_argument("--target", required=True, help="target folder, or 'smollm2' (prepared)")
+    parser.add_argument("--draft", help="Chimera draft folder (needed for method chimera)")
+    parser.add_argument("--methods", default="plain,ngram,chimera")
+    parser.add_argument("--batch-sizes", default="1,4,16")
+    parser.add_argument("--num-prompts", type=int, default=80)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--num-tokens", type=int, default=None, help="Chimera's K (default: all heads)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="the sampled setting")
+    parser.add_argument("--kv-cache-gib", type=float, default=1.0)
+    parser.add_argument("--quick", action="store_true", help="8 prompts, 32 tokens, batch 1 and 4")
+    parser.add_argument("--output", default="results/bench")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.num_prompts, args.max_tokens, args.batch_sizes = 8, 32, "1,4"
+    try:
+        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        parser.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
+    if min(batch_sizes) < 1:
+        parser.error("--batch-sizes must be >= 1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm_chimera.vllm.bench import BenchSettings, run_benchmark
+
+    target = args.target
+    if target == "smollm2":
+        from vllm_chimera.prepare import prepare_target
+
+        target = str(prepare_target("smollm2"))
+    settings = BenchSettings(
+        target=target, draft=args.draft, methods=tuple(args.methods.split(",")),
+        batch_sizes=batch_sizes, max_tokens=args.max_tokens, num_speculative_tokens=args.num_tokens,
+        sampled_temperature=args.temperature,
+        engine_kwargs={"kv_cache_memory_bytes": int(args.kv_cache_gib * (1 << 30))})
+    report = run_benchmark(settings, mtbench_prompts(target, args.num_prompts), Path(args.output))
+    print((Path(args.output) / "bench.md").read_text())
+    ok = all(row["greedy_equals_plain"] for run in report["results"].values() for row in run["greedy"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(demo_main())

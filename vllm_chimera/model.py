@@ -1,0 +1,290 @@
+"""The Chimera draft model in plain PyTorch (no vLLM).
+
+Reading order, bottom to top of the draft (CHIMERA.md, "The draft model"):
+
+    x_{t-1}, x_t, x_{t+1} --TrigramEncoder--> u_{t+1}                 short-range context
+    z_t = W_f [u_{t+1}; h_t]                                            h_t: target's final hidden state
+    s_t = norm(EncoderLayer(z_0..z_t))                                  long-range context (causal)
+    logits_i = LMHead(h_t + R_i([h_t; s_t]))   for i in 0..K-1          predicts x_{t+2+i}
+
+When the draft runs at position n, the target has just produced h_n and sampled x_{n+1};
+the K heads then propose x_{n+2} .. x_{n+1+K} in one pass.
+
+The target's embedding table E and LM head are shared and frozen: the draft does not own
+them (they are not in its state dict); `bind_target` hands them over.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chimera_kernels import ACTIVATION_FUNCTIONS, trigram_encoder
+from vllm_chimera.config import ChimeraConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as Llama does: bf16 variance is too coarse.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).to(x.dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin for neox-style RoPE (rotate the two halves), as Llama and vLLM's get_rope.
+
+    positions: [B, L] -> cos, sin: [B, 1, L, head_dim]
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device,
+                                             dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # [B, L, head_dim / 2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [B, L, head_dim]
+    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class DraftKVCache:
+    """Keys and values of the encoder layer for positions already encoded (reference decoder).
+
+    keys, values: [B, num_key_value_heads, num_cached, head_dim]. The draft only ever encodes
+    accepted positions, so the cache only grows; it never needs rolling back.
+    """
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    @property
+    def num_cached(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor):
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=-2)
+            self.values = torch.cat([self.values, values], dim=-2)
+        return self.keys, self.values
+
+
+class EncoderAttention(nn.Module):
+    def __init__(self, config: ChimeraConfig):
+        super().__init__()
+        d, hd = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, hd)
+        self.rope_theta = config.rope_theta
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                kv_cache: DraftKVCache | None) -> torch.Tensor:
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, x.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is None:  # training: the whole sequence at once
+            mask, is_causal = None, True
+        else:
+            # Query i sits at cache index num_cached + i and sees keys 0 .. num_cached + i.
+            # e.g. num_cached=3, L=2: row 0 sees keys 0..3, row 1 sees keys 0..4.
+            num_cached = kv_cache.num_cached
+            k, v = kv_cache.append(k, v)
+            mask = torch.ones(L, k.shape[-2], dtype=torch.bool, device=x.device).tril(num_cached)
+            is_causal = False
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            enable_gqa=self.num_heads != self.num_kv_heads)  # [B, num_heads, L, head_dim]
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, config: ChimeraConfig):
+        super().__init__()
+        d, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, i, bias=False)
+        self.up_proj = nn.Linear(d, i, bias=False)
+        self.down_proj = nn.Linear(i, d, bias=False)
+        self.act = ACTIVATION_FUNCTIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class EncoderLayer(nn.Module):
+    """One pre-norm Llama decoder layer: the full-context encoder.
+
+    Parameter names follow Hugging Face's LlamaDecoderLayer, so vLLM's Llama layer loads
+    them with its usual q/k/v and gate/up stacking.
+    """
+
+    def __init__(self, config: ChimeraConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.input_layernorm = RMSNorm(d, config.rms_norm_eps)
+        self.self_attn = EncoderAttention(config)
+        self.post_attention_layernorm = RMSNorm(d, config.rms_norm_eps)
+        self.mlp = GatedMLP(config)
+
+    def forward(self, x, positions, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ResidualHead(nn.Module):
+    """R_i: [h; s] (2d) -> d. Its output layer starts at zero, so an untrained head
+    returns h itself and predicts what the target's LM head predicts from h."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.up = nn.Linear(2 * hidden_size, intermediate_size, bias=False)
+        self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
+        nn.init.zeros_(self.down.weight)
+
+    def forward(self, hs: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.up(hs)))
+
+
+class ChimeraDraftModel(nn.Module):
+    def __init__(self, config: ChimeraConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        d = config.hidden_size
+        if config.use_context_encoder:
+            if config.use_trigram_encoder:
+                self.trigram_w1 = nn.Linear(3 * d, d, bias=False)  # [E(x_{t-2}); E(x_{t-1}); E(x_t)] -> d
+                self.trigram_w2 = nn.Linear(d, d, bias=False)
+            # W_f: [u_{t+1}; h_t] -> z_t  (h_t -> z_t without the trigram encoder)
+            self.fuse = nn.Linear((2 if config.use_trigram_encoder else 1) * d, d, bias=False)
+            self.layer = EncoderLayer(config)
+            self.norm = RMSNorm(d, config.rms_norm_eps)
+        self.heads = nn.ModuleList(
+            ResidualHead(d, config.head_intermediate_size) for _ in range(config.num_decoding_heads))
+        if config.draft_vocab_size is not None:
+            # Reduced draft vocabulary: a smaller LM head of its own (initialised from the
+            # target's rows) and the map back to target ids.
+            self.draft_lm_head = nn.Linear(d, config.draft_vocab_size, bias=False)
+            self.register_buffer("draft_to_target_ids",
+                                 torch.arange(config.draft_vocab_size, dtype=torch.long))
+        self._init_weights()
+        self._target_embed: torch.Tensor | None = None  # [V, d], the target's, not ours
+        self._target_lm_head: torch.Tensor | None = None  # [V, d]
+
+    def _init_weights(self):
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and not isinstance(module, ResidualHead):
+                nn.init.normal_(module.weight, std=std)
+        for head in self.heads:  # undo the normal init above for the zero-start output layers
+            nn.init.zeros_(head.down.weight)
+
+    # -- the target's shared, frozen parts ---------------------------------------------
+    def bind_target(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
+                    frequent_token_ids: torch.Tensor | None = None) -> "ChimeraDraftModel":
+        """Hand over the target's embedding table and LM head weight (both [V, d]).
+
+        They are kept as plain tensors, outside the draft's parameters and state dict.
+        With a reduced vocabulary, `frequent_token_ids` ([draft_vocab_size] target ids)
+        initialises the draft LM head and the id map (training does this once; a loaded
+        checkpoint already carries both).
+        """
+        V, d = self.config.vocab_size, self.config.hidden_size
+        for name, w in (("embedding", embed_weight), ("LM head", lm_head_weight)):
+            if tuple(w.shape) != (V, d):
+                raise ValueError(f"target {name} has shape {tuple(w.shape)}, the draft expects "
+                                 f"[vocab_size={V}, hidden_size={d}]")
+        self._target_embed = embed_weight.detach()
+        self._target_lm_head = lm_head_weight.detach()
+        if frequent_token_ids is not None:
+            if self.config.draft_vocab_size is None:
+                raise ValueError("frequent_token_ids given but the config has no draft_vocab_size")
+            with torch.no_grad():
+                self.draft_to_target_ids.copy_(frequent_token_ids)
+                self.draft_lm_head.weight.copy_(lm_head_weight[frequent_token_ids])
+        return self
+
+    def _require_target(self):
+        if self._target_embed is None:
+            raise RuntimeError("ChimeraDraftModel.bind_target(...) must be called before use")
+
+    # -- the forward pieces ------------------------------------------------------------
+    def encode(self, next_token_ids: torch.Tensor, hidden_states: torch.Tensor,
+               positions: torch.Tensor, prefix_ids: torch.Tensor,
+               kv_cache: DraftKVCache | None = None) -> torch.Tensor:
+        """Run trigram encoder, fusion and the encoder layer over a chunk of positions.
+
+        For positions t = t0 .. t0+L-1 of each of B sequences:
+            next_token_ids: [B, L]     x_{t+1} (the inputs shifted by one, as in EAGLE)
+            hidden_states:  [B, L, d]  h_t
+            positions:      [B, L]     t
+            prefix_ids:     [B, 2]     (x_{t0-1}, x_{t0}), -1 where before the sequence start;
+                                       a chunk that starts at t0 = 0 passes (-1, x_0), so
+                                       u_1 = f(x_0, x_0, x_1) (CHIMERA.md: repeat x_0).
+            kv_cache:       the encoder's cache for positions < t0, or None to encode whole
+                            sequences causally (training).
+        Returns s: [B, L, d].
+        """
+        self._require_target()
+        if not self.config.use_context_encoder:  # ablation: Medusa-style heads on h alone
+            return torch.zeros_like(hidden_states)
+        if self.config.use_trigram_encoder:
+            u = self.trigram_features(next_token_ids, prefix_ids).to(hidden_states.dtype)
+            z = self.fuse(torch.cat([u, hidden_states], dim=-1))  # [B, L, d]
+        else:
+            z = self.fuse(hidden_states)
+        return self.norm(self.layer(z, positions, kv_cache))
+
+    def trigram_features(self, next_token_ids: torch.Tensor, prefix_ids: torch.Tensor) -> torch.Tensor:
+        """u for each token of a [B, L] chunk (see `encode`): [B, L, d]."""
+        B, L = next_token_ids.shape
+        # Each row is one sequence of the packed batch the trigram kernel expects.
+        cu_seqlens = torch.arange(0, B * L + 1, L, device=next_token_ids.device, dtype=torch.int32)
+        u = trigram_encoder(next_token_ids.reshape(-1), cu_seqlens, self._target_embed,
+                            self.trigram_w1.weight, None, self.config.trigram_activation,
+                            prefix_ids)  # [B * L, d]
+        return self.trigram_w2(u).view(B, L, -1)
+
+    def head_logits(self, hidden_states: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """logits_i = LMHead(h + R_i([h; s])) for every head.
+
+        hidden_states, s: [..., d] -> [K, ..., V] (or [K, ..., draft_vocab_size])
+        """
+        self._require_target()
+        hs = torch.cat([hidden_states, s], dim=-1)
+        # h is already final-normed (it is what the target's LM head reads): no second norm.
+        residual = torch.stack([hidden_states + head(hs) for head in self.heads])
+        if self.config.draft_vocab_size is not None:
+            return self.draft_lm_head(residual)
+        return residual @ self._target_lm_head.t().to(residual.dtype)
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Map head outputs to target token ids (identity without a reduced vocabulary)."""
+        if self.config.draft_vocab_size is None:
+            return draft_ids
+        return self.draft_to_target_ids[draft_ids]
+
+    def propose(self, hidden_states: torch.Tensor, s: torch.Tensor, top_k: int = 1) -> torch.Tensor:
+        """Top-k draft tokens per head as target ids: [..., d] -> [K, ..., top_k]."""
+        logits = self.head_logits(hidden_states, s)
+        return self.to_target_ids(logits.topk(top_k, dim=-1).indices)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+

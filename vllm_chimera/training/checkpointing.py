@@ -1,0 +1,103 @@
+"""Resumable training checkpoints: the draft (via save_draft/load_draft) + the trainer's state.
+
+    <output_dir>/checkpoint/draft/            config.json + model.safetensors (save_draft)
+    <output_dir>/checkpoint/trainer_state.pt  optimizer, scheduler, step, RNG states, history
+
+A checkpoint is written beside the old one and swapped in by renames, so an interruption
+during a save leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vllm_chimera.checkpoint import load_draft, save_draft
+from vllm_chimera.model import ChimeraDraftModel
+
+STATE_NAME = "trainer_state.pt"
+# Settings that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = {"stop_at_step", "resume", "progress", "num_threads", "device",
+                     "save_every", "eval_every", "cache_dir"}
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    history: list = field(default_factory=list)  # one dict per logged step or validation
+    train_seconds: float = 0.0  # wall time spent in training steps, over all sessions
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder: Path, draft: ChimeraDraftModel, optimizer, scheduler,
+                    state: TrainState, settings: dict) -> None:
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_draft(draft, tmp / "draft")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "step": state.step, "history": state.history, "train_seconds": state.train_seconds,
+                "rng": rng_state(), "settings": settings}, tmp / STATE_NAME)
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, draft: ChimeraDraftModel, optimizer, scheduler,
+                    settings: dict) -> TrainState:
+    """Restore everything saved by save_checkpoint into the given objects; returns the state.
+
+    Refuses a checkpoint made with different training settings (other than those in
+    RESUMABLE_CHANGES): continuing it would silently train something else.
+    """
+    if not (folder / STATE_NAME).is_file() and folder.with_name(folder.name + ".old").is_dir():
+        folder = folder.with_name(folder.name + ".old")  # interrupted between the two renames
+    saved = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=False)
+    changed = sorted(k for k in set(settings) | set(saved["settings"])
+                     if k not in RESUMABLE_CHANGES and settings.get(k) != saved["settings"].get(k))
+    if changed:
+        raise ValueError(f"cannot resume from {folder}: settings changed since it was saved: "
+                         + ", ".join(f"{k} {saved['settings'].get(k)!r} -> {settings.get(k)!r}"
+                                     for k in changed)
+                         + " (use another output directory, or --no-resume to start over)")
+    loaded = load_draft(folder / "draft")
+    draft.load_state_dict(loaded.state_dict())
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    set_rng_state(saved["rng"])
+    return TrainState(step=saved["step"], history=saved["history"],
+                      train_seconds=saved.get("train_seconds", 0.0))
+
+
+def has_checkpoint(folder: Path) -> bool:
+    return (folder / STATE_NAME).is_file() or (folder.with_name(folder.name + ".old") / STATE_NAME).is_file()
+
+
+def export_draft(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Copy a trained draft to `dst` with its weights cast to `dtype` (half the size in fp16).
+
+    The draft was trained in fp32; fp16 keeps its predictions (it only feeds the target's
+    LM head) while halving the checkpoint shipped in the repo.
+    """
+    draft = load_draft(src)
+    return save_draft(draft.to(dtype), dst)

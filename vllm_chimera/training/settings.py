@@ -1,0 +1,76 @@
+"""TrainingSettings: every knob of a training run, in one dataclass (the CLI fills it)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class TrainingSettings:
+    """One training run of a Chimera draft against a frozen target.
+
+    Paths:
+        target: the target's Hugging Face folder (`chimera-prepare target ...` makes one).
+        train_data, val_data: JSONL conversations ({"messages": [...]}, rendered with the
+            target's chat template) or token rows ({"input_ids": [...], "loss_mask": [...]}).
+        output_dir: checkpoints, the final draft, logs, metrics.json and loss_curve.png.
+        cache_dir: where the target's hidden states are cached (default: the prepare cache).
+    """
+    target: str
+    train_data: str
+    output_dir: str
+    val_data: str | None = None
+    cache_dir: str | None = None
+    # -- the draft ------------------------------------------------------------------------
+    num_heads: int = 4
+    use_trigram_encoder: bool = True
+    use_context_encoder: bool = True
+    draft_overrides: dict = field(default_factory=dict)  # extra ChimeraConfig fields
+    # -- data -----------------------------------------------------------------------------
+    max_length: int = 512  # tokens per sequence (longer conversations are cut)
+    train_tokens: int | None = None  # take conversations until this many tokens (None: all)
+    val_tokens: int | None = 20_000
+    loss_on: str = "responses"  # "responses": assistant tokens only; "all": every token
+    cache_batch_tokens: int = 4096  # tokens per target forward while caching
+    # -- optimisation ---------------------------------------------------------------------
+    epochs: float = 1.0
+    batch_size: int = 8  # sequences per optimizer step, over all processes
+    micro_batch_size: int = 4  # sequences per forward/backward (gradient accumulation)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
+    head_weights: list[float] | None = None  # default 0.8 ** i (Medusa's)
+    grad_clip: float = 1.0
+    seed: int = 0
+    # -- bookkeeping ----------------------------------------------------------------------
+    save_every: int = 50  # steps between resumable checkpoints
+    eval_every: int | None = None  # steps between validations (None: at the end only)
+    stop_at_step: int | None = None  # stop (checkpointed, resumable) after this step
+    resume: bool = True  # continue from output_dir's checkpoint if there is one
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    num_threads: int | None = None  # torch CPU threads (None: torch's default)
+    progress: bool = True  # tqdm bar
+
+    def __post_init__(self):
+        problems = []
+        if self.loss_on not in ("responses", "all"):
+            problems.append(f"loss_on must be 'responses' or 'all', got {self.loss_on!r}")
+        for name in ("num_heads", "batch_size", "micro_batch_size", "max_length", "save_every"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_length < 4:
+            problems.append("max_length must be at least 4")
+        if self.epochs <= 0:
+            problems.append(f"epochs must be positive, got {self.epochs}")
+        if self.head_weights is not None and len(self.head_weights) != self.num_heads:
+            problems.append(f"head_weights has {len(self.head_weights)} entries for "
+                            f"{self.num_heads} heads")
+        if problems:
+            raise ValueError("Invalid TrainingSettings: " + "; ".join(problems))
+
+    def weights(self) -> list[float]:
+        return list(self.head_weights) if self.head_weights else [0.8 ** i for i in range(self.num_heads)]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)

@@ -1,0 +1,411 @@
+"""train(settings): self-distil a Chimera draft from a frozen target.
+
+The run, in order: load the frozen target; cache its hidden states and greedy predictions
+over the training and validation sequences (data.py); build the draft
+(ChimeraConfig.for_target); AdamW with warm-up + cosine; a resumable checkpoint every
+`save_every` steps; validation of per-head top-1 accuracy; metrics.json, log.jsonl and
+loss_curve.png in the output folder.
+
+Device-agnostic: the same call runs on a CPU, a GPU, or several GPUs under torchrun
+(DistributedDataParallel; NCCL on GPUs, gloo on CPUs). Process 0 caches, logs and saves.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from vllm_chimera.checkpoint import save_draft, target_embed_and_lm_head
+from vllm_chimera.config import ChimeraConfig
+from vllm_chimera.model import ChimeraDraftModel
+from vllm_chimera.prepare import cache_dir
+from vllm_chimera.training.checkpointing import (TrainState, has_checkpoint, load_checkpoint,
+                                                 save_checkpoint)
+from vllm_chimera.training.data import CachedData, build_cache, cache_key, load_sequences
+from vllm_chimera.training.loss import DraftLoss
+from vllm_chimera.training.settings import TrainingSettings
+
+
+# -- processes and devices ------------------------------------------------------------------
+def setup_process(settings: TrainingSettings) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if settings.device == "auto":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) \
+            if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = torch.device(settings.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    if world > 1 and not dist.is_initialized():
+        from datetime import timedelta
+        # Long timeout: the other processes wait while process 0 caches the target's outputs.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(hours=12))
+    return rank, world, device
+
+
+def autocast_context(device: torch.device):
+    """bf16 autocast where the device computes it natively (CUDA); fp32 elsewhere.
+
+    (This CPU has no AVX-512-BF16/AMX, so bf16 would be slower than fp32 here.)
+    """
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+# -- target, data, draft --------------------------------------------------------------------
+def load_target(target_dir: str, device: torch.device):
+    """The frozen target (fp32, eval, no grads) and its tokenizer (None if it has none)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).to(device).eval()
+    target.requires_grad_(False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    except (OSError, ValueError, TypeError):  # a bare test model: token-id data only
+        tokenizer = None
+    return target, tokenizer
+
+
+def cached_data(settings: TrainingSettings, target, tokenizer, path: str, max_tokens, rank: int,
+                world: int) -> CachedData:
+    """The target's cached outputs over `path` (process 0 builds them; the others wait)."""
+    key = cache_key(settings.target, path, settings.max_length, max_tokens)
+    folder = cache_dir(settings.cache_dir) / "hidden" / f"{Path(path).stem}-{key}"
+    if rank == 0 and not (folder / "meta.json").is_file():
+        sequences = load_sequences(path, tokenizer, settings.max_length, max_tokens)
+        print(f"caching the target's outputs over {len(sequences)} sequences of {path} "
+              f"in {folder}", flush=True)
+        build_cache(target, sequences, folder, settings.cache_batch_tokens, settings.progress)
+    barrier(world)
+    return CachedData.open(folder)
+
+
+def build_draft(settings: TrainingSettings, target, train: CachedData) -> ChimeraDraftModel:
+    """A fresh draft shaped like the target (seeded, so every process starts the same)."""
+    torch.manual_seed(settings.seed)
+    config = ChimeraConfig.for_target(
+        target.config, num_decoding_heads=settings.num_heads,
+        use_trigram_encoder=settings.use_trigram_encoder,
+        use_context_encoder=settings.use_context_encoder, **settings.draft_overrides)
+    draft = ChimeraDraftModel(config)
+    frequent = None
+    if config.draft_vocab_size is not None:
+        # The reduced vocabulary: the tokens the target itself predicts most often.
+        counts = np.bincount(np.asarray(train.greedy), minlength=config.vocab_size)
+        frequent = torch.from_numpy(np.argsort(-counts, kind="stable")[:config.draft_vocab_size].copy())
+    return draft.bind_target(*target_embed_and_lm_head(target), frequent_token_ids=frequent)
+
+
+# -- schedule and data order ----------------------------------------------------------------
+def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def step_indices(step: int, num_sequences: int, settings: TrainingSettings, rank: int,
+                 world: int) -> list[list[int]]:
+    """This process's micro-batches (sequence indices) for `step`.
+
+    A pure function of the step: each epoch is a fixed-seed permutation, so a resumed run
+    sees exactly the batches an uninterrupted one would.
+    """
+    steps_per_epoch = num_sequences // settings.batch_size
+    epoch, within = divmod(step, steps_per_epoch)
+    generator = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)
+    order = torch.randperm(num_sequences, generator=generator)
+    batch = order[within * settings.batch_size:(within + 1) * settings.batch_size].tolist()
+    mine = batch[rank::world]
+    m = settings.micro_batch_size
+    return [mine[i:i + m] for i in range(0, len(mine), m)]
+
+
+# -- evaluation -----------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(loss_module: DraftLoss, data: CachedData, settings: TrainingSettings,
+             device: torch.device) -> dict:
+    """Per-head top-1 accuracy (and loss) on held-out data, plus a chain estimate.
+
+    est_accept_length = 1 + E[number of leading heads that are right], over positions where
+    all K heads have a label: the tokens per target step a chain of K would get if the
+    teacher-forced sequence were the target's own greedy continuation.
+    """
+    was_training = loss_module.training
+    loss_module.eval()
+    K = settings.num_heads
+    totals = torch.zeros(K, 3, dtype=torch.float64)
+    run_sum, run_count = 0.0, 0
+    m = settings.micro_batch_size
+    for start in range(0, len(data), m):
+        batch = data.batch(list(range(start, min(start + m, len(data)))), device)
+        with autocast_context(device):
+            _, stats = loss_module(batch)
+        totals += stats.double().cpu()
+        hits, valid = loss_module.last_hits, loss_module.last_valid  # [K, P]
+        full = valid.all(0)  # positions where every head has a label
+        leading = hits[:, full].int().cumprod(0).sum(0)  # [P_full]
+        run_sum += float(leading.sum())
+        run_count += int(full.sum())
+    loss_module.train(was_training)
+    counts = totals[:, 2].clamp(min=1)
+    return {"head_accuracy": (totals[:, 1] / counts).tolist(),
+            "head_loss": (totals[:, 0] / counts).tolist(),
+            "head_tokens": totals[:, 2].long().tolist(),
+            "est_accept_length": 1 + run_sum / max(run_count, 1)}
+
+
+# -- one optimizer step ---------------------------------------------------------------------
+def train_step(model, loss_module: DraftLoss, micro_batches, data: CachedData, optimizer,
+               scheduler, settings: TrainingSettings, device: torch.device) -> torch.Tensor:
+    """Forward/backward over this process's micro-batches, then one optimizer step.
+
+    Returns the summed per-head stats [K, 3] (loss_sum, correct, count) of this process.
+    """
+    stats_total = torch.zeros(settings.num_heads, 3)
+    for i, indices in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        # Under DDP, gradients are all-reduced only on the last micro-batch.
+        sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) \
+            else model.no_sync()
+        with sync:
+            with autocast_context(device):
+                loss, stats = model(data.batch(indices, device))
+            (loss / len(micro_batches)).backward()
+        stats_total += stats.float().cpu()
+    if settings.grad_clip:
+        torch.nn.utils.clip_grad_norm_(loss_module.parameters(), settings.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats_total
+
+
+def reduce_stats(stats: torch.Tensor, world: int, device: torch.device) -> torch.Tensor:
+    """Sum [K, 3] stats over processes (on `device`: NCCL reduces only GPU tensors)."""
+    if world > 1:
+        stats = stats.to(device)
+        dist.all_reduce(stats)
+    return stats.cpu()
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT: the loop then checkpoints and returns instead of dying mid-step."""
+
+    def __init__(self):
+        self.stop = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay with their owner
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        print(f"\nsignal {signum}: stopping after this step (checkpoint saved)", flush=True)
+        self.stop = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# -- the run --------------------------------------------------------------------------------
+def train(settings: TrainingSettings) -> dict:
+    """Train a draft as `settings` says; returns the metrics (also in output_dir/metrics.json).
+
+    Re-running with the same output_dir resumes from its last checkpoint (settings.resume).
+    """
+    rank, world, device = setup_process(settings)
+    if settings.batch_size % world:
+        raise ValueError(f"batch_size {settings.batch_size} must be a multiple of the "
+                         f"number of processes ({world})")
+    out = Path(settings.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    target, tokenizer = load_target(settings.target, device)
+    train_data = cached_data(settings, target, tokenizer, settings.train_data,
+                             settings.train_tokens, rank, world)
+    val_data = cached_data(settings, target, tokenizer, settings.val_data, settings.val_tokens,
+                           rank, world) if settings.val_data else None
+    cache_seconds = time.time() - started
+    if len(train_data) < settings.batch_size:
+        raise ValueError(f"{len(train_data)} training sequences, fewer than one batch "
+                         f"({settings.batch_size})")
+    draft = build_draft(settings, target, train_data).to(device)
+    loss_module = DraftLoss(draft, settings.weights(), settings.loss_on).to(device)
+    model = DistributedDataParallel(loss_module) if world > 1 else loss_module
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=settings.lr,
+                                  weight_decay=settings.weight_decay)
+    steps_per_epoch = len(train_data) // settings.batch_size
+    total_steps = max(1, round(settings.epochs * steps_per_epoch))
+    warmup = max(1, round(settings.warmup_ratio * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, warmup, settings.min_lr_ratio))
+    saved_settings = asdict(settings)
+    ckpt = out / "checkpoint"
+    state = TrainState()
+    if settings.resume and has_checkpoint(ckpt):
+        state = load_checkpoint(ckpt, draft, optimizer, scheduler, saved_settings)
+        if rank == 0:
+            print(f"resumed from {ckpt} at step {state.step}/{total_steps}", flush=True)
+    stop_at = min(total_steps, settings.stop_at_step or total_steps)
+    state = _loop(model, loss_module, draft, train_data, val_data, optimizer, scheduler, state,
+                  settings, rank, world, device, total_steps, stop_at, ckpt, saved_settings)
+    finished = state.step >= total_steps
+    metrics = None
+    if rank == 0:
+        metrics = _finish(settings, draft, loss_module, train_data, val_data, state, device,
+                          total_steps, finished, cache_seconds, world)
+    barrier(world)
+    return metrics
+
+
+def _loop(model, loss_module, draft, train_data, val_data, optimizer, scheduler, state,
+          settings, rank, world, device, total_steps, stop_at, ckpt, saved_settings) -> TrainState:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
+               disable=rank != 0 or not settings.progress, dynamic_ncols=True)
+    loss_module.train()
+    with StopFlag() as flag:
+        while state.step < stop_at:
+            tick = time.time()
+            micro = step_indices(state.step, len(train_data), settings, rank, world)
+            stats = reduce_stats(train_step(model, loss_module, micro, train_data, optimizer,
+                                            scheduler, settings, device), world, device)
+            state.step += 1
+            state.train_seconds += time.time() - tick
+            counts = stats[:, 2].clamp(min=1)
+            head_loss, head_acc = (stats[:, 0] / counts).tolist(), (stats[:, 1] / counts).tolist()
+            weights = settings.weights()
+            record = {"step": state.step, "lr": scheduler.get_last_lr()[0],
+                      "loss": sum(w * l for w, l in zip(weights, head_loss)),
+                      "head_loss": head_loss, "head_accuracy": head_acc,
+                      "seconds": round(state.train_seconds, 2)}
+            state.history.append(record)
+            bar.set_postfix_str(f"loss {record['loss']:.3f} acc "
+                                + " ".join(f"{a:.2f}" for a in head_acc))
+            bar.update(1)
+            if settings.eval_every and state.step % settings.eval_every == 0 and val_data is not None:
+                if rank == 0:
+                    state.history.append({"step": state.step, "validation":
+                                          evaluate(loss_module, val_data, settings, device)})
+                barrier(world)
+            # Every process must agree to stop, or the others would wait in all-reduce forever.
+            stop = _any(flag.stop, world, device)
+            if state.step % settings.save_every == 0 or state.step == stop_at or stop:
+                if rank == 0:
+                    save_checkpoint(ckpt, draft, optimizer, scheduler, state, saved_settings)
+                    _write_log(Path(settings.output_dir), state.history)
+                barrier(world)
+            if stop:
+                break
+    bar.close()
+    return state
+
+
+def _any(flag: bool, world: int, device: torch.device) -> bool:
+    if world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _write_log(out: Path, history: list) -> None:
+    with (out / "log.jsonl").open("w") as f:
+        for record in history:
+            f.write(json.dumps(record) + "\n")
+
+
+def _finish(settings, draft, loss_module, train_data, val_data, state, device, total_steps,
+            finished, cache_seconds, world) -> dict:
+    """Validation, the final draft, metrics.json and the loss plot (process 0)."""
+    from vllm_chimera.training.plot import plot_history
+
+    out = Path(settings.output_dir)
+    validation = evaluate(loss_module, val_data, settings, device) if val_data is not None else None
+    if validation is not None and not any(r.get("step") == state.step and "validation" in r
+                                          for r in state.history):
+        state.history.append({"step": state.step, "validation": validation})  # plotted too
+    if finished:
+        save_draft(draft, out / "draft")
+    recent = [r for r in state.history if "loss" in r][-20:]
+    metrics = {
+        "finished": finished, "steps": state.step, "total_steps": total_steps,
+        "train_sequences": len(train_data), "train_tokens": train_data.num_tokens,
+        "epochs": settings.epochs,
+        "val_sequences": len(val_data) if val_data is not None else 0,
+        "val_tokens": val_data.num_tokens if val_data is not None else 0,
+        "train_loss_last20": sum(r["loss"] for r in recent) / max(len(recent), 1),
+        "train_head_accuracy_last20": [sum(r["head_accuracy"][i] for r in recent) / max(len(recent), 1)
+                                       for i in range(settings.num_heads)],
+        "validation": validation,
+        "draft_parameters": draft.num_parameters(),
+        "train_seconds": round(state.train_seconds, 1),
+        "cache_seconds_this_session": round(cache_seconds, 1),
+        "machine": {"device": str(device), "processes": world,
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "cpu_count": os.cpu_count()},
+        "settings": asdict(settings),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _write_log(out, state.history)
+    plot_history(state.history, out / "loss_curve.png", settings.num_heads)
+    if validation is not None:
+        print("validation top-1 accuracy per head: "
+              + " ".join(f"{a:.3f}" for a in validation["head_accuracy"])
+              + f" | est. acceptance length {validation['est_accept_length']:.2f}", flush=True)
+    print(f"wrote {out / 'metrics.json'}" + (f" and the draft {out / 'draft'}" if finished else
+          f" (stopped at step {state.step}/{total_steps}; run again to resume)"), flush=True)
+    return metrics
+
+
+def evaluate_draft(settings: TrainingSettings, draft_dir: str) -> dict:
+    """Per-head validation accuracy of a saved draft on settings.val_data (one process).
+
+    Uses the same cached target outputs as training, so two drafts can be compared on the
+    same held-out data (e.g. one trained on dataset answers, one on the target's own).
+    """
+    from vllm_chimera.checkpoint import load_draft_for_target
+
+    if settings.val_data is None:
+        raise ValueError("evaluation needs validation data")
+    _, _, device = setup_process(settings)
+    target, tokenizer = load_target(settings.target, device)
+    val_data = cached_data(settings, target, tokenizer, settings.val_data, settings.val_tokens, 0, 1)
+    draft = load_draft_for_target(draft_dir, target)
+    settings.num_heads = draft.config.num_decoding_heads
+    loss_module = DraftLoss(draft, [1.0] * settings.num_heads, settings.loss_on).to(device)
+    metrics = {"draft": str(draft_dir), "val_data": settings.val_data,
+               "val_tokens": val_data.num_tokens,
+               "validation": evaluate(loss_module, val_data, settings, device)}
+    print(json.dumps(metrics, indent=2), flush=True)
+    return metrics

@@ -1,0 +1,106 @@
+"""Static token trees for tree verification: the one implementation of the tree buffers.
+
+A tree is given Medusa-style as a list of paths. A path is a tuple of top-k ranks, one
+per depth: (0, 1) is "head 0's best token, then head 1's second-best token". All heads of
+a Chimera step read the same (h_n, s_n), so the candidates at depth i+1 are head i's top-k
+whatever the parent: a node's token depends only on its depth and its last rank.
+
+Worked example, paths [(0,), (1,), (0, 0)]:
+
+    node 0  root       the token the target just produced (x_{n+1})
+    node 1  (0,)       head 0, rank 0   -> parent 0, depth 1
+    node 2  (1,)       head 0, rank 1   -> parent 0, depth 1
+    node 3  (0, 0)     head 1, rank 0   -> parent 1, depth 2
+
+    parents          = [-1, 0, 0, 1]
+    depths           = [0, 1, 1, 2]          position offsets after the root
+    token_index      = [0, 1, 2, 1 + top_k]  into [root, head0 top-k..., head1 top-k...]
+    retrieve_indices = [[0, 1, 3],           one row per leaf, root first, -1 padded
+                        [0, 2, -1]]
+A chain of K tokens is the tree [(0,), (0, 0), ..., (0,) * K].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from chimera_kernels import tree_attention_mask
+
+Path = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenTree:
+    paths: tuple[Path, ...]  # sorted by (depth, ranks); node i+1 is paths[i]
+    parents: torch.Tensor = field(repr=False)  # [num_nodes] int64, root's is -1
+    depths: torch.Tensor = field(repr=False)  # [num_nodes] int64
+    token_index: torch.Tensor = field(repr=False)  # [num_nodes] int64
+    retrieve_indices: torch.Tensor = field(repr=False)  # [num_leaves, max_depth + 1] int64
+    top_k: int  # the most candidates any head must supply
+
+    @classmethod
+    def from_paths(cls, paths) -> "TokenTree":
+        paths = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
+        if not paths:
+            raise ValueError("a token tree needs at least one path")
+        node_of = {(): 0}
+        for i, path in enumerate(paths):
+            if len(path) == 0 or min(path) < 0:
+                raise ValueError(f"tree path {path} must be a non-empty tuple of ranks >= 0")
+            if path[:-1] not in node_of:
+                raise ValueError(f"tree path {path} has no parent path {path[:-1]} in the tree")
+            node_of[path] = i + 1
+        top_k = max(max(p) for p in paths) + 1
+        parents = [-1] + [node_of[p[:-1]] for p in paths]
+        depths = [0] + [len(p) for p in paths]
+        token_index = [0] + [1 + (len(p) - 1) * top_k + p[-1] for p in paths]
+        leaves = [p for p in paths if not any(q[:-1] == p for q in paths)]
+        max_depth = max(depths)
+        retrieve = [[0] + [node_of[leaf[:d]] for d in range(1, len(leaf) + 1)]
+                    + [-1] * (max_depth - len(leaf)) for leaf in leaves]
+        as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+        return cls(tuple(paths), as_long(parents), as_long(depths), as_long(token_index),
+                   as_long(retrieve), top_k)
+
+    @classmethod
+    def chain(cls, num_tokens: int) -> "TokenTree":
+        if num_tokens < 1:
+            raise ValueError(f"a chain needs at least 1 draft token, got {num_tokens}")
+        return cls.from_paths([(0,) * k for k in range(1, num_tokens + 1)])
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.paths) + 1
+
+    @property
+    def max_depth(self) -> int:
+        """The number of decoding heads the tree uses."""
+        return int(self.depths.max())
+
+    @cached_property
+    def children(self) -> tuple[tuple[int, ...], ...]:
+        """children[i]: node ids whose parent is i, best rank first (the sampling order)."""
+        kids = [[] for _ in range(self.num_nodes)]
+        for node in range(1, self.num_nodes):  # paths are sorted, so ranks come in order
+            kids[int(self.parents[node])].append(node)
+        return tuple(tuple(k) for k in kids)
+
+    @cached_property
+    def attention_mask(self) -> torch.Tensor:
+        """[num_nodes, num_nodes] bool: node i sees node j iff j is i or an ancestor of i."""
+        return tree_attention_mask(self.parents, torch.zeros(1, dtype=torch.long))[0]
+
+    def candidate_tokens(self, root_token: torch.Tensor, head_top_k: torch.Tensor) -> torch.Tensor:
+        """The token of every node.
+
+        root_token: [] the token the target just produced; head_top_k: [num_heads, >= top_k]
+        target ids per head, best first. Returns [num_nodes].
+        """
+        if head_top_k.shape[0] < self.max_depth or head_top_k.shape[1] < self.top_k:
+            raise ValueError(f"tree needs {self.max_depth} heads x top-{self.top_k}, "
+                             f"got candidates of shape {tuple(head_top_k.shape)}")
+        flat = torch.cat([root_token.reshape(1),
+                          head_top_k[: self.max_depth, : self.top_k].reshape(-1)])
+        return flat[self.token_index.to(flat.device)]

