@@ -123,3 +123,32 @@ def test_sampling_follows_the_target_distribution(tmp_path):
             assert run.counter("vllm:spec_decode_num_accepted_tokens") > 100
     assert 0.35 < rates["plain"] < 0.65, rates
     assert abs(rates["chimera"] - rates["plain"]) < 0.04, rates
+
+
+def test_reduced_draft_vocabulary_in_vllm(permutation_pair, tmp_path):
+    """A draft with its own (reduced) LM head maps head outputs back to target ids.
+
+    The reduced head here holds every token, shuffled: rows of the target's LM head in a
+    random order, with draft_to_target_ids the order. It drafts exactly what the
+    full-vocabulary draft drafts, so a wrong id map would show as lost acceptances (and a
+    missing map as wrong tokens, which verification would reject, not emit).
+    """
+    from vllm_chimera.checkpoint import target_embed_and_lm_head
+    from vllm_chimera.model import ChimeraDraftModel
+
+    target_dir, draft_dir, target, draft = permutation_pair
+    config = type(draft.config).from_dict({**draft.config.to_dict(), "draft_vocab_size": 128})
+    reduced = ChimeraDraftModel(config)
+    missing, unexpected = reduced.load_state_dict(draft.state_dict(), strict=False)
+    assert set(missing) == {"draft_lm_head.weight", "draft_to_target_ids"} and not unexpected
+    shuffled = torch.randperm(128, generator=torch.Generator().manual_seed(7))
+    reduced.bind_target(*target_embed_and_lm_head(target), frequent_token_ids=shuffled)
+    save_draft(reduced, tmp_path / "reduced")
+    prompts = _prompts(4, 128, seed=6)
+    plain = run_engine(target_dir, prompts, GREEDY)
+    full = run_engine(target_dir, prompts, GREEDY, draft_dir)
+    spec = run_engine(target_dir, prompts, GREEDY, tmp_path / "reduced")
+    assert spec.token_ids == plain.token_ids
+    assert spec.acceptance_rate > 0.5
+    assert (spec.counter("vllm:spec_decode_num_accepted_tokens")
+            == full.counter("vllm:spec_decode_num_accepted_tokens"))
