@@ -1,8 +1,11 @@
-"""The self-distillation loss of the K heads, as a module (so DistributedDataParallel can wrap it).
+"""The self-distillation losses of parallel heads, as modules (so DistributedDataParallel can wrap them).
 
 Head i at position t predicts x_{t+2+i}; its label is the TARGET's greedy prediction of that
 token given the sequence, i.e. the target's argmax at position t+1+i (cached as greedy[t+1+i]),
 masked where t+2+i is beyond the sequence (or, with loss_on="responses", not an assistant token).
+
+`HeadsLoss` is the loss of any set of K parallel heads (Chimera's here, Medusa's in peers.py);
+`DraftLoss` is Chimera's.
 """
 from __future__ import annotations
 
@@ -31,57 +34,102 @@ def head_labels(greedy: torch.Tensor, loss_mask: torch.Tensor, num_heads: int) -
     return labels
 
 
-class DraftLoss(nn.Module):
-    """forward(batch) -> (weighted loss, per-head [loss_sum, correct, count] stats [K, 3])."""
+def batch_labels(batch: dict[str, torch.Tensor], loss_on: str, num_heads: int) -> torch.Tensor:
+    """head_labels of a CachedData batch: [K, B, L-1], padding and (with loss_on="responses")
+    non-response tokens masked."""
+    tokens = batch["tokens"]  # [B, L]
+    real = torch.arange(tokens.shape[1], device=tokens.device)[None] < batch["lengths"][:, None]  # [B, L]
+    loss_mask = batch["mask"] & real if loss_on == "responses" else real
+    return head_labels(batch["greedy"], loss_mask, num_heads)
 
-    def __init__(self, draft: ChimeraDraftModel, head_weights: list[float], loss_on: str = "responses"):
+
+class HeadsLoss(nn.Module):
+    """forward(batch) -> (weighted loss, per-head [loss_sum, correct, count] stats [K, 3]).
+
+    Subclasses give `head_logits`; the labels, the weighting and the statistics are shared.
+    """
+
+    def __init__(self, draft: nn.Module, head_weights: list[float], loss_on: str = "responses"):
         super().__init__()
         self.draft = draft
+        self.num_heads = len(head_weights)
         self.register_buffer("head_weights", torch.tensor(head_weights, dtype=torch.float32),
                              persistent=False)
         self.loss_on = loss_on
-        self.target_to_draft = None  # [V] draft id of each target id (-1: none), reduced vocab only
-        if draft.config.draft_vocab_size is not None:
-            inverse = torch.full((draft.config.vocab_size,), -1, dtype=torch.long)
-            inverse[draft.draft_to_target_ids.cpu()] = torch.arange(draft.config.draft_vocab_size)
-            self.target_to_draft = inverse
+
+    def head_logits(self, tokens: torch.Tensor, hidden: torch.Tensor,
+                    selected: torch.Tensor) -> torch.Tensor:
+        """tokens [B, L], hidden [B, L, d], selected [B, L-1] -> logits [K, P, V'] at the
+        selected positions t (P of them)."""
+        raise NotImplementedError
+
+    def train_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Target ids [K, P] -> the ids the logits index (a reduced vocabulary maps them)."""
+        return labels
+
+    def to_target_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens, hidden, greedy = batch["tokens"], batch["hidden"], batch["greedy"]  # [B, L], [B, L, d], [B, L]
-        B, L = tokens.shape
-        real = torch.arange(L, device=tokens.device)[None] < batch["lengths"][:, None]  # [B, L]
-        loss_mask = batch["mask"] & real if self.loss_on == "responses" else real
-        K = self.draft.config.num_decoding_heads
-        labels = head_labels(greedy, loss_mask, K)  # [K, B, L-1]
-        positions = torch.arange(L - 1, device=tokens.device).expand(B, L - 1)
-        # Chunks start at t = 0: the trigram encoder repeats x_0 before the start.
-        prefix = torch.stack([torch.full_like(tokens[:, 0], -1), tokens[:, 0]], dim=1)  # [B, 2]
-        h = hidden[:, :-1]  # [B, L-1, d]: h_t for t = 0 .. L-2
-        s = self.draft.encode(tokens[:, 1:], h, positions, prefix)  # [B, L-1, d]
+        labels = batch_labels(batch, self.loss_on, self.num_heads)  # [K, B, L-1]
         # The LM-head projections dominate the cost: run the heads only where some head has a label.
         selected = (labels != IGNORE).any(0)  # [B, L-1]
-        logits = self.draft.head_logits(h[selected], s[selected]).float()  # [K, P, V or V_draft]
-        labels = labels[:, selected]  # [K, P]
-        return self._loss_and_stats(logits, labels)
+        logits = self.head_logits(batch["tokens"], batch["hidden"], selected).float()  # [K, P, V']
+        return self._loss_and_stats(logits, labels[:, selected])
 
     def _loss_and_stats(self, logits: torch.Tensor, labels: torch.Tensor):
         """logits [K, P, V'], labels [K, P] target ids -> (loss, stats [K, 3])."""
         valid = labels != IGNORE  # [K, P]
-        train_labels = labels
-        if self.target_to_draft is not None:  # labels outside the draft vocabulary teach nothing
-            mapped = self.target_to_draft.to(labels.device)[labels.clamp(min=0)]
-            train_labels = torch.where(valid & (mapped >= 0), mapped, IGNORE)
-        per_token = F.cross_entropy(logits.flatten(0, 1), train_labels.flatten(),
+        per_token = F.cross_entropy(logits.flatten(0, 1), self.train_labels(labels).flatten(),
                                     ignore_index=IGNORE, reduction="none").view(labels.shape)
         loss_sums = per_token.sum(-1)  # [K]
         counts = valid.sum(-1)  # [K]
         # Mean over each head's labelled tokens (a head with none contributes 0, not NaN).
         loss = (self.head_weights.to(logits.device) * loss_sums / counts.clamp(min=1)).sum()
         with torch.no_grad():
-            predictions = self.draft.to_target_ids(logits.argmax(-1))  # [K, P] target ids
+            predictions = self.to_target_ids(logits.argmax(-1))  # [K, P] target ids
             hits = (predictions == labels) & valid  # [K, P]
             # Kept for validation's acceptance-length estimate (needs per-position hits).
             self.last_hits, self.last_valid = hits, valid
             correct = hits.sum(-1)
             stats = torch.stack([loss_sums.detach(), correct.float(), counts.float()], dim=-1)
         return loss, stats
+
+    def summarize(self, stats: torch.Tensor) -> dict:
+        """Summed stats [K, 3] (over batches and processes) -> the logged figures."""
+        counts = stats[:, 2].clamp(min=1)
+        head_loss = (stats[:, 0] / counts).tolist()
+        return {"loss": sum(float(w) * l for w, l in zip(self.head_weights, head_loss)),
+                "head_loss": head_loss, "head_accuracy": (stats[:, 1] / counts).tolist(),
+                "head_tokens": stats[:, 2].long().tolist()}
+
+
+class DraftLoss(HeadsLoss):
+    """Chimera's heads: logits_i = LMHead(h_t + R_i([h_t; s_t])), s from the draft's encoders."""
+
+    def __init__(self, draft: ChimeraDraftModel, head_weights: list[float], loss_on: str = "responses"):
+        super().__init__(draft, head_weights, loss_on)
+        self.target_to_draft = None  # [V] draft id of each target id (-1: none), reduced vocab only
+        if draft.config.draft_vocab_size is not None:
+            inverse = torch.full((draft.config.vocab_size,), -1, dtype=torch.long)
+            inverse[draft.draft_to_target_ids.cpu()] = torch.arange(draft.config.draft_vocab_size)
+            self.target_to_draft = inverse
+
+    def head_logits(self, tokens, hidden, selected):
+        B, L = tokens.shape
+        positions = torch.arange(L - 1, device=tokens.device).expand(B, L - 1)
+        # Chunks start at t = 0: the trigram encoder repeats x_0 before the start.
+        prefix = torch.stack([torch.full_like(tokens[:, 0], -1), tokens[:, 0]], dim=1)  # [B, 2]
+        h = hidden[:, :-1]  # [B, L-1, d]: h_t for t = 0 .. L-2
+        s = self.draft.encode(tokens[:, 1:], h, positions, prefix)  # [B, L-1, d]
+        return self.draft.head_logits(h[selected], s[selected])  # [K, P, V or V_draft]
+
+    def train_labels(self, labels):
+        if self.target_to_draft is None:
+            return labels
+        # Labels outside the draft vocabulary teach nothing.
+        mapped = self.target_to_draft.to(labels.device)[labels.clamp(min=0)]
+        return torch.where((labels != IGNORE) & (mapped >= 0), mapped, IGNORE)
+
+    def to_target_ids(self, ids):
+        return self.draft.to_target_ids(ids)
