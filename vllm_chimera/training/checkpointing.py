@@ -1,6 +1,7 @@
-"""Resumable training checkpoints: the draft (via save_draft/load_draft) + the trainer's state.
+"""Resumable training checkpoints: the draft (via save_trained_draft) + the trainer's state.
 
-    <output_dir>/checkpoint/draft/            config.json + model.safetensors (save_draft)
+    <output_dir>/checkpoint/draft/            config.json + model.safetensors (save_draft, or
+                                              a peer's vLLM export)
     <output_dir>/checkpoint/trainer_state.pt  optimizer, scheduler, step, RNG states, history
 
 A checkpoint is written beside the old one and swapped in by renames, so an interruption
@@ -18,11 +19,13 @@ import torch
 
 from vllm_chimera.checkpoint import load_draft, save_draft
 from vllm_chimera.model import ChimeraDraftModel
+from vllm_chimera.training.peers import PeerDraft
 
 STATE_NAME = "trainer_state.pt"
 # Settings that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = {"stop_at_step", "resume", "progress", "num_threads", "device",
                      "save_every", "eval_every", "cache_dir"}
+SETTINGS_ADDED_LATER = {"draft_kind": "chimera"}  # setting -> the value older runs had
 
 
 @dataclass
@@ -48,11 +51,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, draft: ChimeraDraftModel, optimizer, scheduler,
+def save_trained_draft(draft: ChimeraDraftModel | PeerDraft, folder: Path) -> Path:
+    """A Chimera draft as save_draft writes it; a Medusa/EAGLE peer as vLLM's loader reads it."""
+    if isinstance(draft, PeerDraft):
+        return draft.export(folder)
+    return save_draft(draft, folder)
+
+
+def save_checkpoint(folder: Path, draft: ChimeraDraftModel | PeerDraft, optimizer, scheduler,
                     state: TrainState, settings: dict) -> None:
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_draft(draft, tmp / "draft")
+    save_trained_draft(draft, tmp / "draft")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "step": state.step, "history": state.history, "train_seconds": state.train_seconds,
                 "rng": rng_state(), "settings": settings}, tmp / STATE_NAME)
@@ -63,7 +73,7 @@ def save_checkpoint(folder: Path, draft: ChimeraDraftModel, optimizer, scheduler
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, draft: ChimeraDraftModel, optimizer, scheduler,
+def load_checkpoint(folder: Path, draft: ChimeraDraftModel | PeerDraft, optimizer, scheduler,
                     settings: dict) -> TrainState:
     """Restore everything saved by save_checkpoint into the given objects; returns the state.
 
@@ -73,6 +83,8 @@ def load_checkpoint(folder: Path, draft: ChimeraDraftModel, optimizer, scheduler
     if not (folder / STATE_NAME).is_file() and folder.with_name(folder.name + ".old").is_dir():
         folder = folder.with_name(folder.name + ".old")  # interrupted between the two renames
     saved = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=False)
+    # Checkpoints from before a setting existed were made with its default.
+    saved["settings"] = {**SETTINGS_ADDED_LATER, **saved["settings"]}
     changed = sorted(k for k in set(settings) | set(saved["settings"])
                      if k not in RESUMABLE_CHANGES and settings.get(k) != saved["settings"].get(k))
     if changed:
@@ -80,8 +92,10 @@ def load_checkpoint(folder: Path, draft: ChimeraDraftModel, optimizer, scheduler
                          + ", ".join(f"{k} {saved['settings'].get(k)!r} -> {settings.get(k)!r}"
                                      for k in changed)
                          + " (use another output directory, or --no-resume to start over)")
-    loaded = load_draft(folder / "draft")
-    draft.load_state_dict(loaded.state_dict())
+    if isinstance(draft, PeerDraft):
+        draft.load_exported(folder / "draft")
+    else:
+        draft.load_state_dict(load_draft(folder / "draft").state_dict())
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(saved["rng"])

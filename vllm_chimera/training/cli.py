@@ -4,6 +4,7 @@
     chimera-prepare target gemma3-270m
     chimera-prepare data [--validation-size 500] [--seed 0]
     chimera-train --target smollm2 --output-dir runs/chimera [options]
+    chimera-train --draft-kind medusa|eagle --target smollm2 --output-dir runs/medusa [options]
     torchrun --nproc-per-node 2 -m vllm_chimera.training.cli --target ... (several GPUs)
 """
 from __future__ import annotations
@@ -46,8 +47,13 @@ def prepare_main(argv: list[str] | None = None) -> int:
 def train_parser() -> argparse.ArgumentParser:
     d = TrainingSettings.__dataclass_fields__
     default = lambda name: d[name].default  # noqa: E731
-    p = argparse.ArgumentParser(prog="chimera-train",
-                                description="Self-distil a Chimera draft from a frozen target.")
+    p = argparse.ArgumentParser(
+        prog="chimera-train",
+        description="Self-distil a Chimera draft (or, for the benchmark, Medusa-1 heads or an "
+                    "EAGLE-1 draft) from a frozen target. The finished draft is written to "
+                    "OUTPUT_DIR/draft: for --draft-kind medusa/eagle in the format vLLM's own "
+                    "method loads, speculative_config={'method': 'medusa' or 'eagle', "
+                    "'model': 'OUTPUT_DIR/draft', 'num_speculative_tokens': K}.")
     p.add_argument("--target", required=True,
                    help="a prepared target name (%s) or a Hugging Face folder" % ", ".join(prepare.TARGETS))
     p.add_argument("--output-dir", required=True, help="checkpoints, final draft, metrics, plot")
@@ -57,12 +63,22 @@ def train_parser() -> argparse.ArgumentParser:
                                       "'none' to skip validation)")
     p.add_argument("--cache-dir", help="cache root for prepared data and hidden states")
     g = p.add_argument_group("draft")
-    g.add_argument("--num-heads", type=int, default=default("num_heads"))
+    g.add_argument("--draft-kind", choices=("chimera", "medusa", "eagle"), default=default("draft_kind"),
+                   help="chimera (default); medusa: Medusa-1 heads (ResidualBlock + own LM head "
+                        "each) on the target's last hidden state; eagle: EAGLE-1 (fc + one Llama "
+                        "layer, Llama targets), regression onto h_{t+1} + cross-entropy")
+    g.add_argument("--num-heads", type=int, default=default("num_heads"),
+                   help="K: Chimera's or Medusa's heads, EAGLE's validated draft steps")
     g.add_argument("--no-trigram-encoder", action="store_true", help="ablation: no trigram encoder")
     g.add_argument("--no-context-encoder", action="store_true",
                    help="ablation: no full-context encoder (Medusa-style heads)")
     g.add_argument("--draft-vocab-size", type=int, help="reduced draft vocabulary size")
-    g.add_argument("--draft-intermediate-size", type=int, help="encoder-layer MLP width")
+    g.add_argument("--draft-intermediate-size", type=int,
+                   help="encoder-layer MLP width (Chimera; EAGLE: its layer's)")
+    g.add_argument("--medusa-layers", type=int, help="ResidualBlock layers per Medusa head (default 1)")
+    g.add_argument("--medusa-shared-lm-head", action="store_true",
+                   help="Medusa heads share the target's frozen LM head (vLLM's original_lm_head) "
+                        "instead of training a copy each")
     g = p.add_argument_group("data")
     g.add_argument("--max-length", type=int, default=default("max_length"))
     g.add_argument("--train-tokens", type=int, help="training budget in tokens (default: all)")
@@ -116,10 +132,14 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         overrides["draft_vocab_size"] = args.draft_vocab_size
     if args.draft_intermediate_size:
         overrides["intermediate_size"] = args.draft_intermediate_size
+    if args.medusa_layers:
+        overrides["num_layers"] = args.medusa_layers
+    if args.medusa_shared_lm_head:
+        overrides["shared_lm_head"] = True
     try:
         return TrainingSettings(
             target=target, train_data=train_data, val_data=val_data, output_dir=args.output_dir,
-            cache_dir=args.cache_dir, num_heads=args.num_heads,
+            cache_dir=args.cache_dir, draft_kind=args.draft_kind, num_heads=args.num_heads,
             use_trigram_encoder=not args.no_trigram_encoder,
             use_context_encoder=not args.no_context_encoder, draft_overrides=overrides,
             max_length=args.max_length, train_tokens=args.train_tokens, val_tokens=args.val_tokens,

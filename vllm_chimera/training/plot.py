@@ -4,8 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_history(history: list[dict], path: Path, num_heads: int) -> Path | None:
-    """Training loss (raw and smoothed) and per-head accuracy against step; validation dots."""
+def plot_history(history: list[dict], path: Path) -> Path | None:
+    """Training loss (raw and smoothed) and per-head accuracy against step; validation dots.
+
+    Validation may report more heads than training (EAGLE trains its first draft step only
+    and validates K): those are dots only.
+    """
     try:
         import matplotlib
         matplotlib.use("Agg")  # no display here, and none needed
@@ -23,13 +27,18 @@ def plot_history(history: list[dict], path: Path, num_heads: int) -> Path | None
     ax_loss.plot(steps, _smooth([r["loss"] for r in train]), label="train (smoothed)")
     ax_loss.set(xlabel="step", ylabel="weighted loss", title="loss")
     ax_loss.legend()
+    num_trained = len(train[-1]["head_accuracy"])
+    num_heads = max([num_trained] + [len(r["validation"]["head_accuracy"]) for r in val])
     for i in range(num_heads):
-        line, = ax_acc.plot(steps, _smooth([r["head_accuracy"][i] for r in train]),
-                            label=f"head {i} (x_t+{i + 2})")
+        label, color = f"head {i} (x_t+{i + 2})", f"C{i}"
+        if i < num_trained:
+            ax_acc.plot(steps, _smooth([r["head_accuracy"][i] for r in train]), label=label,
+                        color=color)
+            label = None  # one legend entry per head
         if val:
             ax_acc.scatter([r["step"] for r in val],
                            [r["validation"]["head_accuracy"][i] for r in val],
-                           color=line.get_color(), marker="o")
+                           color=color, marker="o", label=label)
     ax_acc.set(xlabel="step", ylabel="top-1 accuracy", title="per-head accuracy (dots: validation)")
     ax_acc.legend(fontsize="small")
     fig.tight_layout()

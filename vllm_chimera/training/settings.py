@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class TrainingSettings:
-    """One training run of a Chimera draft against a frozen target.
+    """One training run of a draft (Chimera, or a Medusa / EAGLE peer) against a frozen target.
 
     Paths:
         target: the target's Hugging Face folder (`chimera-prepare target ...` makes one).
@@ -22,10 +22,14 @@ class TrainingSettings:
     val_data: str | None = None
     cache_dir: str | None = None
     # -- the draft ------------------------------------------------------------------------
-    num_heads: int = 4
+    # "chimera", or a peer for the benchmark (peers.py): "medusa" (Medusa-1 heads) or "eagle"
+    # (EAGLE-1), trained on the same data and exported for vLLM's own method of that name.
+    draft_kind: str = "chimera"
+    num_heads: int = 4  # K: Chimera's / Medusa's heads; EAGLE's validated draft steps
     use_trigram_encoder: bool = True
     use_context_encoder: bool = True
-    draft_overrides: dict = field(default_factory=dict)  # extra ChimeraConfig fields
+    # Extra ChimeraConfig fields; for a peer, its options (peers.PEER_OPTIONS).
+    draft_overrides: dict = field(default_factory=dict)
     # -- data -----------------------------------------------------------------------------
     max_length: int = 512  # tokens per sequence (longer conversations are cut)
     train_tokens: int | None = None  # take conversations until this many tokens (None: all)
@@ -66,8 +70,19 @@ class TrainingSettings:
         if self.head_weights is not None and len(self.head_weights) != self.num_heads:
             problems.append(f"head_weights has {len(self.head_weights)} entries for "
                             f"{self.num_heads} heads")
+        if self.draft_kind != "chimera":
+            problems += self._peer_problems()
         if problems:
             raise ValueError("Invalid TrainingSettings: " + "; ".join(problems))
+
+    def _peer_problems(self) -> list[str]:
+        from vllm_chimera.training.peers import check_peer_options
+
+        problems = check_peer_options(self.draft_kind, self.draft_overrides)
+        for name in ("use_trigram_encoder", "use_context_encoder"):
+            if not getattr(self, name):
+                problems.append(f"{name}=False is a Chimera ablation, not a {self.draft_kind} option")
+        return problems
 
     def weights(self) -> list[float]:
         return list(self.head_weights) if self.head_weights else [0.8 ** i for i in range(self.num_heads)]

@@ -1,10 +1,12 @@
-"""train(settings): self-distil a Chimera draft from a frozen target.
+"""train(settings): self-distil a draft from a frozen target.
 
 The run, in order: load the frozen target; cache its hidden states and greedy predictions
-over the training and validation sequences (data.py); build the draft
-(ChimeraConfig.for_target); AdamW with warm-up + cosine; a resumable checkpoint every
+over the training and validation sequences (data.py); build the draft (settings.draft_kind:
+Chimera, ChimeraConfig.for_target, or one of its peers, Medusa-1 heads or an EAGLE-1 draft,
+peers.py) and its loss; AdamW with warm-up + cosine; a resumable checkpoint every
 `save_every` steps; validation of per-head top-1 accuracy; metrics.json, log.jsonl and
-loss_curve.png in the output folder.
+loss_curve.png in the output folder, and the final draft in output_dir/draft (a peer in the
+format vLLM's own `medusa` / `eagle` method loads).
 
 Device-agnostic: the same call runs on a CPU, a GPU, or several GPUs under torchrun
 (DistributedDataParallel; NCCL on GPUs, gloo on CPUs). Process 0 caches, logs and saves.
@@ -25,14 +27,15 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from vllm_chimera.checkpoint import save_draft, target_embed_and_lm_head
+from vllm_chimera.checkpoint import target_embed_and_lm_head
 from vllm_chimera.config import ChimeraConfig
 from vllm_chimera.model import ChimeraDraftModel
 from vllm_chimera.prepare import cache_dir
 from vllm_chimera.training.checkpointing import (TrainState, has_checkpoint, load_checkpoint,
-                                                 save_checkpoint)
+                                                 save_checkpoint, save_trained_draft)
 from vllm_chimera.training.data import CachedData, build_cache, cache_key, load_sequences
 from vllm_chimera.training.loss import DraftLoss
+from vllm_chimera.training.peers import build_peer, load_peer, peer_kind, peer_loss
 from vllm_chimera.training.settings import TrainingSettings
 
 
@@ -101,9 +104,12 @@ def cached_data(settings: TrainingSettings, target, tokenizer, path: str, max_to
     return CachedData.open(folder)
 
 
-def build_draft(settings: TrainingSettings, target, train: CachedData) -> ChimeraDraftModel:
-    """A fresh draft shaped like the target (seeded, so every process starts the same)."""
+def build_draft(settings: TrainingSettings, target, train: CachedData) -> torch.nn.Module:
+    """A fresh draft of settings.draft_kind shaped like the target (seeded, so every process
+    starts the same)."""
     torch.manual_seed(settings.seed)
+    if settings.draft_kind != "chimera":
+        return build_peer(settings.draft_kind, target, settings.num_heads, settings.draft_overrides)
     config = ChimeraConfig.for_target(
         target.config, num_decoding_heads=settings.num_heads,
         use_trigram_encoder=settings.use_trigram_encoder,
@@ -115,6 +121,13 @@ def build_draft(settings: TrainingSettings, target, train: CachedData) -> Chimer
         counts = np.bincount(np.asarray(train.greedy), minlength=config.vocab_size)
         frequent = torch.from_numpy(np.argsort(-counts, kind="stable")[:config.draft_vocab_size].copy())
     return draft.bind_target(*target_embed_and_lm_head(target), frequent_token_ids=frequent)
+
+
+def build_loss(settings: TrainingSettings, draft: torch.nn.Module) -> torch.nn.Module:
+    """The draft's training loss: forward(batch) -> (loss, stats); summarize(stats) -> figures."""
+    if settings.draft_kind == "chimera":
+        return DraftLoss(draft, settings.weights(), settings.loss_on)
+    return peer_loss(draft, settings.weights(), settings.loss_on, settings.draft_overrides)
 
 
 # -- schedule and data order ----------------------------------------------------------------
@@ -146,18 +159,18 @@ def step_indices(step: int, num_sequences: int, settings: TrainingSettings, rank
 
 # -- evaluation -----------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(loss_module: DraftLoss, data: CachedData, settings: TrainingSettings,
+def evaluate(loss_module: torch.nn.Module, data: CachedData, settings: TrainingSettings,
              device: torch.device) -> dict:
     """Per-head top-1 accuracy (and loss) on held-out data, plus a chain estimate.
 
     est_accept_length = 1 + E[number of leading heads that are right], over positions where
     all K heads have a label: the tokens per target step a chain of K would get if the
-    teacher-forced sequence were the target's own greedy continuation.
+    teacher-forced sequence were the target's own greedy continuation. (For EAGLE the
+    "heads" are its K draft steps, run in eval mode as vLLM runs them.)
     """
     was_training = loss_module.training
     loss_module.eval()
-    K = settings.num_heads
-    totals = torch.zeros(K, 3, dtype=torch.float64)
+    totals = 0
     run_sum, run_count = 0.0, 0
     m = settings.micro_batch_size
     for start in range(0, len(data), m):
@@ -171,21 +184,18 @@ def evaluate(loss_module: DraftLoss, data: CachedData, settings: TrainingSetting
         run_sum += float(leading.sum())
         run_count += int(full.sum())
     loss_module.train(was_training)
-    counts = totals[:, 2].clamp(min=1)
-    return {"head_accuracy": (totals[:, 1] / counts).tolist(),
-            "head_loss": (totals[:, 0] / counts).tolist(),
-            "head_tokens": totals[:, 2].long().tolist(),
-            "est_accept_length": 1 + run_sum / max(run_count, 1)}
+    return {**loss_module.summarize(totals), "est_accept_length": 1 + run_sum / max(run_count, 1)}
 
 
 # -- one optimizer step ---------------------------------------------------------------------
-def train_step(model, loss_module: DraftLoss, micro_batches, data: CachedData, optimizer,
+def train_step(model, loss_module: torch.nn.Module, micro_batches, data: CachedData, optimizer,
                scheduler, settings: TrainingSettings, device: torch.device) -> torch.Tensor:
     """Forward/backward over this process's micro-batches, then one optimizer step.
 
-    Returns the summed per-head stats [K, 3] (loss_sum, correct, count) of this process.
+    Returns the summed stats of this process (per head [loss_sum, correct, count]: [K, 3]
+    for heads; the loss module's own rows otherwise).
     """
-    stats_total = torch.zeros(settings.num_heads, 3)
+    stats_total = 0
     for i, indices in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         # Under DDP, gradients are all-reduced only on the last micro-batch.
@@ -205,7 +215,7 @@ def train_step(model, loss_module: DraftLoss, micro_batches, data: CachedData, o
 
 
 def reduce_stats(stats: torch.Tensor, world: int, device: torch.device) -> torch.Tensor:
-    """Sum [K, 3] stats over processes (on `device`: NCCL reduces only GPU tensors)."""
+    """Sum stats ([K, 3]) over processes (on `device`: NCCL reduces only GPU tensors)."""
     if world > 1:
         stats = stats.to(device)
         dist.all_reduce(stats)
@@ -259,7 +269,7 @@ def train(settings: TrainingSettings) -> dict:
         raise ValueError(f"{len(train_data)} training sequences, fewer than one batch "
                          f"({settings.batch_size})")
     draft = build_draft(settings, target, train_data).to(device)
-    loss_module = DraftLoss(draft, settings.weights(), settings.loss_on).to(device)
+    loss_module = build_loss(settings, draft).to(device)
     model = DistributedDataParallel(loss_module) if world > 1 else loss_module
     optimizer = torch.optim.AdamW(draft.parameters(), lr=settings.lr,
                                   weight_decay=settings.weight_decay)
@@ -302,16 +312,13 @@ def _loop(model, loss_module, draft, train_data, val_data, optimizer, scheduler,
                                             scheduler, settings, device), world, device)
             state.step += 1
             state.train_seconds += time.time() - tick
-            counts = stats[:, 2].clamp(min=1)
-            head_loss, head_acc = (stats[:, 0] / counts).tolist(), (stats[:, 1] / counts).tolist()
-            weights = settings.weights()
-            record = {"step": state.step, "lr": scheduler.get_last_lr()[0],
-                      "loss": sum(w * l for w, l in zip(weights, head_loss)),
-                      "head_loss": head_loss, "head_accuracy": head_acc,
+            summary = loss_module.summarize(stats)
+            summary.pop("head_tokens")
+            record = {"step": state.step, "lr": scheduler.get_last_lr()[0], **summary,
                       "seconds": round(state.train_seconds, 2)}
             state.history.append(record)
             bar.set_postfix_str(f"loss {record['loss']:.3f} acc "
-                                + " ".join(f"{a:.2f}" for a in head_acc))
+                                + " ".join(f"{a:.2f}" for a in record["head_accuracy"]))
             bar.update(1)
             if settings.eval_every and state.step % settings.eval_every == 0 and val_data is not None:
                 if rank == 0:
@@ -356,8 +363,9 @@ def _finish(settings, draft, loss_module, train_data, val_data, state, device, t
                                           for r in state.history):
         state.history.append({"step": state.step, "validation": validation})  # plotted too
     if finished:
-        save_draft(draft, out / "draft")
+        save_trained_draft(draft, out / "draft")
     recent = [r for r in state.history if "loss" in r][-20:]
+    num_rows = len(recent[-1]["head_accuracy"]) if recent else 0  # EAGLE trains step 1 only
     metrics = {
         "finished": finished, "steps": state.step, "total_steps": total_steps,
         "train_sequences": len(train_data), "train_tokens": train_data.num_tokens,
@@ -366,7 +374,7 @@ def _finish(settings, draft, loss_module, train_data, val_data, state, device, t
         "val_tokens": val_data.num_tokens if val_data is not None else 0,
         "train_loss_last20": sum(r["loss"] for r in recent) / max(len(recent), 1),
         "train_head_accuracy_last20": [sum(r["head_accuracy"][i] for r in recent) / max(len(recent), 1)
-                                       for i in range(settings.num_heads)],
+                                       for i in range(num_rows)],
         "validation": validation,
         "draft_parameters": draft.num_parameters(),
         "train_seconds": round(state.train_seconds, 1),
@@ -378,7 +386,7 @@ def _finish(settings, draft, loss_module, train_data, val_data, state, device, t
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _write_log(out, state.history)
-    plot_history(state.history, out / "loss_curve.png", settings.num_heads)
+    plot_history(state.history, out / "loss_curve.png")
     if validation is not None:
         print("validation top-1 accuracy per head: "
               + " ".join(f"{a:.3f}" for a in validation["head_accuracy"])
@@ -392,7 +400,8 @@ def evaluate_draft(settings: TrainingSettings, draft_dir: str) -> dict:
     """Per-head validation accuracy of a saved draft on settings.val_data (one process).
 
     Uses the same cached target outputs as training, so two drafts can be compared on the
-    same held-out data (e.g. one trained on dataset answers, one on the target's own).
+    same held-out data (e.g. one trained on dataset answers, one on the target's own, or
+    Chimera against its Medusa and EAGLE peers: an exported peer is recognised by itself).
     """
     from vllm_chimera.checkpoint import load_draft_for_target
 
@@ -401,10 +410,16 @@ def evaluate_draft(settings: TrainingSettings, draft_dir: str) -> dict:
     _, _, device = setup_process(settings)
     target, tokenizer = load_target(settings.target, device)
     val_data = cached_data(settings, target, tokenizer, settings.val_data, settings.val_tokens, 0, 1)
-    draft = load_draft_for_target(draft_dir, target)
-    settings.num_heads = draft.config.num_decoding_heads
-    loss_module = DraftLoss(draft, [1.0] * settings.num_heads, settings.loss_on).to(device)
-    metrics = {"draft": str(draft_dir), "val_data": settings.val_data,
+    kind = peer_kind(draft_dir) or "chimera"
+    if kind == "chimera":
+        draft = load_draft_for_target(draft_dir, target)
+        settings.num_heads = draft.config.num_decoding_heads
+    else:
+        draft = load_peer(draft_dir, target)
+        settings.num_heads = draft.num_heads if kind == "medusa" else draft.num_steps
+    settings.draft_kind, settings.head_weights = kind, [1.0] * settings.num_heads
+    loss_module = build_loss(settings, draft).to(device)
+    metrics = {"draft": str(draft_dir), "draft_kind": kind, "val_data": settings.val_data,
                "val_tokens": val_data.num_tokens,
                "validation": evaluate(loss_module, val_data, settings, device)}
     print(json.dumps(metrics, indent=2), flush=True)
