@@ -109,18 +109,23 @@ def demo_main(argv=None) -> int:
 
 
 def bench_main(argv=None) -> int:
-    """chimera-bench: plain, n-gram and Chimera inside vLLM, side by side in one run."""
+    """chimera-bench: plain, n-gram, Chimera (and vLLM's Medusa and EAGLE with drafts from
+    chimera-train --draft-kind medusa|eagle) inside vLLM, side by side in one run."""
     import os
     from pathlib import Path
 
     parser = argparse.ArgumentParser(prog="chimera-bench", description=bench_main.__doc__)
     parser.add_argument("--target", required=True, help="target folder, or 'smollm2' (prepared)")
     parser.add_argument("--draft", help="Chimera draft folder (needed for method chimera)")
-    parser.add_argument("--methods", default="plain,ngram,chimera")
+    parser.add_argument("--medusa-draft", help="Medusa heads folder (method medusa)")
+    parser.add_argument("--eagle-draft", help="EAGLE-1 draft folder (method eagle)")
+    parser.add_argument("--methods", default="plain,ngram,chimera",
+                        help="comma-separated: plain, ngram, chimera, medusa, eagle")
     parser.add_argument("--batch-sizes", default="1,4,16")
     parser.add_argument("--num-prompts", type=int, default=80)
     parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--num-tokens", type=int, default=None, help="Chimera's K (default: all heads)")
+    parser.add_argument("--num-tokens", type=int, default=None,
+                        help="K of chimera/medusa/eagle (default: the draft's heads or trained steps)")
     parser.add_argument("--temperature", type=float, default=0.7, help="the sampled setting")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0)
     parser.add_argument("--quick", action="store_true", help="8 prompts, 32 tokens, batch 1 and 4")
@@ -143,7 +148,8 @@ def bench_main(argv=None) -> int:
 
         target = str(prepare_target("smollm2"))
     settings = BenchSettings(
-        target=target, draft=args.draft, methods=tuple(args.methods.split(",")),
+        target=target, draft=args.draft, medusa_draft=args.medusa_draft,
+        eagle_draft=args.eagle_draft, methods=tuple(args.methods.split(",")),
         batch_sizes=batch_sizes, max_tokens=args.max_tokens, num_speculative_tokens=args.num_tokens,
         sampled_temperature=args.temperature,
         engine_kwargs={"kv_cache_memory_bytes": int(args.kv_cache_gib * (1 << 30))})

