@@ -18,8 +18,8 @@ from conftest import build_permutation_pair
 from vllm_chimera.reference import SpeculativeDecoder
 from vllm_chimera.training import TrainingSettings, train
 from vllm_chimera.training.cli import train_main
-from vllm_chimera.training.peers import (EagleLayer, MedusaHeads, build_peer, load_peer,
-                                         peer_kind)
+from vllm_chimera.training.peers import (EagleDraft, MedusaHeads, build_peer,
+                                         eagle_llama_config, load_peer, peer_kind)
 from vllm_chimera.tree import TokenTree
 
 K = 3  # heads (Medusa), draft steps (EAGLE)
@@ -75,24 +75,28 @@ def test_untrained_medusa_heads_predict_what_the_target_predicts(tiny_target):
         torch.testing.assert_close(heads.head_logits(h), expected.expand(3, -1, -1))
 
 
-def test_eagle_layer_is_transformers_llama_layer_without_input_norm(tiny_target):
+def test_eagle_layer_is_transformers_llama_layer_without_input_norm():
     """Our EAGLE layer = Hugging Face's LlamaDecoderLayer with the input norm removed (what
-    vLLM builds), on the same weights: RoPE, GQA and parameter names agree."""
+    vLLM builds), on the same weights: RoPE (SmolLM2's theta), GQA and parameter names agree."""
+    from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    eagle = build_peer("eagle", tiny_target, num_heads=3)
+    config = LlamaConfig(vocab_size=64, hidden_size=96, intermediate_size=160, num_attention_heads=3,
+                         num_key_value_heads=1, rms_norm_eps=1e-5,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+    eagle = EagleDraft(eagle_llama_config(config))
     torch.manual_seed(0)
     with torch.no_grad():
         for p in eagle.parameters():
             p.normal_(std=0.2)
-    config = tiny_target.config
+    config._attn_implementation = "sdpa"  # causal without a mask (eager would attend to all)
     reference = LlamaDecoderLayer(config, layer_idx=0).eval()
     state = {k.removeprefix("layers.0."): v for k, v in eagle.state_dict().items()
              if k.startswith("layers.0.")}
     reference.load_state_dict({**state, "input_layernorm.weight": torch.ones(config.hidden_size)})
     reference.input_layernorm = torch.nn.Identity()
     x = torch.randn(2, 7, config.hidden_size)  # [B, L, d]
-    positions = torch.arange(3, 10).expand(2, 7)
+    positions = torch.arange(300, 307).expand(2, 7)
     with torch.no_grad():
         ours, _ = eagle.layers[0](x, positions)
         theirs = reference(x, position_embeddings=LlamaRotaryEmbedding(config)(x, positions))

@@ -18,7 +18,8 @@ Llama decoder layer whose input RMSNorm is removed, and no final norm: the outpu
 both what the target's LM head reads (proposing x_{t+2}) and the stand-in for h_{t+1} that
 the next draft step reads at position t+1 with the token it just proposed. Training
 (EAGLE-1): smooth-L1 regression of f_t onto h_{t+1} plus 0.1 x cross-entropy of LMHead(f_t)
-against the target's greedy x_{t+2}. Validation also runs steps 2..K the way vLLM does,
+against the target's greedy x_{t+2}, with U(-0.1, 0.1) noise on the input features h_t (the
+paper's robustness to the draft's own, imperfect features at later steps). Validation also runs steps 2..K the way vLLM does,
 feeding back the draft's own tokens and features (see EagleAttention for the masks).
 The embedding and LM head are the target's, frozen and not saved: vLLM shares the target's
 when the checkpoint has none.
@@ -43,7 +44,8 @@ PEER_KINDS = ("medusa", "eagle")
 # The draft_overrides each peer accepts (TrainingSettings.draft_overrides), with defaults.
 PEER_OPTIONS = {
     "medusa": {"num_layers": 1, "shared_lm_head": False},
-    "eagle": {"intermediate_size": None, "regression_weight": 1.0, "classification_weight": 0.1},
+    "eagle": {"intermediate_size": None, "regression_weight": 1.0, "classification_weight": 0.1,
+              "feature_noise": 0.1},
 }
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 PROVENANCE_KEY = "vllm_chimera"  # a config.json entry vLLM ignores: what we trained, for whom
@@ -327,7 +329,7 @@ class EagleDraft(PeerDraft):
 
 class EagleLoss(nn.Module):
     """EAGLE-1: regression weight x smooth-L1(f_t, h_{t+1}) + classification weight x CE(LMHead(f_t),
-    target's greedy x_{t+2}).
+    target's greedy x_{t+2}); in training, U(-feature_noise, feature_noise) is added to h_t.
 
     forward(batch) -> (loss, stats [S + 1, 3]): rows 0..S-1 are draft steps 1..S as
     [CE sum, correct, count] (S = 1 in training, K in eval mode, where steps 2..K run as vLLM
@@ -335,10 +337,12 @@ class EagleLoss(nn.Module):
     """
 
     def __init__(self, draft: EagleDraft, num_steps: int, loss_on: str = "responses",
-                 regression_weight: float = 1.0, classification_weight: float = 0.1):
+                 regression_weight: float = 1.0, classification_weight: float = 0.1,
+                 feature_noise: float = 0.1):
         super().__init__()
         self.draft, self.num_steps, self.loss_on = draft, num_steps, loss_on
         self.regression_weight, self.classification_weight = regression_weight, classification_weight
+        self.feature_noise = feature_noise
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, hidden = batch["tokens"], batch["hidden"]  # [B, L], [B, L, d]
@@ -347,7 +351,10 @@ class EagleLoss(nn.Module):
         selected = (labels != IGNORE).any(0)  # [B, L-1]
         positions = torch.arange(L - 1, device=tokens.device).expand(B, L - 1)
         steps = 1 if self.training else self.num_steps  # EAGLE-1 trains its first step only
-        features, logits = self.draft.rollout(tokens[:, 1:], hidden[:, :-1], positions, steps,
+        inputs = hidden[:, :-1]  # [B, L-1, d]: h_t
+        if self.training and self.feature_noise:
+            inputs = inputs + (torch.rand_like(inputs) - 0.5) * (2 * self.feature_noise)
+        features, logits = self.draft.rollout(tokens[:, 1:], inputs, positions, steps,
                                               selected)  # [B, L-1, d], [S, P, V]
         first = labels[0] != IGNORE  # [B, L-1]: positions with an x_{t+2}, hence an h_{t+1}
         regression = F.smooth_l1_loss(features[first].float(), hidden[:, 1:][first].float(),
@@ -408,7 +415,7 @@ def peer_loss(draft: PeerDraft, head_weights: list[float], loss_on: str,
         return MedusaLoss(draft, head_weights, loss_on)
     options = {**PEER_OPTIONS["eagle"], **(overrides or {})}
     return EagleLoss(draft, len(head_weights), loss_on, options["regression_weight"],
-                     options["classification_weight"])
+                     options["classification_weight"], options["feature_noise"])
 
 
 def peer_kind(folder: str | os.PathLike) -> str | None:
