@@ -48,7 +48,7 @@ PEER_OPTIONS = {
               "feature_noise": 0.1},
 }
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-PROVENANCE_KEY = "vllm_chimera"  # a config.json entry vLLM ignores: what we trained, for whom
+PROVENANCE_KEY = "vllm_chimera"  # a config.json entry vLLM ignores: which peer, its K
 
 
 def check_peer_options(kind: str, overrides: dict) -> list[str]:
