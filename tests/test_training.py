@@ -230,3 +230,20 @@ def test_evaluate_a_saved_draft(tiny_setup, tmp_path):
     assert train_main(argv) == 0
     evaluation = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert evaluation["validation"]["head_accuracy"] == metrics["validation"]["head_accuracy"]
+
+
+def test_cache_only_fills_the_cache_a_run_then_reuses(tiny_setup, tmp_path, monkeypatch):
+    """--cache-only computes the target's outputs once; a later run must not redo them."""
+    from vllm_chimera.training import trainer
+
+    cache = tmp_path / "cache"
+    argv = ["--target", tiny_setup["target"], "--train-data", tiny_setup["train"],
+            "--val-data", tiny_setup["val"], "--cache-dir", str(cache), "--max-length", "64",
+            "--output-dir", str(tmp_path / "out"), "--cache-only", "--no-progress"]
+    assert train_main(argv) == 0
+    assert len(list((cache / "hidden").glob("*/meta.json"))) == 2  # train and validation
+    assert not (tmp_path / "out" / "checkpoint").exists()  # no training happened
+    monkeypatch.setattr(trainer, "build_cache",
+                        lambda *a, **k: pytest.fail("the cache was built a second time"))
+    metrics = train(settings_for(tiny_setup, tmp_path / "run", cache_dir=str(cache), epochs=1))
+    assert metrics["finished"]

@@ -103,6 +103,8 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=default("device"))
     g.add_argument("--num-threads", type=int, help="torch CPU threads")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--cache-only", action="store_true",
+                   help="only cache the target's outputs over the data (shared by later runs)")
     g.add_argument("--evaluate", metavar="DRAFT_DIR",
                    help="do not train: report DRAFT_DIR's per-head accuracy on --val-data "
                         "(written to OUTPUT_DIR/evaluation.json)")
@@ -156,7 +158,7 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
 def train_main(argv: list[str] | None = None) -> int:
     import json
 
-    from vllm_chimera.training.trainer import evaluate_draft, train
+    from vllm_chimera.training.trainer import cache_only, evaluate_draft, train
 
     parser = train_parser()
     args = parser.parse_args(argv)
@@ -167,6 +169,9 @@ def train_main(argv: list[str] | None = None) -> int:
         metrics = evaluate_draft(settings, args.evaluate)
         Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
         Path(settings.output_dir, "evaluation.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        return 0
+    if args.cache_only:
+        cache_only(settings)
         return 0
     train(settings)
     return 0

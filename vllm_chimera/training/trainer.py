@@ -247,6 +247,33 @@ class StopFlag:
 
 
 # -- the run --------------------------------------------------------------------------------
+def load_target_and_data(settings: TrainingSettings, device: torch.device, rank: int = 0,
+                         world: int = 1):
+    """(target, tokenizer, train CachedData, validation CachedData or None): the target's
+    outputs are computed and cached on first use, read back afterwards."""
+    target, tokenizer = load_target(settings.target, device)
+    train_data = cached_data(settings, target, tokenizer, settings.train_data,
+                             settings.train_tokens, rank, world)
+    val_data = cached_data(settings, target, tokenizer, settings.val_data, settings.val_tokens,
+                           rank, world) if settings.val_data else None
+    return target, tokenizer, train_data, val_data
+
+
+def cache_only(settings: TrainingSettings) -> dict:
+    """Cache the target's outputs over the training and validation data, and stop.
+
+    Lets one process with every core fill the cache before several runs share it.
+    """
+    _, _, device = setup_process(settings)
+    started = time.time()
+    _, _, train_data, val_data = load_target_and_data(settings, device)
+    summary = {"train_sequences": len(train_data), "train_tokens": train_data.num_tokens,
+               "val_tokens": val_data.num_tokens if val_data is not None else 0,
+               "seconds": round(time.time() - started, 1)}
+    print(f"cached: {summary}", flush=True)
+    return summary
+
+
 def train(settings: TrainingSettings) -> dict:
     """Train a draft as `settings` says; returns the metrics (also in output_dir/metrics.json).
 
@@ -259,11 +286,7 @@ def train(settings: TrainingSettings) -> dict:
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    target, tokenizer = load_target(settings.target, device)
-    train_data = cached_data(settings, target, tokenizer, settings.train_data,
-                             settings.train_tokens, rank, world)
-    val_data = cached_data(settings, target, tokenizer, settings.val_data, settings.val_tokens,
-                           rank, world) if settings.val_data else None
+    target, tokenizer, train_data, val_data = load_target_and_data(settings, device, rank, world)
     cache_seconds = time.time() - started
     if len(train_data) < settings.batch_size:
         raise ValueError(f"{len(train_data)} training sequences, fewer than one batch "
