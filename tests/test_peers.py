@@ -5,6 +5,8 @@ The target follows a permutation pi of its vocabulary (toy.build_permutation_pai
 pi^(i+2)(x_t), is learnable from a little data and a trained peer's drafts are mostly
 accepted: the accept path of vLLM's medusa and eagle methods is exercised, and vLLM's
 accepted-token counts must equal the reference decoder's run with our own PyTorch peer.
+Medusa also runs with a reduced draft vocabulary (REDUCED: vLLM's truncated_vocab_size and
+token_map), which leaves the labels of 28 of the 128 tokens out of reach.
 """
 from __future__ import annotations
 
@@ -18,12 +20,17 @@ from conftest import build_permutation_pair
 from vllm_chimera.reference import SpeculativeDecoder
 from vllm_chimera.training import TrainingSettings, train
 from vllm_chimera.training.cli import train_main
-from vllm_chimera.training.peers import (EagleDraft, MedusaHeads, build_peer,
-                                         eagle_llama_config, load_peer, peer_kind)
+from vllm_chimera.training.peers import (REDUCED_MEDUSA_ENGINE_KWARGS, EagleDraft, MedusaHeads,
+                                         MedusaLoss, build_peer, eagle_llama_config, load_peer,
+                                         peer_kind, vllm_engine_kwargs)
+from vllm_chimera.training.trainer import frequent_token_ids, load_target_and_data
 from vllm_chimera.tree import TokenTree
 
 K = 3  # heads (Medusa), draft steps (EAGLE)
 KINDS = ("medusa", "eagle")
+V_DRAFT = 100  # the reduced Medusa's vocabulary (vLLM pads its LM head to 128 rows)
+REDUCED = {"draft_vocab_size": V_DRAFT, "shared_lm_head": True}  # the form vLLM 0.32 runs
+RUNS = {"medusa": ("medusa", {}), "eagle": ("eagle", {}), "medusa-reduced": ("medusa", REDUCED)}
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +65,12 @@ def settings_for(setup, output_dir, kind, **overrides) -> TrainingSettings:
 
 @pytest.fixture(scope="module")
 def trained(setup):
-    """Each peer trained once (64 steps, a second or two): kind -> (metrics, output folder)."""
+    """Each run of RUNS trained once (64 steps, a second or two): name -> (metrics, output folder)."""
     runs = {}
-    for kind in KINDS:
-        out = setup["root"] / f"run-{kind}"
-        runs[kind] = train(settings_for(setup, out, kind, eval_every=32)), out
+    for name, (kind, overrides) in RUNS.items():
+        out = setup["root"] / f"run-{name}"
+        runs[name] = train(settings_for(setup, out, kind, eval_every=32,
+                                        draft_overrides=overrides)), out
     return runs
 
 
@@ -73,6 +81,49 @@ def test_untrained_medusa_heads_predict_what_the_target_predicts(tiny_target):
     with torch.no_grad():
         expected = tiny_target.get_output_embeddings()(h)  # [5, V]
         torch.testing.assert_close(heads.head_logits(h), expected.expand(3, -1, -1))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_untrained_reduced_vocabulary_medusa_heads_predict_the_targets_rows(tiny_target, tmp_path,
+                                                                            shared):
+    """Each LM head (one shared, or one per head) starts as the target's rows of the reduced
+    vocabulary; export writes vLLM's truncated-vocabulary format and loads back."""
+    frequent = torch.randperm(128, generator=torch.Generator().manual_seed(3))[:V_DRAFT]
+    overrides = {"draft_vocab_size": V_DRAFT, "shared_lm_head": shared}
+    if shared:
+        heads = build_peer("medusa", tiny_target, 3, overrides, frequent)
+    else:
+        with pytest.warns(UserWarning, match="vLLM 0.32 cannot load it"):
+            heads = build_peer("medusa", tiny_target, 3, overrides, frequent)
+    h = torch.randn(5, tiny_target.config.hidden_size)  # [5, d]
+    with torch.no_grad():
+        expected = tiny_target.get_output_embeddings()(h)[:, frequent]  # [5, V_DRAFT]
+        torch.testing.assert_close(heads.head_logits(h), expected.expand(3, -1, -1))
+        predicted = heads.to_target_ids(heads.head_logits(h).argmax(-1))  # [3, 5] target ids
+    assert torch.equal(predicted[0], frequent[expected.argmax(-1)])
+    heads.export(tmp_path, dtype=torch.float16)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["truncated_vocab_size"] == V_DRAFT and config["vocab_size"] == 128
+    assert config["original_lm_head"] is shared
+    weights = load_file(tmp_path / "model.safetensors")
+    lm_heads = [f"lm_heads.{i}.weight" for i in range(1 if shared else 3)]
+    assert sorted(k for k in weights if not k.startswith("blocks.")) == sorted(lm_heads + ["token_map"])
+    assert all(weights[k].shape == (V_DRAFT, h.shape[-1]) for k in lm_heads)
+    assert weights["token_map"].dtype == torch.int64 and torch.equal(weights["token_map"], frequent)
+    assert vllm_engine_kwargs(tmp_path) == REDUCED_MEDUSA_ENGINE_KWARGS
+    loaded = load_peer(tmp_path, tiny_target)
+    assert loaded.draft_vocab_size == V_DRAFT and torch.equal(loaded.token_map, frequent)
+    torch.testing.assert_close(loaded.head_logits(h), heads.head_logits(h), atol=1e-2, rtol=1e-2)
+
+
+def test_medusa_labels_outside_the_reduced_vocabulary_teach_nothing(tiny_target):
+    frequent = torch.tensor([7, 3, 100, 42])
+    heads = build_peer("medusa", tiny_target, 2, {"draft_vocab_size": 4, "shared_lm_head": True},
+                       frequent)
+    loss = MedusaLoss(heads, [1.0, 0.8])
+    labels = torch.tensor([[42, 5, -100], [7, 100, 127]])  # target ids, IGNORE = -100
+    assert loss.train_labels(labels).tolist() == [[3, -100, -100], [0, 2, -100]]
+    assert loss.to_target_ids(torch.tensor([[3, 0], [1, 2]])).tolist() == [[42, 7], [3, 100]]
 
 
 def test_eagle_layer_is_transformers_llama_layer_without_input_norm():
@@ -165,6 +216,25 @@ def test_peer_resume_equals_uninterrupted(setup, tmp_path, kind):
     assert resumed["validation"] == whole["validation"]
 
 
+def test_reduced_vocabulary_medusa_trains_on_the_frequent_tokens(setup, trained):
+    """One trainable [V_DRAFT, d] LM head shared by the heads, on the tokens the target
+    predicts most often (Chimera's choice, trainer.frequent_token_ids); accuracy compares
+    target ids, so it approaches the share of labels inside the vocabulary."""
+    metrics, out = trained["medusa-reduced"]
+    history = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    history = [r for r in history if "loss" in r]
+    assert history[-1]["loss"] < 0.3 * history[0]["loss"]
+    assert metrics["validation"]["est_accept_length"] > 2.0
+    assert min(metrics["validation"]["head_accuracy"]) > 0.6, metrics["validation"]
+    heads = load_peer(out / "draft", setup["target"])
+    _, _, train_data, _ = load_target_and_data(settings_for(setup, out, "medusa"), torch.device("cpu"))
+    assert torch.equal(heads.token_map, frequent_token_ids(train_data, 128, V_DRAFT))
+    weights = load_file(out / "draft" / "model.safetensors")
+    assert weights["lm_heads.0.weight"].shape == (V_DRAFT, 128) and "lm_heads.1.weight" not in weights
+    trained_rows = weights["lm_heads.0.weight"]  # trained, not the target's rows any more
+    assert not torch.allclose(trained_rows, setup["target"].get_output_embeddings().weight[heads.token_map])
+
+
 def test_medusa_shared_lm_head_trains_and_exports(setup, tmp_path):
     metrics = train(settings_for(setup, tmp_path / "run", "medusa", epochs=2,
                                  draft_overrides={"shared_lm_head": True}))
@@ -188,7 +258,10 @@ def test_evaluate_an_exported_peer(setup, trained):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(draft_kind="medusa", draft_overrides={"draft_vocab_size": 32}), "do not apply to medusa drafts"),
+    (dict(draft_kind="eagle", draft_overrides={"draft_vocab_size": 32}),
+     "do not apply to eagle drafts .*full-vocabulary LM head"),
+    (dict(draft_kind="medusa", draft_overrides={"draft_vocab_size": 0}), "positive integer"),
+    (dict(draft_kind="medusa", draft_overrides={"vocab_size": 32}), "do not apply to medusa drafts"),
     (dict(draft_kind="eagle", use_trigram_encoder=False), "Chimera ablation"),
     (dict(draft_kind="hydra"), "draft_kind must be one of"),
 ])
@@ -201,9 +274,11 @@ def test_cli_trains_a_peer_into_output_dir_draft(setup, tmp_path, capsys):
     argv = ["--target", setup["target_dir"], "--train-data", setup["train"], "--val-data", "none",
             "--cache-dir", str(setup["root"] / "cache"), "--max-length", "64", "--num-heads", "2",
             "--epochs", "1", "--no-progress", "--output-dir", str(tmp_path / "out")]
-    assert train_main(argv + ["--draft-kind", "medusa", "--medusa-layers", "2"]) == 0
+    assert train_main(argv + ["--draft-kind", "medusa", "--medusa-layers", "2",
+                              "--draft-vocab-size", "64", "--medusa-shared-lm-head"]) == 0
     config = json.loads((tmp_path / "out" / "draft" / "config.json").read_text())
     assert config["num_heads"] == 2 and config["num_hidden_layers"] == 2
+    assert config["truncated_vocab_size"] == 64 and config["original_lm_head"] is True
     with pytest.raises(SystemExit):
         train_main(argv + ["--draft-kind", "eagle", "--draft-vocab-size", "32"])
     assert "do not apply to eagle drafts" in capsys.readouterr().err
@@ -224,13 +299,11 @@ class PeerDrafter:
     def propose(self, token_ids, new_hidden_states, top_k):
         self.hidden.append(new_hidden_states)
         h = torch.cat(self.hidden)  # [n + 1, d]: h_0 .. h_n
-        if isinstance(self.peer, MedusaHeads):
-            logits = self.peer.head_logits(h[-1])  # [K, V]
-        else:
-            positions = torch.arange(h.shape[0])[None]
-            _, logits = self.peer.rollout(token_ids[1:][None], h[None], positions, K)
-            logits = logits[:, -1]  # [K, V]: the rollout from n
-        return logits.topk(top_k, dim=-1).indices
+        if isinstance(self.peer, MedusaHeads):  # (a reduced vocabulary: back to target ids)
+            return self.peer.to_target_ids(self.peer.head_logits(h[-1]).topk(top_k, dim=-1).indices)
+        positions = torch.arange(h.shape[0])[None]
+        _, logits = self.peer.rollout(token_ids[1:][None], h[None], positions, K)
+        return logits[:, -1].topk(top_k, dim=-1).indices  # the rollout from n
 
 
 @pytest.fixture(scope="module")
@@ -246,24 +319,26 @@ def vllm_prompts_and_plain(setup):
     return prompts, params, run_engine(setup["target_dir"], prompts, params)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_exported_peer_runs_in_vllm_losslessly(setup, trained, vllm_prompts_and_plain, kind):
+@pytest.mark.parametrize("name", RUNS)
+def test_exported_peer_runs_in_vllm_losslessly(setup, trained, vllm_prompts_and_plain, name):
     """vLLM's own method loads the export; greedy output = plain; and vLLM accepts exactly
     the tokens the reference decoder accepts with our PyTorch peer (so vLLM computes what
-    we trained)."""
+    we trained; with a reduced vocabulary, vLLM maps the drafts back through token_map)."""
     from vllm_chimera.vllm.bench import BenchSettings, method_config
     from vllm_chimera.vllm.offline import run_offline
     from vllm_utils import TEST_ENGINE
 
+    kind = RUNS[name][0]
     prompts, params, plain = vllm_prompts_and_plain
-    draft_dir = trained[kind][1] / "draft"
+    draft_dir = trained[name][1] / "draft"
     spec = method_config(kind, BenchSettings(target=setup["target_dir"], **{f"{kind}_draft": str(draft_dir)}))
     assert spec == {"method": kind, "model": str(draft_dir), "num_speculative_tokens": K}
-    run = run_offline(setup["target_dir"], prompts, params, spec, **TEST_ENGINE)
+    run = run_offline(setup["target_dir"], prompts, params, spec,
+                      **TEST_ENGINE, **vllm_engine_kwargs(draft_dir))
     assert run.token_ids == plain.token_ids
     per_position = run.metrics["vllm:spec_decode_num_accepted_tokens_per_pos"]
     assert len(per_position) == K and min(per_position) > 0
-    assert run.mean_acceptance_length > 3.0  # of K + 1 = 4
+    assert run.mean_acceptance_length > (2.0 if name == "medusa-reduced" else 3.0)  # of K + 1 = 4
     decoder = SpeculativeDecoder(setup["target"], PeerDrafter(load_peer(draft_dir, setup["target"])),
                                  TokenTree.chain(K))
     accepted = sum(n - 1 for prompt in prompts

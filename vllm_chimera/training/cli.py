@@ -72,13 +72,17 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-trigram-encoder", action="store_true", help="ablation: no trigram encoder")
     g.add_argument("--no-context-encoder", action="store_true",
                    help="ablation: no full-context encoder (Medusa-style heads)")
-    g.add_argument("--draft-vocab-size", type=int, help="reduced draft vocabulary size")
+    g.add_argument("--draft-vocab-size", type=int,
+                   help="reduced draft vocabulary: the heads of Chimera or Medusa project onto "
+                        "the N tokens the target predicts most often (Medusa in vLLM: with "
+                        "--medusa-shared-lm-head); not for EAGLE, which reads the target's LM head")
     g.add_argument("--draft-intermediate-size", type=int,
                    help="encoder-layer MLP width (Chimera; EAGLE: its layer's)")
     g.add_argument("--medusa-layers", type=int, help="ResidualBlock layers per Medusa head (default 1)")
     g.add_argument("--medusa-shared-lm-head", action="store_true",
                    help="Medusa heads share the target's frozen LM head (vLLM's original_lm_head) "
-                        "instead of training a copy each")
+                        "instead of training a copy each; with --draft-vocab-size they share one "
+                        "trainable reduced LM head")
     g = p.add_argument_group("data")
     g.add_argument("--max-length", type=int, default=default("max_length"))
     g.add_argument("--train-tokens", type=int, help="training budget in tokens (default: all)")
@@ -130,7 +134,9 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
             hint = " (run `chimera-prepare data`)" if str(sharegpt) in path else ""
             parser.error(f"{name}: no such file {path}{hint}")
     overrides = {}
-    if args.draft_vocab_size:
+    if args.draft_vocab_size is not None:  # Chimera and Medusa; refused for EAGLE
+        if args.draft_vocab_size <= 0:
+            parser.error(f"--draft-vocab-size must be positive, got {args.draft_vocab_size}")
         overrides["draft_vocab_size"] = args.draft_vocab_size
     if args.draft_intermediate_size:
         overrides["intermediate_size"] = args.draft_intermediate_size

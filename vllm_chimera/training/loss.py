@@ -46,7 +46,9 @@ def batch_labels(batch: dict[str, torch.Tensor], loss_on: str, num_heads: int) -
 class HeadsLoss(nn.Module):
     """forward(batch) -> (weighted loss, per-head [loss_sum, correct, count] stats [K, 3]).
 
-    Subclasses give `head_logits`; the labels, the weighting and the statistics are shared.
+    Subclasses give `head_logits`, and with a reduced draft vocabulary `draft_vocabulary`;
+    the labels, the weighting and the statistics are shared. With a reduced vocabulary,
+    labels outside it teach nothing, and the statistics compare target ids.
     """
 
     def __init__(self, draft: nn.Module, head_weights: list[float], loss_on: str = "responses"):
@@ -56,6 +58,18 @@ class HeadsLoss(nn.Module):
         self.register_buffer("head_weights", torch.tensor(head_weights, dtype=torch.float32),
                              persistent=False)
         self.loss_on = loss_on
+        self.target_to_draft = None  # [V] draft id of each target id (-1: none), reduced vocab only
+        vocabulary = self.draft_vocabulary()
+        if vocabulary is not None:
+            draft_to_target, vocab_size = vocabulary
+            inverse = torch.full((vocab_size,), -1, dtype=torch.long)
+            inverse[draft_to_target.cpu()] = torch.arange(len(draft_to_target))
+            self.target_to_draft = inverse
+
+    def draft_vocabulary(self) -> tuple[torch.Tensor, int] | None:
+        """(draft_to_target_ids [V'], the target's vocabulary size V) when the logits span a
+        reduced draft vocabulary (logit j is target token draft_to_target_ids[j]), else None."""
+        return None
 
     def head_logits(self, tokens: torch.Tensor, hidden: torch.Tensor,
                     selected: torch.Tensor) -> torch.Tensor:
@@ -65,10 +79,16 @@ class HeadsLoss(nn.Module):
 
     def train_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Target ids [K, P] -> the ids the logits index (a reduced vocabulary maps them)."""
-        return labels
+        if self.target_to_draft is None:
+            return labels
+        # Labels outside the draft vocabulary teach nothing.
+        mapped = self.target_to_draft.to(labels.device)[labels.clamp(min=0)]
+        return torch.where((labels != IGNORE) & (mapped >= 0), mapped, IGNORE)
 
     def to_target_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        return ids
+        """Indices into the logits [..] -> target ids."""
+        vocabulary = self.draft_vocabulary()
+        return ids if vocabulary is None else vocabulary[0].to(ids.device)[ids]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch_labels(batch, self.loss_on, self.num_heads)  # [K, B, L-1]
@@ -107,13 +127,13 @@ class HeadsLoss(nn.Module):
 class DraftLoss(HeadsLoss):
     """Chimera's heads: logits_i = LMHead(h_t + R_i([h_t; s_t])), s from the draft's encoders."""
 
-    def __init__(self, draft: ChimeraDraftModel, head_weights: list[float], loss_on: str = "responses"):
-        super().__init__(draft, head_weights, loss_on)
-        self.target_to_draft = None  # [V] draft id of each target id (-1: none), reduced vocab only
-        if draft.config.draft_vocab_size is not None:
-            inverse = torch.full((draft.config.vocab_size,), -1, dtype=torch.long)
-            inverse[draft.draft_to_target_ids.cpu()] = torch.arange(draft.config.draft_vocab_size)
-            self.target_to_draft = inverse
+    draft: ChimeraDraftModel
+
+    def draft_vocabulary(self):
+        config = self.draft.config
+        if config.draft_vocab_size is None:
+            return None
+        return self.draft.draft_to_target_ids, config.vocab_size
 
     def head_logits(self, tokens, hidden, selected):
         B, L = tokens.shape
@@ -123,13 +143,3 @@ class DraftLoss(HeadsLoss):
         h = hidden[:, :-1]  # [B, L-1, d]: h_t for t = 0 .. L-2
         s = self.draft.encode(tokens[:, 1:], h, positions, prefix)  # [B, L-1, d]
         return self.draft.head_logits(h[selected], s[selected])  # [K, P, V or V_draft]
-
-    def train_labels(self, labels):
-        if self.target_to_draft is None:
-            return labels
-        # Labels outside the draft vocabulary teach nothing.
-        mapped = self.target_to_draft.to(labels.device)[labels.clamp(min=0)]
-        return torch.where((labels != IGNORE) & (mapped >= 0), mapped, IGNORE)
-
-    def to_target_ids(self, ids):
-        return self.draft.to_target_ids(ids)

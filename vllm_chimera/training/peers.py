@@ -10,6 +10,12 @@ and head i proposes x_{n+2+i} as argmax LMHead_i(ResidualBlock_i(h_n)), where a
 ResidualBlock is `x = x + SiLU(W x + b)` repeated num_hidden_layers times. The labels are
 Chimera's (loss.head_labels), the per-head LM heads start as copies of the target's and the
 residual weights at zero, so an untrained head predicts what the target predicts from h_n.
+With a reduced draft vocabulary (draft_vocab_size: Chimera's, trainer.frequent_token_ids) the
+export is vLLM's truncated-vocabulary Medusa: config truncated_vocab_size, an int64
+`token_map` of target ids, LM-head weights [draft_vocab_size, d]; vLLM scatters the reduced
+logits back into the full vocabulary (-inf elsewhere), so its argmax is our argmax mapped back.
+vLLM 0.32 loads it with original_lm_head only (shared_lm_head: one trained reduced LM head in
+lm_heads.0.weight, loaded as it is) and only with REDUCED_MEDUSA_ENGINE_KWARGS.
 
 EAGLE-1 (vllm/model_executor/models/llama_eagle.py, `EagleLlamaForCausalLM`): for each
 position t the draft reads (x_{t+1}, h_t) at RoPE position t (the EAGLE proposer's first
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,12 +50,16 @@ from vllm_chimera.training.loss import IGNORE, HeadsLoss, batch_labels
 PEER_KINDS = ("medusa", "eagle")
 # The draft_overrides each peer accepts (TrainingSettings.draft_overrides), with defaults.
 PEER_OPTIONS = {
-    "medusa": {"num_layers": 1, "shared_lm_head": False},
+    "medusa": {"num_layers": 1, "shared_lm_head": False, "draft_vocab_size": None},
     "eagle": {"intermediate_size": None, "regression_weight": 1.0, "classification_weight": 0.1,
               "feature_noise": 0.1},
 }
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 PROVENANCE_KEY = "vllm_chimera"  # a config.json entry vLLM ignores: which peer, its K
+# The engine arguments (LLM(...)) vLLM 0.32 needs to load a reduced-vocabulary Medusa: its
+# Medusa.load_weights turns token_map into a parameter but does not report it as loaded, so
+# the default loader's check that every parameter came from the checkpoint fails.
+REDUCED_MEDUSA_ENGINE_KWARGS = {"model_loader_extra_config": {"enable_weights_track": False}}
 
 
 def check_peer_options(kind: str, overrides: dict) -> list[str]:
@@ -57,8 +68,13 @@ def check_peer_options(kind: str, overrides: dict) -> list[str]:
         return [f"draft_kind must be one of chimera, {', '.join(PEER_KINDS)}; got {kind!r}"]
     unknown = sorted(set(overrides) - set(PEER_OPTIONS[kind]))
     if unknown:
+        why = (": vLLM's EAGLE-1 drafts with the target's own full-vocabulary LM head"
+               if kind == "eagle" and "draft_vocab_size" in unknown else "")
         return [f"draft_overrides {unknown} do not apply to {kind} drafts "
-                f"(it takes {sorted(PEER_OPTIONS[kind])})"]
+                f"(it takes {sorted(PEER_OPTIONS[kind])}){why}"]
+    size = overrides.get("draft_vocab_size")
+    if size is not None and not (isinstance(size, int) and size > 0):
+        return [f"draft_vocab_size must be a positive integer, got {size!r}"]
     return []
 
 
@@ -92,7 +108,8 @@ class PeerDraft(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {**self.state_dict(), **self.export_extras()}
-        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in state.items()}
+        state = {k: v.detach().to(dtype if dtype and v.is_floating_point() else v.dtype)
+                 .contiguous().cpu() for k, v in state.items()}  # id maps stay int64
         # A temporary name first: an interrupted export never leaves a torn file behind.
         save_file(state, str(folder / (WEIGHTS_NAME + ".tmp")), metadata={"format": "pt"})
         os.replace(folder / (WEIGHTS_NAME + ".tmp"), folder / WEIGHTS_NAME)
@@ -134,58 +151,100 @@ class MedusaHeads(PeerDraft):
 
     shared_lm_head=False (Medusa-1): each head has its own LM head, a trainable copy of the
     target's. True: every head reads the target's frozen LM head (vLLM's `original_lm_head`).
+
+    draft_vocab_size (vLLM's `truncated_vocab_size`, below the target's vocabulary size):
+    the heads project onto that many target tokens only, `token_map` ([draft_vocab_size]
+    target ids, the checkpoint key vLLM reads) maps a logit's index back to its target id.
+    Each LM head then starts as the target's rows of those tokens: one per head, or with
+    shared_lm_head ONE trainable reduced LM head shared by every head (as Chimera's
+    draft_lm_head). vLLM 0.32 runs only the shared form: its per-head LM heads are built
+    full-size and its loader refuses [draft_vocab_size, d] weights for them; and it loads
+    the shared form only with REDUCED_MEDUSA_ENGINE_KWARGS (see vllm_engine_kwargs).
     """
 
     kind = "medusa"
 
     def __init__(self, hidden_size: int, vocab_size: int, num_heads: int, num_layers: int = 1,
-                 shared_lm_head: bool = False):
+                 shared_lm_head: bool = False, draft_vocab_size: int | None = None):
         super().__init__()
+        if draft_vocab_size is not None and not 0 < draft_vocab_size < vocab_size:
+            # (vLLM ignores token_map when truncated_vocab_size == vocab_size.)
+            raise ValueError(f"Medusa's draft_vocab_size must be in [1, vocab_size={vocab_size}), "
+                             f"got {draft_vocab_size!r}")
         self.hidden_size, self.vocab_size = hidden_size, vocab_size
         self.num_heads, self.num_layers, self.shared_lm_head = num_heads, num_layers, shared_lm_head
+        self.draft_vocab_size = draft_vocab_size
         self.blocks = nn.ModuleList(ResidualBlock(hidden_size, num_layers) for _ in range(num_heads))
-        if not shared_lm_head:
-            self.lm_heads = nn.ModuleList(nn.Linear(hidden_size, vocab_size, bias=False)
-                                          for _ in range(num_heads))
+        if draft_vocab_size is not None:  # set by bind_target's frequent_token_ids or a load
+            self.register_buffer("token_map", torch.arange(draft_vocab_size))
+        # Own LM heads: one per head; one shared reduced head; none (the target's, frozen).
+        count = num_heads if not shared_lm_head else 0 if draft_vocab_size is None else 1
+        self.lm_heads = nn.ModuleList(nn.Linear(hidden_size, draft_vocab_size or vocab_size,
+                                                bias=False) for _ in range(count))
 
-    def bind_target(self, embed_weight, lm_head_weight):
-        """Also (re)starts each own LM head as a copy of the target's (a later load overrides)."""
+    def bind_target(self, embed_weight, lm_head_weight, frequent_token_ids: torch.Tensor | None = None):
+        """Also (re)starts each own LM head as (the token_map rows of) the target's; a later
+        load overrides. frequent_token_ids ([draft_vocab_size] target ids): the reduced
+        vocabulary (training sets it once; a loaded draft carries its token_map)."""
         super().bind_target(embed_weight, lm_head_weight)
-        if not self.shared_lm_head:
-            with torch.no_grad():
-                for head in self.lm_heads:
-                    head.weight.copy_(lm_head_weight)
+        with torch.no_grad():
+            if frequent_token_ids is not None:
+                if self.draft_vocab_size is None or len(frequent_token_ids) != self.draft_vocab_size:
+                    raise ValueError(f"{len(frequent_token_ids)} frequent_token_ids for a Medusa "
+                                     f"draft_vocab_size of {self.draft_vocab_size}")
+                self.token_map.copy_(frequent_token_ids)
+            rows = lm_head_weight if self.draft_vocab_size is None else lm_head_weight[self.token_map]
+            for head in self.lm_heads:
+                head.weight.copy_(rows)
         return self
 
     def head_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[..., d] final-normed h -> logits [K, ..., V]."""
+        """[..., d] final-normed h -> logits [K, ..., V] (or [K, ..., draft_vocab_size])."""
         logits = []
         for i, block in enumerate(self.blocks):
-            weight = self._target_lm_head if self.shared_lm_head else self.lm_heads[i].weight
+            if not self.lm_heads:
+                weight = self._target_lm_head
+            else:
+                weight = self.lm_heads[0 if self.shared_lm_head else i].weight
             logits.append(block(hidden_states) @ weight.t().to(hidden_states.dtype))
         return torch.stack(logits)
 
+    def to_target_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Indices into head_logits' last dimension -> target ids."""
+        return ids if self.draft_vocab_size is None else self.token_map[ids]
+
     def export_extras(self):
-        # vLLM's original_lm_head loads its one LM head from "lm_heads.0.weight".
-        return {"lm_heads.0.weight": self._target_lm_head} if self.shared_lm_head else {}
+        # vLLM's original_lm_head loads its one LM head from "lm_heads.0.weight" (with a
+        # reduced vocabulary that is our own trained [draft_vocab_size, d] head, a parameter).
+        return {} if self.lm_heads else {"lm_heads.0.weight": self._target_lm_head}
 
     def export_config(self) -> dict:
         """vLLM's MedusaConfig (model_type "medusa"). Its from_pretrained renames every key
         with "num" and "heads" in it to num_heads, so no other such key may appear here."""
         return {"architectures": ["MedusaModel"], "model_type": "medusa",
                 "hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
-                "truncated_vocab_size": self.vocab_size, "num_heads": self.num_heads,
+                "truncated_vocab_size": self.draft_vocab_size or self.vocab_size,
+                "num_heads": self.num_heads,
                 "num_hidden_layers": self.num_layers, "medusa_fc_bias": True,
                 "original_lm_head": self.shared_lm_head,
                 "n_predict": self.num_heads,  # vLLM's default num_speculative_tokens
-                **self._provenance(num_speculative_tokens=self.num_heads)}
+                **self._provenance(num_speculative_tokens=self.num_heads,
+                                   **({"engine_kwargs": REDUCED_MEDUSA_ENGINE_KWARGS}
+                                      if self.draft_vocab_size else {}))}
 
 
 class MedusaLoss(HeadsLoss):
     """Chimera's per-head self-distillation loss, on Medusa's heads."""
 
+    draft: MedusaHeads
+
+    def draft_vocabulary(self):
+        if self.draft.draft_vocab_size is None:
+            return None
+        return self.draft.token_map, self.draft.vocab_size
+
     def head_logits(self, tokens, hidden, selected):
-        return self.draft.head_logits(hidden[:, :-1][selected])  # [K, P, V]
+        return self.draft.head_logits(hidden[:, :-1][selected])  # [K, P, V or V_draft]
 
 
 # -- EAGLE-1 -----------------------------------------------------------------------------------
@@ -389,23 +448,35 @@ class EagleLoss(nn.Module):
 
 
 # -- building, losses, loading -----------------------------------------------------------------
-def build_peer(kind: str, target: nn.Module, num_heads: int, overrides: dict | None = None) -> PeerDraft:
-    """A fresh peer of `kind` for a Hugging Face target, bound to its embedding and LM head."""
+def build_peer(kind: str, target: nn.Module, num_heads: int, overrides: dict | None = None,
+               frequent_token_ids: torch.Tensor | None = None) -> PeerDraft:
+    """A fresh peer of `kind` for a Hugging Face target, bound to its embedding and LM head.
+
+    frequent_token_ids: Medusa's reduced vocabulary when overrides set draft_vocab_size
+    (trainer.frequent_token_ids, the one Chimera's is chosen by)."""
     problems = check_peer_options(kind, overrides or {})
     if problems:
         raise ValueError("; ".join(problems))
     options = {**PEER_OPTIONS[kind], **(overrides or {})}
     text_config = target.config.get_text_config()
+    embed, lm_head = target.get_input_embeddings().weight, target.get_output_embeddings().weight
     if kind == "medusa":
+        size = options["draft_vocab_size"]
+        if (size is None) != (frequent_token_ids is None):
+            raise ValueError("a Medusa draft_vocab_size and its frequent_token_ids go together")
+        if size is not None and not options["shared_lm_head"]:
+            warnings.warn("Medusa with a reduced vocabulary and an LM head per head trains and "
+                          "evaluates here, but vLLM 0.32 cannot load it (it builds per-head LM "
+                          "heads full-size; only original_lm_head takes a reduced one): add "
+                          "shared_lm_head (--medusa-shared-lm-head) to run it in vLLM",
+                          stacklevel=2)
         peer = MedusaHeads(text_config.hidden_size, text_config.vocab_size, num_heads,
-                           options["num_layers"], options["shared_lm_head"])
-    else:
-        config = eagle_llama_config(text_config)
-        if options["intermediate_size"]:
-            config["intermediate_size"] = options["intermediate_size"]
-        peer = EagleDraft(config, num_steps=num_heads)
-    return peer.bind_target(target.get_input_embeddings().weight,
-                            target.get_output_embeddings().weight)
+                           options["num_layers"], options["shared_lm_head"], size)
+        return peer.bind_target(embed, lm_head, frequent_token_ids)
+    config = eagle_llama_config(text_config)
+    if options["intermediate_size"]:
+        config["intermediate_size"] = options["intermediate_size"]
+    return EagleDraft(config, num_steps=num_heads).bind_target(embed, lm_head)
 
 
 def peer_loss(draft: PeerDraft, head_weights: list[float], loss_on: str,
@@ -426,13 +497,22 @@ def peer_kind(folder: str | os.PathLike) -> str | None:
     return (json.loads(path.read_text()).get(PROVENANCE_KEY) or {}).get("draft_kind")
 
 
+def vllm_engine_kwargs(folder: str | os.PathLike) -> dict:
+    """The extra LLM(...) arguments vLLM 0.32 needs to load the peer `export` wrote to
+    `folder` ({} for most; see REDUCED_MEDUSA_ENGINE_KWARGS)."""
+    config = json.loads((Path(folder) / CONFIG_NAME).read_text())
+    return dict((config.get(PROVENANCE_KEY) or {}).get("engine_kwargs") or {})
+
+
 def load_peer(folder: str | os.PathLike, target: nn.Module) -> PeerDraft:
     """An exported peer, bound to `target` (a Hugging Face causal LM)."""
     config = json.loads((Path(folder) / CONFIG_NAME).read_text())
     kind = (config.get(PROVENANCE_KEY) or {}).get("draft_kind")
     if kind == "medusa":
+        truncated = config.get("truncated_vocab_size", config["vocab_size"])
         peer = MedusaHeads(config["hidden_size"], config["vocab_size"], config["num_heads"],
-                           config["num_hidden_layers"], config["original_lm_head"])
+                           config["num_hidden_layers"], config["original_lm_head"],
+                           truncated if truncated < config["vocab_size"] else None)
     elif kind == "eagle":
         peer = EagleDraft({k: v for k, v in config.items() if k != PROVENANCE_KEY},
                           num_steps=config[PROVENANCE_KEY]["num_speculative_tokens"])

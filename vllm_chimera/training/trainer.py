@@ -104,22 +104,31 @@ def cached_data(settings: TrainingSettings, target, tokenizer, path: str, max_to
     return CachedData.open(folder)
 
 
+def frequent_token_ids(train: CachedData, vocab_size: int, size: int | None) -> torch.Tensor | None:
+    """A reduced draft vocabulary (Chimera's and Medusa's): the `size` target tokens the
+    target itself predicts most often over `train` (ties: the lower id first), most
+    frequent first, as a [size] int64 tensor of target ids; None when size is None."""
+    if size is None:
+        return None
+    counts = np.bincount(np.asarray(train.greedy), minlength=vocab_size)
+    return torch.from_numpy(np.argsort(-counts, kind="stable")[:size].copy())
+
+
 def build_draft(settings: TrainingSettings, target, train: CachedData) -> torch.nn.Module:
     """A fresh draft of settings.draft_kind shaped like the target (seeded, so every process
     starts the same)."""
     torch.manual_seed(settings.seed)
     if settings.draft_kind != "chimera":
-        return build_peer(settings.draft_kind, target, settings.num_heads, settings.draft_overrides)
+        frequent = frequent_token_ids(train, target.config.get_text_config().vocab_size,
+                                      settings.draft_overrides.get("draft_vocab_size"))
+        return build_peer(settings.draft_kind, target, settings.num_heads,
+                          settings.draft_overrides, frequent)
     config = ChimeraConfig.for_target(
         target.config, num_decoding_heads=settings.num_heads,
         use_trigram_encoder=settings.use_trigram_encoder,
         use_context_encoder=settings.use_context_encoder, **settings.draft_overrides)
     draft = ChimeraDraftModel(config)
-    frequent = None
-    if config.draft_vocab_size is not None:
-        # The reduced vocabulary: the tokens the target itself predicts most often.
-        counts = np.bincount(np.asarray(train.greedy), minlength=config.vocab_size)
-        frequent = torch.from_numpy(np.argsort(-counts, kind="stable")[:config.draft_vocab_size].copy())
+    frequent = frequent_token_ids(train, config.vocab_size, config.draft_vocab_size)
     return draft.bind_target(*target_embed_and_lm_head(target), frequent_token_ids=frequent)
 
 
