@@ -75,9 +75,9 @@ for stage in "${stages[@]}"; do
     chimera) run chimera-k4 --draft-vocab-size 8192 ;;
     no-trigram) run no-trigram-k4 --draft-vocab-size 8192 --no-trigram-encoder ;;
     no-context) run no-context-k4 --draft-vocab-size 8192 --no-context-encoder ;;
-    # vLLM's Medusa reads one LM head per head or the target's own: share the target's,
-    # which is also what makes the budget comparable (no 28M-parameter head copies).
-    medusa) run medusa-k4 --draft-kind medusa --medusa-shared-lm-head ;;
+    # One reduced LM head shared by the 4 heads, as Chimera's (vLLM's Medusa loads a reduced
+    # head only in its shared form: original_lm_head + token_map).
+    medusa) run medusa-k4 --draft-kind medusa --medusa-shared-lm-head --draft-vocab-size 8192 ;;
     eagle) run eagle-k4 --draft-kind eagle ;;
     export)  # the shipped draft: the chimera run's weights in fp16, inside the package
       "$py" -c "import sys; from vllm_chimera.training.checkpointing import export_draft; export_draft(*sys.argv[1:])" \

@@ -129,9 +129,14 @@ def _measure(llm, prompts, params, batch_size: int) -> dict:
 def run_method(method: str, settings: BenchSettings, prompts) -> dict:
     from vllm import LLM, SamplingParams
 
+    engine_kwargs = {**ENGINE_DEFAULTS, **settings.engine_kwargs}
+    if method in ("medusa", "eagle"):  # what vLLM needs to load this export (peers.py)
+        from vllm_chimera.training.peers import vllm_engine_kwargs
+
+        engine_kwargs.update(vllm_engine_kwargs(getattr(settings, DRAFT_OPTIONS[method])))
     start = time.perf_counter()
     llm = LLM(model=str(settings.target), speculative_config=method_config(method, settings),
-              **{**ENGINE_DEFAULTS, **settings.engine_kwargs})
+              **engine_kwargs)
     if method in ("medusa", "eagle"):
         from vllm_chimera.vllm.patches import install_cpu_expand_kernel_fix
 
