@@ -9,7 +9,8 @@ from conftest import build_permutation_pair, build_random_draft, build_vllm_targ
 from vllm_chimera.checkpoint import save_draft
 from vllm_chimera.reference import ChimeraDrafter, SpeculativeDecoder
 from vllm_chimera.tree import TokenTree
-from vllm_utils import run_engine
+from vllm_utils import TEST_ENGINE, run_engine
+from vllm_chimera.vllm.offline import run_offline
 
 vllm = pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
@@ -152,3 +153,20 @@ def test_reduced_draft_vocabulary_in_vllm(permutation_pair, tmp_path):
     assert spec.acceptance_rate > 0.5
     assert (spec.counter("vllm:spec_decode_num_accepted_tokens")
             == full.counter("vllm:spec_decode_num_accepted_tokens"))
+
+
+def test_batch_size_schedule_steps_aside(permutation_pair):
+    """vLLM's dynamic schedule (num_speculative_tokens_per_batch_size) drives Chimera's K:
+    all 4 heads alone, 2 at batch 2-4, none (plain decoding, draft KV still kept) above."""
+    target_dir, draft_dir = permutation_pair[:2]
+    schedule = [(1, 1, 4), (2, 4, 2), (5, 64, 0)]
+    for num_prompts, k in [(1, 4), (3, 2), (8, 0)]:
+        prompts = _prompts(num_prompts, 128, seed=8)
+        plain = run_engine(target_dir, prompts, GREEDY)
+        spec = run_offline(target_dir, prompts, GREEDY, {
+            "method": "chimera", "model": str(draft_dir),
+            "num_speculative_tokens_per_batch_size": schedule}, **TEST_ENGINE)
+        assert spec.token_ids == plain.token_ids, num_prompts
+        drafts = spec.counter("vllm:spec_decode_num_drafts")
+        assert spec.counter("vllm:spec_decode_num_draft_tokens") == k * drafts, num_prompts
+        assert (drafts > 0) == (k > 0), num_prompts
