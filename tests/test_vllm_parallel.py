@@ -21,7 +21,7 @@ PARALLEL_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CP
 def _run(target, draft, backend, tp, extra_env):
     env = {**os.environ, **PARALLEL_ENV, **(extra_env or {})}
     done = subprocess.run([sys.executable, str(SCRIPT), str(target), str(draft), backend, str(tp)],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=900)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT "):])
