@@ -51,7 +51,7 @@ def main():
     args, drafts = parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm_chimera.prepare import mtbench_prompts, prepare_target
-    from vllm_chimera.vllm.bench import DRAFT_OPTIONS, BenchSettings, environment, run_method
+    from vllm_chimera.vllm.bench import DRAFT_OPTIONS, BenchSettings, run_method
 
     target = str(prepare_target("smollm2")) if args.target == "smollm2" else args.target
     prompts = mtbench_prompts(target, args.num_prompts)
@@ -65,8 +65,15 @@ def main():
                                  max_tokens=args.max_tokens, sampled_temperature=None,
                                  num_speculative_tokens=args.num_tokens, engine_kwargs=engine,
                                  **({DRAFT_OPTIONS[method]: folder} if folder else {}))
-        with context.Pool(1) as pool:
-            result = pool.apply(run_method, (method, settings, prompts))
+        try:
+            with context.Pool(1) as pool:
+                result = pool.apply(run_method, (method, settings, prompts))
+        except Exception as e:  # noqa: BLE001 (any engine failure: record it, measure the rest)
+            rows.append({"name": name, "method": method, "draft": folder,
+                         "error": f"{type(e).__name__}: {e}"})
+            print(f"{name}: FAILED ({type(e).__name__}: {e})", flush=True)
+            write_report(args, target, prompts, settings, rows)
+            continue
         row = result["greedy"][0]
         ids = row.pop("token_ids")
         plain_ids = plain_ids if plain_ids is not None else ids
@@ -75,6 +82,12 @@ def main():
         rows.append(row)
         print(f"{name}: acceptance length {row['mean_acceptance_length']:.3f}, "
               f"identical to plain: {row['greedy_equals_plain']}", flush=True)
+        write_report(args, target, prompts, settings, rows)  # after every draft: nothing lost
+
+
+def write_report(args, target, prompts, settings, rows) -> None:
+    from vllm_chimera.vllm.bench import environment
+
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     report = {"settings": {**vars(args), "target": target, "num_prompts": len(prompts)},
@@ -83,12 +96,14 @@ def main():
     lines = ["| draft | method | mean acceptance length | acceptance per position | tok/s | = plain |",
              "|---|---|---|---|---|---|"]
     for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['name']} | {row['method']} | failed: {row['error'][:120]} | | | |")
+            continue
         per_pos = " ".join(f"{r:.2f}" for r in row["acceptance_rate_per_position"]) or "-"
         lines.append(f"| {row['name']} | {row['method']} | {row['mean_acceptance_length']:.2f} | "
                      f"{per_pos} | {row['tokens_per_second']:.1f} | "
                      f"{'yes' if row['greedy_equals_plain'] else 'NO'} |")
     (out / "acceptance.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":  # vLLM engines and spawned processes need the guard
