@@ -170,3 +170,17 @@ def test_batch_size_schedule_steps_aside(permutation_pair):
         drafts = spec.counter("vllm:spec_decode_num_drafts")
         assert spec.counter("vllm:spec_decode_num_draft_tokens") == k * drafts, num_prompts
         assert (drafts > 0) == (k > 0), num_prompts
+
+
+@pytest.mark.parametrize("ablation", ["use_context_encoder", "use_trigram_encoder"])
+def test_ablation_drafts_run_in_vllm(random_pair, plain_random, tmp_path, ablation):
+    """The paper's ablations load and stay lossless in vLLM; without the context layer the
+    draft has no attention layer and no KV cache of its own."""
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(random_pair[0], dtype=torch.float32)
+    save_draft(build_random_draft(target, num_heads=3, **{ablation: False}), tmp_path / "draft")
+    spec = run_engine(random_pair[0], _prompts(8, 256), GREEDY, tmp_path / "draft")
+    assert spec.token_ids == plain_random.token_ids
+    assert spec.counter("vllm:spec_decode_num_draft_tokens") == 3 * spec.counter(
+        "vllm:spec_decode_num_drafts") > 0

@@ -47,6 +47,12 @@ class ChimeraProposer(EagleProposer):
         self.model.bind_target(language_model)
         self.supports_mm_inputs = False  # a text-only draft
 
+    def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
+        # A draft without the context layer (the Medusa-style ablation) has no attention
+        # layer and no KV cache of its own: nothing to set up (EAGLE's check would fail).
+        if self._draft_attn_layer_names:
+            super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
+
     def initialize_cudagraph_keys(self, cudagraph_mode: CUDAGraphMode) -> None:
         # The draft is not torch.compiled (its packed trigram inputs vary per step), so it
         # always runs eagerly; the target keeps its own CUDA graphs.
@@ -77,6 +83,14 @@ class ChimeraProposer(EagleProposer):
         self.num_speculative_tokens = num_speculative_tokens
         self._last_draft_probs = None
         batch_size = common_attn_metadata.batch_size()
+        if not self._draft_attn_layer_names:  # no context layer: heads on h_n alone
+            if token_indices_to_sample is None:  # each request's last row
+                token_indices_to_sample = common_attn_metadata.query_start_loc[1:] - 1
+            h = target_hidden_states[token_indices_to_sample]  # [num_reqs, d]
+            if num_speculative_tokens == 0:
+                return torch.empty(batch_size, 0, dtype=torch.int64, device=self.device)
+            logits = self.model.head_logits(h, torch.zeros_like(h), num_speculative_tokens)
+            return self.model.to_target_ids(logits.argmax(dim=-1))  # [num_reqs, K]
         prefix_ids = self._prefix_ids(target_token_ids, target_positions, common_attn_metadata)
         num_tokens, token_indices_to_sample, cad = self.set_inputs_first_pass(
             target_token_ids=target_token_ids, next_token_ids=next_token_ids,
