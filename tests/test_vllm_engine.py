@@ -184,3 +184,21 @@ def test_ablation_drafts_run_in_vllm(random_pair, plain_random, tmp_path, ablati
     assert spec.token_ids == plain_random.token_ids
     assert spec.counter("vllm:spec_decode_num_draft_tokens") == 3 * spec.counter(
         "vllm:spec_decode_num_drafts") > 0
+
+
+def test_no_context_draft_is_accepted_in_vllm(permutation_pair, tmp_path):
+    """The permutation draft's heads read h alone, so without its context layer it still
+    knows the target's continuation: its drafts must be accepted inside vLLM too (a
+    proposer that got no attention metadata for it used to zero every draft)."""
+    from vllm_chimera.checkpoint import target_embed_and_lm_head
+    from vllm_chimera.model import ChimeraDraftModel
+
+    target_dir, _, target, draft = permutation_pair
+    config = type(draft.config).from_dict({**draft.config.to_dict(), "use_context_encoder": False})
+    no_context = ChimeraDraftModel(config)
+    no_context.load_state_dict(draft.state_dict(), strict=False)  # the heads; no encoder
+    save_draft(no_context.bind_target(*target_embed_and_lm_head(target)), tmp_path / "nc")
+    prompts = _prompts(4, 128, seed=9)
+    spec = run_engine(target_dir, prompts, GREEDY, tmp_path / "nc")
+    assert spec.token_ids == run_engine(target_dir, prompts, GREEDY).token_ids
+    assert spec.acceptance_rate > 0.5

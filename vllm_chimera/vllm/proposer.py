@@ -50,8 +50,13 @@ class ChimeraProposer(EagleProposer):
     def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
         # A draft without the context layer (the Medusa-style ablation) has no attention
         # layer and no KV cache of its own: nothing to set up (EAGLE's check would fail).
+        # The runner still hands the proposer the common metadata (query_start_loc) of the
+        # KV group named by kv_cache_gid, and without one it zeroes every draft: take the
+        # target's first group.
         if self._draft_attn_layer_names:
             super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
+        else:
+            self.kv_cache_gid = 0
 
     def initialize_cudagraph_keys(self, cudagraph_mode: CUDAGraphMode) -> None:
         # The draft is not torch.compiled (its packed trigram inputs vary per step), so it
