@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vllm_chimera.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from vllm_chimera.config import ChimeraConfig
 from vllm_chimera.model import (EncoderAttention, GatedMLP, RMSNorm, apply_rotary,
                                 rotary_cos_sin)
@@ -54,7 +55,6 @@ PEER_OPTIONS = {
     "eagle": {"intermediate_size": None, "regression_weight": 1.0, "classification_weight": 0.1,
               "feature_noise": 0.1},
 }
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 PROVENANCE_KEY = "vllm_chimera"  # a config.json entry vLLM ignores: which peer, its K
 # The engine arguments (LLM(...)) vLLM 0.32 needs to load a reduced-vocabulary Medusa: its
 # Medusa.load_weights turns token_map into a parameter but does not report it as loaded, so

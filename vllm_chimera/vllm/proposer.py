@@ -87,15 +87,11 @@ class ChimeraProposer(EagleProposer):
                 num_rejected_tokens_gpu=None, slot_mappings=None) -> torch.Tensor:
         self.num_speculative_tokens = num_speculative_tokens
         self._last_draft_probs = None
-        batch_size = common_attn_metadata.batch_size()
         if not self._draft_attn_layer_names:  # no context layer: heads on h_n alone
             if token_indices_to_sample is None:  # each request's last row
                 token_indices_to_sample = common_attn_metadata.query_start_loc[1:] - 1
             h = target_hidden_states[token_indices_to_sample]  # [num_reqs, d]
-            if num_speculative_tokens == 0:
-                return torch.empty(batch_size, 0, dtype=torch.int64, device=self.device)
-            logits = self.model.head_logits(h, torch.zeros_like(h), num_speculative_tokens)
-            return self.model.to_target_ids(logits.argmax(dim=-1))  # [num_reqs, K]
+            return self._draft_tokens(h, torch.zeros_like(h), num_speculative_tokens)
         prefix_ids = self._prefix_ids(target_token_ids, target_positions, common_attn_metadata)
         num_tokens, token_indices_to_sample, cad = self.set_inputs_first_pass(
             target_token_ids=target_token_ids, next_token_ids=next_token_ids,
@@ -115,11 +111,17 @@ class ChimeraProposer(EagleProposer):
                 num_tokens_across_dp=num_tokens_across_dp, cudagraph_runtime_mode=runtime_mode,
                 slot_mapping=self._get_slot_mapping(slot_mapping_size, cad.slot_mapping)):
             s = self.model(**model_kwargs)  # [num_tokens, d]
-        if num_speculative_tokens == 0:  # the pass above still kept the draft KV in sync
-            return torch.empty(batch_size, 0, dtype=torch.int64, device=self.device)
+        # (With K = 0 the pass above still kept the draft KV in sync.)
         rows = token_indices_to_sample  # [num_reqs] each request's last accepted position
-        logits = self.model.head_logits(self.hidden_states[rows], s[rows], num_speculative_tokens)
-        return self.model.to_target_ids(logits.argmax(dim=-1))  # [num_reqs, K]
+        return self._draft_tokens(self.hidden_states[rows], s[rows], num_speculative_tokens)
+
+    def _draft_tokens(self, h: torch.Tensor, s: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """The first `num_tokens` heads' top-1 at each request's row: [num_reqs, d] x 2 ->
+        [num_reqs, num_tokens] target ids (an empty [num_reqs, 0] when stepping aside)."""
+        if num_tokens == 0:
+            return torch.empty(h.shape[0], 0, dtype=torch.int64, device=self.device)
+        logits = self.model.head_logits(h, s, num_tokens)
+        return self.model.to_target_ids(logits.argmax(dim=-1))
 
     @torch.inference_mode()
     def dummy_run(self, num_tokens, use_cudagraphs=True, is_graph_capturing=False,
