@@ -1,4 +1,5 @@
 """chimera-bench in quick mode on toy models: every figure present, greedy equality checked."""
+import dataclasses
 import json
 
 import pytest
@@ -19,11 +20,12 @@ def test_quick_benchmark_writes_json_table_and_plot(tmp_path):
     prompts = [{"prompt_token_ids": torch.randint(0, 128, (5 + i,), generator=g).tolist()}
                for i in range(8)]
     settings = BenchSettings(target=str(tmp_path / "target"), draft=str(tmp_path / "draft"),
+                             methods=("plain", "ngram", "chimera", "chimera:2"),
                              batch_sizes=(1, 4), max_tokens=24, sampled_temperature=0.7,
                              engine_kwargs=dict(kv_cache_memory_bytes=64 << 20, max_model_len=512))
     report = run_benchmark(settings, prompts, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "bench.json").read_text())
-    assert saved["environment"]["vllm"] == "0.32.0" and set(saved["results"]) == {"plain", "ngram", "chimera"}
+    assert saved["environment"]["vllm"] == "0.32.0" and set(saved["results"]) == {"plain", "ngram", "chimera", "chimera:2"}
     chimera = report["results"]["chimera"]
     assert [row["batch_size"] for row in chimera["greedy"]] == [1, 4]
     for run in report["results"].values():
@@ -34,9 +36,32 @@ def test_quick_benchmark_writes_json_table_and_plot(tmp_path):
     assert chimera["greedy"][0]["mean_acceptance_length"] > 2.0
     assert len(chimera["greedy"][0]["acceptance_rate_per_position"]) == 4
     assert "sampled" in chimera and chimera["sampled"]["output_tokens"] > 0
+    assert chimera["sampled"]["batch_size"] == 4  # the largest, by default
+    # "chimera:2" drafts exactly 2 tokens; "chimera" all 4 heads (this draft has no schedule).
+    assert chimera["num_speculative_tokens"] == 4 and chimera["schedule"] is None
+    assert len(report["results"]["chimera:2"]["greedy"][0]["acceptance_rate_per_position"]) == 2
+    # Where the step's time goes: every part measured, drafting only where there is a draft.
+    for method in ("plain", "chimera"):
+        times = report["results"][method]["greedy"][0]["step_times"]
+        assert times["num_steps"] > 0 and times["forward_ms"] > 0 and times["other_ms"] > 0
+    assert report["results"]["chimera"]["greedy"][0]["step_times"]["draft_ms"] > 0
+    assert report["results"]["plain"]["greedy"][0]["step_times"]["draft_ms"] == 0
+    # A K per measured batch size, from the chimera:2 rows (0 where it is not faster).
+    schedule = saved["step_aside_schedule"]
+    assert [entry[:2] for entry in schedule] == [[1, 1], [2, 4]] and {e[2] for e in schedule} <= {0, 2}
     table = (tmp_path / "out" / "bench.md").read_text()
     assert "| chimera | 4 |" in table and "NO" not in table
     assert (tmp_path / "out" / "bench.png").stat().st_size > 10_000
+
+    # Finished methods are saved as they finish; the same benchmark again reuses them all.
+    saved_runs = sorted(p.name for p in (tmp_path / "out" / "runs").iterdir())
+    assert saved_runs == ["chimera-k2.json", "chimera.json", "ngram.json", "plain.json"]
+    again = run_benchmark(settings, prompts, tmp_path / "out")
+    assert again["results"]["chimera"]["startup_seconds"] == chimera["startup_seconds"]
+    # ... but not with other settings.
+    changed = dataclasses.replace(settings, methods=("plain",), max_tokens=20)
+    rerun = run_benchmark(changed, prompts, tmp_path / "out")
+    assert rerun["results"]["plain"]["startup_seconds"] != report["results"]["plain"]["startup_seconds"]
 
 
 def test_bench_cli_rejects_bad_batch_sizes(capsys):
@@ -45,3 +70,17 @@ def test_bench_cli_rejects_bad_batch_sizes(capsys):
     with pytest.raises(SystemExit):
         bench_main(["--target", "x", "--batch-sizes", "1,a"])
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_method_specs():
+    from vllm_chimera.vllm.bench import method_config, parse_method
+
+    assert parse_method("chimera:3") == ("chimera", 3) and parse_method("plain") == ("plain", None)
+    for bad in ("chimera:0", "chimera:x", "plain:2"):
+        with pytest.raises(ValueError, match="K must be a positive integer"):
+            parse_method(bad)
+    settings = BenchSettings(target="t", draft="d")
+    assert method_config("chimera:2", settings) == {"method": "chimera", "model": "d",
+                                                    "num_speculative_tokens": 2}
+    assert method_config("chimera", settings) == {"method": "chimera", "model": "d"}
+    assert method_config("ngram:3", settings)["num_speculative_tokens"] == 3

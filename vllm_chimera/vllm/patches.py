@@ -184,3 +184,52 @@ def install_cpu_expand_kernel_fix() -> None:
     if registered is not None and registered[1] is expand_kernel_cpu:
         return  # already installed in this process
     register_kernels({EXPAND_KERNEL: expand_kernel_cpu})
+
+
+# -- Measurement only: where an engine step's time goes (chimera-bench) -------------------
+class StepTimingPatch(ClassPatch):
+    """Wall time of the target's forward passes, of sampling + verification and of
+    drafting, summed over engine steps. Not in PATCHES: only chimera-bench installs it, in
+    its own per-method process. On a GPU it synchronises around each timed call (CUDA runs
+    asynchronously), which itself costs time: run `chimera-bench --no-step-times` there for
+    the headline figures.
+    """
+
+    target = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+    replaces = ("_model_forward", "sample_tokens", "propose_draft_token_ids")
+    totals: dict[str, float] = {}
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.totals = {name: 0.0 for name in ("forward_s", "sample_s", "draft_s")}
+        cls.totals.update(num_forward=0, num_draft=0)
+
+    @classmethod
+    def _timed(cls, key: str, count_key: str | None, function, *args, **kwargs):
+        import time
+
+        import torch
+
+        synchronize = torch.accelerator.is_available()  # False on CPU
+        if synchronize:
+            torch.accelerator.synchronize()
+        start = time.perf_counter()
+        result = function(*args, **kwargs)
+        if synchronize:
+            torch.accelerator.synchronize()
+        cls.totals[key] = cls.totals.get(key, 0.0) + time.perf_counter() - start
+        if count_key:
+            cls.totals[count_key] = cls.totals.get(count_key, 0) + 1
+        return result
+
+    @staticmethod
+    def _model_forward(original, self, *args, **kwargs):
+        return StepTimingPatch._timed("forward_s", "num_forward", original, self, *args, **kwargs)
+
+    @staticmethod
+    def sample_tokens(original, self, *args, **kwargs):  # includes drafting (below)
+        return StepTimingPatch._timed("sample_s", None, original, self, *args, **kwargs)
+
+    @staticmethod
+    def propose_draft_token_ids(original, self, *args, **kwargs):
+        return StepTimingPatch._timed("draft_s", "num_draft", original, self, *args, **kwargs)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The benchmark README quotes: SmolLM2-135M-Instruct, MT-bench first turns, every method
+# vLLM offers side by side in one run (chimera-bench, one engine per method, fresh process).
+#
+#   bash scripts/bench_smollm2.sh                  # full: 80 prompts x 128 tokens, batch 1/4/16
+#   QUICK=1 bash scripts/bench_smollm2.sh          # a few minutes: 8 prompts x 32 tokens
+#   METHODS=plain,chimera bash scripts/bench_smollm2.sh
+#
+# Methods: plain, n-gram, vLLM's Medusa and EAGLE with the drafts scripts/train_smollm2.sh
+# trained on the same data and budget as Chimera (K=4; EAGLE also at K=1, its cheapest),
+# and Chimera at K = 1, 2, 4 (the shipped draft), from which the step-aside schedule (the
+# best K per batch size, 0 where none beats plain) is derived (bench.json:
+# step_aside_schedule). Greedy rows are checked token for token against plain decoding.
+# An interrupted run resumes: finished methods are kept in OUTPUT/runs/.
+#
+# On a GPU machine: the same command (dtype float32 is the bench's default; add
+# EXTRA="--no-step-times" for the headline figures, see chimera-bench --help).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+py="${PYTHON:-$here/.venv/bin/python}"
+cache="${CHIMERA_CACHE_DIR:-$HOME/.cache/vllm-chimera}"
+runs="${CHIMERA_RUNS_DIR:-$cache/runs}"
+methods="${METHODS:-plain,ngram,medusa,eagle:1,eagle,chimera:1,chimera:2,chimera:4}"
+output="${OUTPUT:-$here/results/bench/smollm2}"
+size=(--num-prompts 80 --max-tokens 128 --batch-sizes 1,4,16)
+[ -z "${QUICK:-}" ] || { size=(--quick); output="${OUTPUT:-$here/results/bench/smollm2-quick}"; }
+
+for kind in medusa eagle; do
+  [ -f "$runs/smollm2-$kind-k4/draft/config.json" ] || {
+    echo "no $kind draft in $runs/smollm2-$kind-k4/draft: run bash scripts/train_smollm2.sh $kind" >&2
+    exit 1; }
+done
+mkdir -p "$(dirname "$output")"
+"$py" -c "from vllm_chimera.cli import bench_main; raise SystemExit(bench_main())" --target smollm2 \
+  --draft "$here/vllm_chimera/drafts/smollm2-chimera" \
+  --medusa-draft "$runs/smollm2-medusa-k4/draft" --eagle-draft "$runs/smollm2-eagle-k4/draft" \
+  --methods "$methods" "${size[@]}" --output "$output" ${EXTRA:-} 2>&1 | tee -a "$output.log"
