@@ -8,7 +8,7 @@
 #
 # Methods: plain, n-gram, vLLM's Medusa and EAGLE with the drafts scripts/train_smollm2.sh
 # trained on the same data and budget as Chimera (K=4; EAGLE also at K=1, its cheapest),
-# and Chimera at K = 1, 2, 4 (the shipped draft), from which the step-aside schedule (the
+# and Chimera at K = 1 and 4 (the shipped draft), from which the step-aside schedule (the
 # best K per batch size, 0 where none beats plain) is derived (bench.json:
 # step_aside_schedule). Greedy rows are checked token for token against plain decoding.
 # An interrupted run resumes: finished methods are kept in OUTPUT/runs/.
@@ -20,7 +20,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${PYTHON:-$here/.venv/bin/python}"
 cache="${CHIMERA_CACHE_DIR:-$HOME/.cache/vllm-chimera}"
 runs="${CHIMERA_RUNS_DIR:-$cache/runs}"
-methods="${METHODS:-plain,ngram,medusa,eagle:1,eagle,chimera:1,chimera:2,chimera:4}"
+methods="${METHODS:-plain,ngram,medusa,eagle:1,eagle,chimera:1,chimera:4}"
 output="${OUTPUT:-$here/results/bench/smollm2}"
 size=(--num-prompts 80 --max-tokens 128 --batch-sizes 1,4,16)
 [ -z "${QUICK:-}" ] || { size=(--quick); output="${OUTPUT:-$here/results/bench/smollm2-quick}"; }

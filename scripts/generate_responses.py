@@ -9,7 +9,10 @@ conversation format `chimera-train --train-data` reads:
         --max-tokens 384 --output ~/.cache/vllm-chimera/data/sharegpt/train.self.jsonl
 
 Only the first user turn of each conversation is kept (MT-bench's first turns are what the
-draft is measured on). A script, not package code: the training package never imports vLLM.
+draft is measured on). Answers are appended to the output every --chunk-size prompts, and
+a rerun skips the conversations already answered there: an interrupted run resumes, and a
+larger --num-prompts extends an existing file (the first N prompts that fit, in file order).
+A script, not package code: the training package never imports vLLM.
 """
 from __future__ import annotations
 
@@ -29,7 +32,25 @@ def parse_args():
                    help="skip prompts longer than this (tokens, chat template included)")
     p.add_argument("--max-tokens", type=int, default=384, help="new tokens per answer")
     p.add_argument("--kv-cache-gib", type=float, default=2.0)
+    p.add_argument("--chunk-size", type=int, default=256, help="prompts per write")
     return p.parse_args()
+
+
+def answered_ids(path: str) -> set[str]:
+    """Conversation ids already in the output (a torn last line from a kill is dropped)."""
+    if not os.path.exists(path):
+        return set()
+    ids, good = set(), []
+    with open(path) as f:
+        for line in f:
+            try:
+                ids.add(json.loads(line)["id"])
+                good.append(line)
+            except (ValueError, KeyError):
+                break
+    with open(path, "w") as f:
+        f.writelines(good)
+    return ids
 
 
 def main():
@@ -42,26 +63,33 @@ def main():
     tokenizer = llm.get_tokenizer()
     chats, ids = [], []
     with open(args.prompts) as f:
-        for line in f:
+        for line_number, line in enumerate(f):
             row = json.loads(line)
             first = row["messages"][0]
             text = tokenizer.apply_chat_template([first], tokenize=False, add_generation_prompt=True)
             if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > args.max_prompt_tokens:
                 continue
             chats.append([first])
-            ids.append(row.get("id", ""))
+            ids.append(row.get("id") or f"line-{line_number}")  # resuming matches on it
             if len(chats) == args.num_prompts:
                 break
-    start = time.time()
-    outputs = llm.chat(chats, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
-    new_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    with open(args.output, "w") as f:
-        for conv_id, chat, out in zip(ids, chats, outputs):
-            messages = chat + [{"role": "assistant", "content": out.outputs[0].text}]
-            f.write(json.dumps({"id": conv_id, "messages": messages}, ensure_ascii=False) + "\n")
-    seconds = time.time() - start
-    print(f"{len(outputs)} answers, {new_tokens} new tokens in {seconds:.0f} s "
-          f"({new_tokens / seconds:.0f} tokens/s) -> {args.output}")
+    done = answered_ids(args.output)
+    todo = [(conv_id, chat) for conv_id, chat in zip(ids, chats) if conv_id not in done]
+    print(f"{len(chats)} prompts: {len(chats) - len(todo)} already answered in {args.output}, "
+          f"{len(todo)} to go")
+    start, new_tokens = time.time(), 0
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    for i in range(0, len(todo), args.chunk_size):
+        chunk = todo[i: i + args.chunk_size]
+        outputs = llm.chat([chat for _, chat in chunk], params)
+        with open(args.output, "a") as f:
+            for (conv_id, chat), out in zip(chunk, outputs):
+                messages = chat + [{"role": "assistant", "content": out.outputs[0].text}]
+                f.write(json.dumps({"id": conv_id, "messages": messages}, ensure_ascii=False) + "\n")
+        new_tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
+        seconds = time.time() - start
+        print(f"{i + len(chunk)}/{len(todo)} answers, {new_tokens} new tokens in {seconds:.0f} s "
+              f"({new_tokens / seconds:.0f} tokens/s) -> {args.output}", flush=True)
 
 
 if __name__ == "__main__":  # vLLM's engine needs the guard

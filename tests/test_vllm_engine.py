@@ -172,6 +172,31 @@ def test_batch_size_schedule_steps_aside(permutation_pair):
         assert (drafts > 0) == (k > 0), num_prompts
 
 
+def test_draft_schedule_is_the_default_and_a_fixed_k_overrides_it(permutation_pair, tmp_path):
+    """A step-aside schedule stored in the draft (chimera-bench --save-schedule) is what vLLM
+    uses when the user gives no K; num_speculative_tokens=K means K at every batch size."""
+    import shutil
+
+    from vllm_chimera.checkpoint import load_config
+    from vllm_chimera.vllm.bench import save_schedule
+
+    target_dir, draft_dir = permutation_pair[:2]
+    shutil.copytree(draft_dir, tmp_path / "draft")
+    save_schedule([[1, 1, 2], [2, 64, 0]], tmp_path / "draft", device_type="cpu")
+    assert load_config(tmp_path / "draft").step_aside_schedules == {"cpu": [[1, 1, 2], [2, 64, 0]]}
+    for num_prompts, fixed_k, k in [(1, None, 2), (8, None, 0), (8, 3, 3)]:
+        prompts = _prompts(num_prompts, 128, seed=9)
+        plain = run_engine(target_dir, prompts, GREEDY)
+        config = {"method": "chimera", "model": str(tmp_path / "draft")}
+        if fixed_k:
+            config["num_speculative_tokens"] = fixed_k
+        spec = run_offline(target_dir, prompts, GREEDY, config, **TEST_ENGINE)
+        assert spec.token_ids == plain.token_ids, (num_prompts, fixed_k)
+        drafts = spec.counter("vllm:spec_decode_num_drafts")
+        assert spec.counter("vllm:spec_decode_num_draft_tokens") == k * drafts, (num_prompts, fixed_k)
+        assert (drafts > 0) == (k > 0), (num_prompts, fixed_k)
+
+
 @pytest.mark.parametrize("ablation", ["use_context_encoder", "use_trigram_encoder"])
 def test_ablation_drafts_run_in_vllm(random_pair, plain_random, tmp_path, ablation):
     """The paper's ablations load and stay lossless in vLLM; without the context layer the

@@ -120,10 +120,46 @@ def demo_main(argv=None) -> int:
     return 0 if ok else 1
 
 
+def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """BenchSettings from chimera-bench's arguments; every usage error before any work."""
+    import os
+
+    if args.quick:
+        args.num_prompts, args.max_tokens, args.batch_sizes = 8, 32, "1,4"
+    try:
+        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        parser.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
+    if min(batch_sizes) < 1:
+        parser.error("--batch-sizes must be >= 1")
+    if args.save_schedule and not args.draft:
+        parser.error("--save-schedule needs --draft")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm_chimera.vllm.bench import BenchSettings, parse_method
+
+    try:
+        methods = [parse_method(spec) for spec in args.methods.split(",")]
+    except ValueError as error:
+        parser.error(str(error))
+    if args.save_schedule and not any(name == "chimera" and k for name, k in methods):
+        parser.error("--save-schedule needs chimera:K methods to measure, e.g. chimera:1,chimera:4")
+    target = args.target
+    if target == "smollm2":
+        from vllm_chimera.prepare import prepare_target
+
+        target = str(prepare_target("smollm2"))
+    return BenchSettings(
+        target=target, draft=args.draft, medusa_draft=args.medusa_draft,
+        eagle_draft=args.eagle_draft, methods=tuple(args.methods.split(",")),
+        batch_sizes=batch_sizes, max_tokens=args.max_tokens, num_speculative_tokens=args.num_tokens,
+        sampled_temperature=args.temperature, sampled_batch_size=args.sampled_batch_size,
+        step_times=not args.no_step_times,
+        engine_kwargs={"kv_cache_memory_bytes": int(args.kv_cache_gib * (1 << 30))})
+
+
 def bench_main(argv=None) -> int:
     """chimera-bench: plain, n-gram, Chimera (and vLLM's Medusa and EAGLE with drafts from
     chimera-train --draft-kind medusa|eagle) inside vLLM, side by side in one run."""
-    import os
     from pathlib import Path
 
     parser = argparse.ArgumentParser(prog="chimera-bench", description=bench_main.__doc__)
@@ -146,40 +182,23 @@ def bench_main(argv=None) -> int:
                         help="do not time the parts of each engine step (on GPUs the timing "
                              "synchronises the device every step)")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0)
+    parser.add_argument("--save-schedule", action="store_true",
+                        help="store the step-aside schedule measured from the chimera:K methods in "
+                             "the --draft folder's config.json, for this device type (used by vLLM "
+                             "whenever no K is given)")
     parser.add_argument("--quick", action="store_true", help="8 prompts, 32 tokens, batch 1 and 4")
     parser.add_argument("--output", default="results/bench")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.num_prompts, args.max_tokens, args.batch_sizes = 8, 32, "1,4"
-    try:
-        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
-    except ValueError:
-        parser.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
-    if min(batch_sizes) < 1:
-        parser.error("--batch-sizes must be >= 1")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm_chimera.vllm.bench import BenchSettings, parse_method, run_benchmark
-
-    target = args.target
-    if target == "smollm2":
-        from vllm_chimera.prepare import prepare_target
-
-        target = str(prepare_target("smollm2"))
-    try:
-        for spec in args.methods.split(","):
-            parse_method(spec)
-    except ValueError as error:
-        parser.error(str(error))
-    settings = BenchSettings(
-        target=target, draft=args.draft, medusa_draft=args.medusa_draft,
-        eagle_draft=args.eagle_draft, methods=tuple(args.methods.split(",")),
-        batch_sizes=batch_sizes, max_tokens=args.max_tokens, num_speculative_tokens=args.num_tokens,
-        sampled_temperature=args.temperature, sampled_batch_size=args.sampled_batch_size,
-        step_times=not args.no_step_times, engine_kwargs={"kv_cache_memory_bytes": int(args.kv_cache_gib * (1 << 30))})
+    settings = _bench_settings(parser, args)
     from vllm_chimera.prepare import mtbench_prompts
+    from vllm_chimera.vllm.bench import run_benchmark, save_schedule
 
-    report = run_benchmark(settings, mtbench_prompts(target, args.num_prompts), Path(args.output))
+    prompts = mtbench_prompts(settings.target, args.num_prompts)
+    report = run_benchmark(settings, prompts, Path(args.output))
     print((Path(args.output) / "bench.md").read_text())
+    if args.save_schedule:
+        schedule = report["step_aside_schedule"]
+        print(f"step-aside schedule {schedule} saved in {save_schedule(schedule, args.draft)}")
     ok = all(row["greedy_equals_plain"] for run in report["results"].values() for row in run["greedy"])
     return 0 if ok else 1
 

@@ -38,6 +38,12 @@ class ChimeraConfig(PretrainedConfig):
         use_trigram_encoder, use_context_encoder: the paper's ablations. Without the trigram
             encoder z_t = W_f h_t; without the context encoder s_t = 0 and the heads are
             Medusa-style residual heads on the target's hidden state alone.
+        step_aside_schedules: measured K per batch size, per device type: e.g.
+            {"cpu": [[1, 1, 2], [2, 4, 1], [5, 16, 0]]} drafts 2 tokens for a lone request,
+            1 for 2-4 concurrent ones and none (steps aside) from 5 on. vLLM's
+            `num_speculative_tokens_per_batch_size` format (inclusive batch-size ranges,
+            the last K carries on); used when the user fixes no K (chimera-bench derives
+            it from chimera:K runs, `--save-schedule` stores it here).
     """
 
     model_type = "chimera"
@@ -63,6 +69,7 @@ class ChimeraConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         use_trigram_encoder: bool = True,
         use_context_encoder: bool = True,
+        step_aside_schedules: dict[str, list[list[int]]] | None = None,
         **kwargs,
     ):
         self.target_architecture = target_architecture
@@ -84,6 +91,7 @@ class ChimeraConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.use_trigram_encoder = use_trigram_encoder
         self.use_context_encoder = use_context_encoder
+        self.step_aside_schedules = step_aside_schedules
         kwargs.setdefault("architectures", ["ChimeraDraftModel"])
         super().__init__(**kwargs)
         self.validate()
@@ -107,6 +115,10 @@ class ChimeraConfig(PretrainedConfig):
         if self.draft_vocab_size is not None and not (0 < self.draft_vocab_size <= self.vocab_size):
             problems.append(f"draft_vocab_size must be in [1, vocab_size={self.vocab_size}], "
                             f"got {self.draft_vocab_size!r}")
+        for device, schedule in (self.step_aside_schedules or {}).items():
+            problem = schedule_problem(schedule, self.num_decoding_heads)
+            if problem:
+                problems.append(f"step_aside_schedules[{device!r}]: {problem}")
         if problems:
             raise ValueError("Invalid ChimeraConfig: " + "; ".join(problems))
 
@@ -159,3 +171,25 @@ class ChimeraConfig(PretrainedConfig):
             # An unnamed architecture (e.g. a config built in code) is not held against it.
             if found[what] is not None and found[what] != expected[what]
         ]
+
+
+def schedule_problem(schedule, max_k: int) -> str | None:
+    """What is wrong with a K-per-batch-size schedule ([[start, end, K], ...]), or None.
+
+    The ranges must start at batch size 1, be sorted and not overlap; 0 <= K <= max_k.
+    """
+    if not isinstance(schedule, list) or not schedule:
+        return f"must be a non-empty list of [start, end, K], got {schedule!r}"
+    previous_end = 0
+    for entry in schedule:
+        if (not isinstance(entry, (list, tuple)) or len(entry) != 3
+                or not all(isinstance(v, int) for v in entry)):
+            return f"each entry must be [start, end, K] integers, got {entry!r}"
+        start, end, k = entry
+        first = previous_end == 0
+        if (first and start != 1) or (not first and start <= previous_end) or start > end:
+            return f"ranges must start at 1, be sorted and not overlap, got {schedule!r}"
+        if not 0 <= k <= max_k:
+            return f"K must be in 0..{max_k} (the draft's heads), got {entry!r}"
+        previous_end = end
+    return None

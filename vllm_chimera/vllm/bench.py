@@ -231,6 +231,7 @@ def environment(settings: BenchSettings) -> dict:
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "vllm": vllm.__version__,
             "torch_threads": torch.get_num_threads(),
+            "accelerator": str(torch.accelerator.current_accelerator() or "none"),
             "dtype": {**ENGINE_DEFAULTS, **settings.engine_kwargs}["dtype"]}
 
 
@@ -325,6 +326,23 @@ def step_aside_schedule(report: dict, method: str = "chimera") -> list[list[int]
         schedule.append([start, batch_size, best_k if speedups[best_k] > 1.0 else 0])
         start = batch_size + 1
     return schedule
+
+
+def save_schedule(schedule: list[list[int]], draft_dir: str | os.PathLike,
+                  device_type: str | None = None) -> Path:
+    """Store a measured step-aside schedule in the draft's config.json, for `device_type`
+    (default: this machine's, as vLLM sees it). vLLM then uses it whenever the user fixes no K."""
+    from vllm_chimera.checkpoint import load_config
+
+    if device_type is None:
+        from vllm.platforms import current_platform
+
+        device_type = current_platform.device_type
+    config = load_config(draft_dir)
+    config.step_aside_schedules = {**(config.step_aside_schedules or {}), device_type: schedule}
+    config.validate()
+    config.save_pretrained(draft_dir)
+    return Path(draft_dir) / "config.json"
 
 
 def markdown_table(report: dict) -> str:

@@ -65,9 +65,14 @@ class SpeculativeConfigPatch(ClassPatch):
         if self.parallel_drafting:
             raise ValueError("chimera drafts all K tokens in one pass already: "
                              "unset parallel_drafting")
-        self.model, self.num_speculative_tokens = speculative.resolve_chimera(
+        from vllm.platforms import current_platform
+
+        self.model, self.num_speculative_tokens, schedule = speculative.resolve_chimera(
             self.model, self.num_speculative_tokens, self.target_model_config.model,
-            self.target_model_config.hf_config)
+            self.target_model_config.hf_config, device_type=current_platform.device_type,
+            schedule_given=self.num_speculative_tokens_per_batch_size is not None)
+        if schedule is not None:  # the draft's measured step-aside defaults
+            self.num_speculative_tokens_per_batch_size = [tuple(entry) for entry in schedule]
         # vLLM's generic draft-model branch builds the draft ModelConfig and parallel
         # config; then the method becomes chimera for everything downstream.
         self.method = "draft_model"

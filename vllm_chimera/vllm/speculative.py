@@ -10,6 +10,7 @@ before any engine process starts.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from vllm_chimera.checkpoint import ChimeraCheckpointError, load_draft
 from vllm_chimera.config import ChimeraConfig
 
 METHOD = "chimera"
+logger = logging.getLogger(__name__)
 DRAFT_ENV = "VLLM_CHIMERA_DRAFT"  # a VLLM_ name, so vLLM forwards it to its workers
 DRAFT_SUBDIR = "chimera"  # <target dir>/chimera is where a target's draft is looked for
 
@@ -59,20 +61,34 @@ def find_draft_for_target(target_model: str) -> Path:
 
 
 def resolve_chimera(model: str | None, num_speculative_tokens: int | None,
-                    target_model: str, target_hf_config) -> tuple[str, int]:
-    """Check the draft against the target and pick K: returns (draft_dir, K).
+                    target_model: str, target_hf_config, device_type: str = "cpu",
+                    schedule_given: bool = False) -> tuple[str, int, list | None]:
+    """Check the draft against the target and pick K: returns (draft_dir, K, schedule).
 
     Loads the draft's weights once on CPU so that a corrupt file, unknown weights or a
     draft trained for another target are reported here, with the checkpoint loader's
     message, rather than from inside an engine worker.
+
+    With no K from the user (and no schedule of theirs), the draft's measured step-aside
+    schedule for this device type is returned, with K its largest entry (at least 1: vLLM
+    needs one); without one for this device, K is all the draft's heads and the schedule
+    None. A K from the user means exactly that K at every batch size.
     """
     draft_dir = find_draft_for_target(target_model) if model in (None, METHOD) else Path(model)
     config: ChimeraConfig = load_draft(draft_dir, target_hf_config).config
     num_heads = config.num_decoding_heads
+    schedule = None
     if num_speculative_tokens is None:
-        num_speculative_tokens = num_heads
+        if not schedule_given:
+            schedule = (config.step_aside_schedules or {}).get(device_type)
+        if schedule is not None:
+            num_speculative_tokens = max(1, max(k for _, _, k in schedule))
+            logger.info("chimera: the draft's step-aside schedule for %s (batch from, to, K): "
+                        "%s; give num_speculative_tokens for a fixed K", device_type, schedule)
+        else:
+            num_speculative_tokens = num_heads
     if not 1 <= num_speculative_tokens <= num_heads:
         raise ValueError(
             f"num_speculative_tokens={num_speculative_tokens} is out of range for the Chimera "
             f"draft {draft_dir}: it has {num_heads} decoding heads, so K must be in 1..{num_heads}")
-    return str(draft_dir), num_speculative_tokens
+    return str(draft_dir), num_speculative_tokens, schedule

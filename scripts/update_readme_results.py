@@ -1,0 +1,59 @@
+"""Regenerate README.md's benchmark section from a chimera-bench JSON (no figure typed by hand).
+
+    python scripts/update_readme_results.py results/bench/smollm2/bench.json
+
+Replaces everything between the `<!-- bench:begin -->` and `<!-- bench:end -->` markers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vllm_chimera.vllm.bench import markdown_table
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+COMMAND = "bash scripts/bench_smollm2.sh"
+
+
+def section(report: dict, json_path: Path, root: Path) -> str:
+    env, settings = report["environment"], report["settings"]
+    relative = json_path.resolve().relative_to(root)
+    accelerator = env.get("accelerator") or ("none" if "+cpu" in env["torch"] else "unknown")
+    device = "no GPU" if accelerator == "none" else accelerator
+    return "\n".join([
+        BEGIN,
+        f"Generated from `{relative}` by `scripts/update_readme_results.py`; made by "
+        f"`{COMMAND}` on {env['date'][:10]}: {env['processor']} ({env['cpu_count']} cores, {device}), "
+        f"torch {env['torch']}, vLLM {env['vllm']}, {env['dtype']}, {env['torch_threads']} threads. "
+        f"{settings['num_prompts']} MT-bench first turns, up to {settings['max_tokens']} new tokens, "
+        "B concurrent requests (batch), greedy unless said otherwise; one engine per method, "
+        "each in a fresh process. `= plain`: every greedy output identical to plain decoding's, "
+        "token for token. Step ms: wall time per engine step (one target forward) in the "
+        "target's forward / drafting / sampling and verification / everything else.",
+        "",
+        markdown_table(report).rstrip("\n"),
+        "",
+        f"![speedup and acceptance length per method and batch size]({relative.with_suffix('.png')})",
+        END,
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("bench_json", type=Path)
+    parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[1] / "README.md")
+    args = parser.parse_args()
+    report = json.loads(args.bench_json.read_text())
+    text = args.readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{args.readme} has no {BEGIN} ... {END} block to replace")
+    before, rest = text.split(BEGIN, 1)
+    after = rest.split(END, 1)[1]
+    new = section(report, args.bench_json, args.readme.resolve().parent)
+    args.readme.write_text(before + new + after)
+    print(f"{args.readme}: benchmark section regenerated from {args.bench_json}")
+
+
+if __name__ == "__main__":
+    main()
