@@ -13,8 +13,10 @@
 # step_aside_schedule). Greedy rows are checked token for token against plain decoding.
 # An interrupted run resumes: finished methods are kept in OUTPUT/runs/.
 #
-# On a GPU machine: the same command (dtype float32 is the bench's default; add
-# EXTRA="--no-step-times" for the headline figures, see chimera-bench --help).
+# On a GPU machine (after CHIMERA_GPU=1 bash scripts/setup.sh):
+#   EXTRA="--dtype bfloat16 --cuda-graphs --no-step-times" bash scripts/bench_smollm2.sh
+# (--no-step-times: the per-step timing synchronises the GPU around every timed call; in
+# bfloat16 greedy outputs may differ from plain decoding's in near-ties, which the table shows.)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${PYTHON:-$here/.venv/bin/python}"

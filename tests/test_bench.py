@@ -70,6 +70,12 @@ def test_bench_cli_rejects_bad_batch_sizes(capsys):
     with pytest.raises(SystemExit):
         bench_main(["--target", "x", "--batch-sizes", "1,a"])
     assert "comma-separated integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # nothing to derive a schedule from
+        bench_main(["--target", "x", "--draft", "d", "--methods", "plain,chimera", "--save-schedule"])
+    assert "needs chimera:K methods" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_main(["--target", "x", "--methods", "plain,chimera:0"])
+    assert "K must be a positive integer" in capsys.readouterr().err
 
 
 def test_method_specs():

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -99,6 +100,24 @@ def test_cache_roundtrip_and_resume(tiny_setup, tmp_path):
         out = target.base_model(input_ids=torch.arange(9)[None]).last_hidden_state[0]
     torch.testing.assert_close(batch["hidden"][0], out, atol=2e-2, rtol=1e-2)  # stored as fp16
     assert CachedData.open(tmp_path / "c").hidden.dtype.name == "float16"
+
+
+def test_several_caches_read_as_one(tmp_path):
+    """--train-data a,b: one cache per file, read in order as one dataset."""
+    from vllm_chimera.training.data import CachedDataList
+
+    target = build_tiny_target(tmp_path / "t", seed=3)
+    seqs = [(list(range(3 + i)), [1] * (3 + i)) for i in range(5)]
+    whole = build_cache(target, seqs, tmp_path / "whole", progress=False)
+    parts = CachedDataList([build_cache(target, seqs[:2], tmp_path / "a", progress=False),
+                            build_cache(target, seqs[2:], tmp_path / "b", progress=False)])
+    assert len(parts) == 5 and parts.num_tokens == whole.num_tokens
+    assert parts.greedy.tolist() == np.asarray(whole.greedy).tolist()
+    cpu = torch.device("cpu")
+    for indices in ([4, 0], [1, 2], [3]):  # across the boundary and within each part
+        got, want = parts.batch(indices, cpu), whole.batch(indices, cpu)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], msg=f"{key} of {indices}")
 
 
 def test_training_learns_a_learnable_pattern(tiny_setup, tmp_path):
@@ -247,3 +266,23 @@ def test_cache_only_fills_the_cache_a_run_then_reuses(tiny_setup, tmp_path, monk
                         lambda *a, **k: pytest.fail("the cache was built a second time"))
     metrics = train(settings_for(tiny_setup, tmp_path / "run", cache_dir=str(cache), epochs=1))
     assert metrics["finished"]
+
+
+def test_a_second_training_file_reuses_the_first_files_cache(tiny_setup, tmp_path, monkeypatch):
+    """--train-data a,b after a run on a: only b is cached; the run reads both."""
+    import shutil
+
+    from vllm_chimera.training import trainer
+
+    cache = str(tmp_path / "cache")
+    first = train(settings_for(tiny_setup, tmp_path / "one", cache_dir=cache, epochs=1))
+    more = tmp_path / "more.jsonl"
+    shutil.copy(tiny_setup["val"], more)
+    built = []
+    original = trainer.build_cache
+    monkeypatch.setattr(trainer, "build_cache", lambda target, seqs, folder, *a, **k: (
+        built.append(folder.name), original(target, seqs, folder, *a, **k))[1])
+    both = train(settings_for(tiny_setup, tmp_path / "two", cache_dir=cache, epochs=1,
+                              train_data=f"{tiny_setup['train']},{more}"))
+    assert [name.split("-")[0] for name in built] == ["more"]
+    assert both["train_sequences"] == first["train_sequences"] + 16

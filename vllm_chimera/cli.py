@@ -154,7 +154,8 @@ def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
         batch_sizes=batch_sizes, max_tokens=args.max_tokens, num_speculative_tokens=args.num_tokens,
         sampled_temperature=args.temperature, sampled_batch_size=args.sampled_batch_size,
         step_times=not args.no_step_times,
-        engine_kwargs={"kv_cache_memory_bytes": int(args.kv_cache_gib * (1 << 30))})
+        engine_kwargs={"kv_cache_memory_bytes": int(args.kv_cache_gib * (1 << 30)),
+                       "dtype": args.dtype, "enforce_eager": not args.cuda_graphs})
 
 
 def bench_main(argv=None) -> int:
@@ -182,6 +183,10 @@ def bench_main(argv=None) -> int:
                         help="do not time the parts of each engine step (on GPUs the timing "
                              "synchronises the device every step)")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0)
+    parser.add_argument("--dtype", default="float32", help="the target's (and drafts') dtype; "
+                        "float32 makes greedy outputs comparable token for token")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="let vLLM capture the target's CUDA graphs (GPU; default: eager)")
     parser.add_argument("--save-schedule", action="store_true",
                         help="store the step-aside schedule measured from the chimera:K methods in "
                              "the --draft folder's config.json, for this device type (used by vLLM "

@@ -57,8 +57,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True,
                    help="a prepared target name (%s) or a Hugging Face folder" % ", ".join(prepare.TARGETS))
     p.add_argument("--output-dir", required=True, help="checkpoints, final draft, metrics, plot")
-    p.add_argument("--train-data", help="JSONL of conversations or token rows "
-                                        "(default: the prepared ShareGPT train split)")
+    p.add_argument("--train-data", help="JSONL of conversations or token rows, or several "
+                                        "separated by commas (one hidden-state cache each, so "
+                                        "adding a file reuses the others'; default: the "
+                                        "prepared ShareGPT train split)")
     p.add_argument("--val-data", help="held-out JSONL (default: the prepared validation split; "
                                       "'none' to skip validation)")
     p.add_argument("--cache-dir", help="cache root for prepared data and hidden states")
@@ -129,10 +131,11 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     val_data = args.val_data or str(sharegpt / "validation.jsonl")
     if val_data == "none":
         val_data = None
-    for name, path in (("--train-data", train_data), ("--val-data", val_data)):
-        if path is not None and not Path(path).is_file():
-            hint = " (run `chimera-prepare data`)" if str(sharegpt) in path else ""
-            parser.error(f"{name}: no such file {path}{hint}")
+    for name, paths in (("--train-data", train_data), ("--val-data", val_data)):
+        for path in (paths.split(",") if paths is not None else []):
+            if not Path(path).is_file():
+                hint = " (run `chimera-prepare data`)" if str(sharegpt) in path else ""
+                parser.error(f"{name}: no such file {path}{hint}")
     overrides = {}
     if args.draft_vocab_size is not None:  # Chimera and Medusa; refused for EAGLE
         if args.draft_vocab_size <= 0:

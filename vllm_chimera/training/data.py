@@ -130,28 +130,65 @@ class CachedData:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def batch(self, indices, device: torch.device) -> dict[str, torch.Tensor]:
-        """Sequences `indices`, right-padded to the longest, as tensors on `device`.
+    def row(self, i: int) -> tuple[np.ndarray, ...]:
+        """Sequence i: (tokens, greedy, mask, hidden) arrays of its length."""
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.tokens[a:b], self.greedy[a:b], self.mask[a:b], self.hidden[a:b]
 
-        Returns tokens [B, L] long, hidden [B, L, d] float32, greedy [B, L] long,
-        mask [B, L] bool (False on padding), lengths [B] long.
-        """
-        lengths = [int(self.offsets[i + 1] - self.offsets[i]) for i in indices]
-        B, L, d = len(indices), max(lengths), self.hidden.shape[1]
-        tokens = np.zeros((B, L), np.int64)
-        greedy = np.zeros((B, L), np.int64)
-        mask = np.zeros((B, L), bool)
-        hidden = np.zeros((B, L, d), np.float32)
-        for row, (i, n) in enumerate(zip(indices, lengths)):
-            a = int(self.offsets[i])
-            tokens[row, :n] = self.tokens[a:a + n]
-            greedy[row, :n] = self.greedy[a:a + n]
-            mask[row, :n] = self.mask[a:a + n].astype(bool)
-            hidden[row, :n] = self.hidden[a:a + n]
-        as_tensor = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
-        return {"tokens": as_tensor(tokens), "hidden": as_tensor(hidden),
-                "greedy": as_tensor(greedy), "mask": as_tensor(mask),
-                "lengths": torch.tensor(lengths, device=device)}
+    def batch(self, indices, device: torch.device) -> dict[str, torch.Tensor]:
+        return pad_rows([self.row(i) for i in indices], device)
+
+
+@dataclass
+class CachedDataList:
+    """Several caches read as one dataset, in order: one cache per training file, so that
+    adding a file (more generated answers) does not recompute the others.
+    e.g. parts of 3 and 5 sequences: sequence 4 is sequence 1 of the second part."""
+    parts: list[CachedData]
+
+    def __post_init__(self):
+        self.starts = np.cumsum([0] + [len(part) for part in self.parts])  # [num_parts + 1]
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(part.num_tokens for part in self.parts)
+
+    @property
+    def greedy(self) -> np.ndarray:
+        return np.concatenate([np.asarray(part.greedy) for part in self.parts])
+
+    def row(self, i: int) -> tuple[np.ndarray, ...]:
+        part = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[part].row(i - int(self.starts[part]))
+
+    def batch(self, indices, device: torch.device) -> dict[str, torch.Tensor]:
+        return pad_rows([self.row(i) for i in indices], device)
+
+
+def pad_rows(rows, device: torch.device) -> dict[str, torch.Tensor]:
+    """Sequences (CachedData.row), right-padded to the longest, as tensors on `device`.
+
+    Returns tokens [B, L] long, hidden [B, L, d] float32, greedy [B, L] long,
+    mask [B, L] bool (False on padding), lengths [B] long.
+    """
+    lengths = [len(row[0]) for row in rows]
+    B, L, d = len(rows), max(lengths), rows[0][3].shape[1]
+    tokens = np.zeros((B, L), np.int64)
+    greedy = np.zeros((B, L), np.int64)
+    mask = np.zeros((B, L), bool)
+    hidden = np.zeros((B, L, d), np.float32)
+    for i, ((row_tokens, row_greedy, row_mask, row_hidden), n) in enumerate(zip(rows, lengths)):
+        tokens[i, :n] = row_tokens
+        greedy[i, :n] = row_greedy
+        mask[i, :n] = row_mask.astype(bool)
+        hidden[i, :n] = row_hidden
+    as_tensor = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    return {"tokens": as_tensor(tokens), "hidden": as_tensor(hidden),
+            "greedy": as_tensor(greedy), "mask": as_tensor(mask),
+            "lengths": torch.tensor(lengths, device=device)}
 
 
 @torch.no_grad()

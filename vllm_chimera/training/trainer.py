@@ -33,7 +33,8 @@ from vllm_chimera.model import ChimeraDraftModel
 from vllm_chimera.prepare import cache_dir
 from vllm_chimera.training.checkpointing import (TrainState, has_checkpoint, load_checkpoint,
                                                  save_checkpoint, save_trained_draft)
-from vllm_chimera.training.data import CachedData, build_cache, cache_key, load_sequences
+from vllm_chimera.training.data import (CachedData, CachedDataList, build_cache, cache_key,
+                                         load_sequences)
 from vllm_chimera.training.loss import DraftLoss
 from vllm_chimera.training.peers import build_peer, load_peer, peer_kind, peer_loss
 from vllm_chimera.training.settings import TrainingSettings
@@ -90,8 +91,21 @@ def load_target(target_dir: str, device: torch.device):
     return target, tokenizer
 
 
-def cached_data(settings: TrainingSettings, target, tokenizer, path: str, max_tokens, rank: int,
-                world: int) -> CachedData:
+def cached_data(settings: TrainingSettings, target, tokenizer, paths: str, max_tokens, rank: int,
+                world: int) -> CachedData | CachedDataList:
+    """The target's cached outputs over `paths`: one file, or several separated by commas
+    (one cache each, read as one dataset in order)."""
+    files = paths.split(",")
+    if len(files) == 1:
+        return _cached_file(settings, target, tokenizer, files[0], max_tokens, rank, world)
+    if max_tokens is not None:
+        raise ValueError(f"a token limit ({max_tokens}) applies to one data file, not to {paths!r}")
+    return CachedDataList([_cached_file(settings, target, tokenizer, path, None, rank, world)
+                           for path in files])
+
+
+def _cached_file(settings: TrainingSettings, target, tokenizer, path: str, max_tokens, rank: int,
+                 world: int) -> CachedData:
     """The target's cached outputs over `path` (process 0 builds them; the others wait)."""
     key = cache_key(settings.target, path, settings.max_length, max_tokens)
     folder = cache_dir(settings.cache_dir) / "hidden" / f"{Path(path).stem}-{key}"
