@@ -172,6 +172,33 @@ def test_batch_size_schedule_steps_aside(permutation_pair):
         assert (drafts > 0) == (k > 0), num_prompts
 
 
+def test_stepping_aside_skips_the_draft_unless_told_to_keep_its_kv(permutation_pair, monkeypatch):
+    """At K=0 the proposer does no draft work (one draft pass per step saved); with
+    VLLM_CHIMERA_ASIDE_KEEPS_KV=1 it still runs the encoder pass every step. Both lossless."""
+    from vllm_chimera.vllm.model import ChimeraDraftForVLLM
+    from vllm_chimera.vllm.proposer import ASIDE_KEEPS_KV_ENV
+
+    target_dir, draft_dir = permutation_pair[:2]
+    prompts = _prompts(2, 128, seed=10)
+    plain = run_engine(target_dir, prompts, GREEDY)
+    calls = []
+    forward = ChimeraDraftForVLLM.forward
+    monkeypatch.setattr(ChimeraDraftForVLLM, "forward",
+                        lambda self, *a, **k: (calls.append(1), forward(self, *a, **k))[1])
+    passes = {}
+    for keep in ("0", "1"):
+        monkeypatch.setenv(ASIDE_KEEPS_KV_ENV, keep)
+        calls.clear()
+        spec = run_offline(target_dir, prompts, GREEDY, {
+            "method": "chimera", "model": str(draft_dir), "num_speculative_tokens": 2,
+            "num_speculative_tokens_per_batch_size": [(1, 64, 0)]}, **TEST_ENGINE)
+        assert spec.token_ids == plain.token_ids, keep
+        assert spec.counter("vllm:spec_decode_num_draft_tokens") == 0, keep
+        passes[keep] = len(calls)  # start-up warm-up passes + any per-step passes
+    # 2 requests x 40 tokens in one batch: at least 39 decode steps, each one pass when kept.
+    assert passes["1"] - passes["0"] >= 39
+
+
 def test_draft_schedule_is_the_default_and_a_fixed_k_overrides_it(permutation_pair, tmp_path):
     """A step-aside schedule stored in the draft (chimera-bench --save-schedule) is what vLLM
     uses when the user gives no K; num_speculative_tokens=K means K at every batch size."""

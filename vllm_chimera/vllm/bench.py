@@ -114,12 +114,6 @@ def _counters(llm) -> dict[str, object]:
     return values
 
 
-def _step_times() -> dict:
-    from vllm_chimera.vllm.patches import StepTimingPatch
-
-    return dict(StepTimingPatch.totals)
-
-
 def _measure(llm, prompts, params, batch_size: int, step_times: bool) -> dict:
     """Send the prompts `batch_size` at a time; timings and spec-decode counter deltas."""
     from vllm_chimera.vllm.patches import StepTimingPatch

