@@ -143,6 +143,11 @@ def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
         parser.error(str(error))
     if args.save_schedule and not any(name == "chimera" and k for name, k in methods):
         parser.error("--save-schedule needs chimera:K methods to measure, e.g. chimera:1,chimera:4")
+    engine_kwargs = {"kv_cache_memory_bytes": int(args.kv_cache_gib * (1 << 30))}
+    if args.dtype != "float32":  # (only what differs from ENGINE_DEFAULTS: saved runs stay reusable)
+        engine_kwargs["dtype"] = args.dtype
+    if args.cuda_graphs:
+        engine_kwargs["enforce_eager"] = False
     target = args.target
     if target == "smollm2":
         from vllm_chimera.prepare import prepare_target
@@ -153,9 +158,7 @@ def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
         eagle_draft=args.eagle_draft, methods=tuple(args.methods.split(",")),
         batch_sizes=batch_sizes, max_tokens=args.max_tokens, num_speculative_tokens=args.num_tokens,
         sampled_temperature=args.temperature, sampled_batch_size=args.sampled_batch_size,
-        step_times=not args.no_step_times,
-        engine_kwargs={"kv_cache_memory_bytes": int(args.kv_cache_gib * (1 << 30)),
-                       "dtype": args.dtype, "enforce_eager": not args.cuda_graphs})
+        step_times=not args.no_step_times, engine_kwargs=engine_kwargs)
 
 
 def bench_main(argv=None) -> int:
