@@ -4,7 +4,8 @@
 #
 #   bash scripts/bench_smollm2.sh                  # full: 80 prompts x 128 tokens, batch 1/4/16
 #   QUICK=1 bash scripts/bench_smollm2.sh          # a few minutes: 8 prompts x 32 tokens
-#   METHODS=plain,chimera bash scripts/bench_smollm2.sh
+#   METHODS=plain,chimera NUM_PROMPTS=40 OUTPUT=results/bench/smollm2-step-aside \
+#       bash scripts/bench_smollm2.sh               # Chimera with its defaults (the schedule)
 #
 # Methods: plain, n-gram, vLLM's Medusa and EAGLE with the drafts scripts/train_smollm2.sh
 # trained on the same data and budget as Chimera (K=4; EAGLE also at K=1, its cheapest),
@@ -24,7 +25,7 @@ cache="${CHIMERA_CACHE_DIR:-$HOME/.cache/vllm-chimera}"
 runs="${CHIMERA_RUNS_DIR:-$cache/runs}"
 methods="${METHODS:-plain,ngram,medusa,eagle:1,eagle,chimera:1,chimera:4}"
 output="${OUTPUT:-$here/results/bench/smollm2}"
-size=(--num-prompts 80 --max-tokens 128 --batch-sizes 1,4,16)
+size=(--num-prompts "${NUM_PROMPTS:-80}" --max-tokens 128 --batch-sizes 1,4,16)
 [ -z "${QUICK:-}" ] || { size=(--quick); output="${OUTPUT:-$here/results/bench/smollm2-quick}"; }
 
 for kind in medusa eagle; do
