@@ -33,6 +33,9 @@ def parse_args():
     p.add_argument("--max-tokens", type=int, default=384, help="new tokens per answer")
     p.add_argument("--kv-cache-gib", type=float, default=2.0)
     p.add_argument("--chunk-size", type=int, default=256, help="prompts per write")
+    p.add_argument("--skip-prompts", type=int, default=0,
+                   help="skip the first N usable prompts (answered in another file already; "
+                        "train on both with chimera-train --train-data first,second)")
     return p.parse_args()
 
 
@@ -61,13 +64,16 @@ def main():
     llm = LLM(model=args.target, dtype="float32", max_model_len=args.max_prompt_tokens + args.max_tokens,
               kv_cache_memory_bytes=int(args.kv_cache_gib * (1 << 30)), enforce_eager=True)
     tokenizer = llm.get_tokenizer()
-    chats, ids = [], []
+    chats, ids, usable = [], [], 0
     with open(args.prompts) as f:
         for line_number, line in enumerate(f):
             row = json.loads(line)
             first = row["messages"][0]
             text = tokenizer.apply_chat_template([first], tokenize=False, add_generation_prompt=True)
             if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > args.max_prompt_tokens:
+                continue
+            usable += 1
+            if usable <= args.skip_prompts:
                 continue
             chats.append([first])
             ids.append(row.get("id") or f"line-{line_number}")  # resuming matches on it

@@ -6,6 +6,8 @@
 #   bash scripts/train_smollm2.sh                     # chimera, no-trigram, no-context, medusa, eagle
 #   bash scripts/train_smollm2.sh chimera export      # one run, then ship it (fp16, in the package)
 #   DATA=dataset bash scripts/train_smollm2.sh chimera  # on ShareGPT's own answers instead
+#   bash scripts/train_smollm2.sh more-data && DATA=self+more EPOCHS=1 bash scripts/train_smollm2.sh
+#                                                     # 4x the self-generated answers
 #
 # DATA=self (default): ShareGPT first user turns answered by SmolLM2 itself (greedy, vLLM,
 #            scripts/generate_responses.py; generated once, about 30 min).
@@ -31,7 +33,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 "$py" -c "from vllm_chimera.training.cli import prepare_main; prepare_main(['target', 'smollm2'])"
 "$py" -c "from vllm_chimera.training.cli import prepare_main; prepare_main(['data'])"
 sharegpt="$cache/data/sharegpt"
-if [ "$data" = self ]; then
+if [ "$data" = self ] || [ "$data" = self+more ]; then
   for split in train:1100 validation:64; do
     name="${split%%:*}"; n="${split##*:}"; out="$sharegpt/$name.smollm2-self.jsonl"
     if [ ! -f "$out" ]; then
@@ -43,6 +45,11 @@ if [ "$data" = self ]; then
   data_flags=(--train-data "$sharegpt/train.smollm2-self.jsonl"
               --val-data "$sharegpt/validation.smollm2-self.jsonl")
   suffix=
+  if [ "$data" = self+more ]; then  # plus the answers of stage more-data (its own cache)
+    data_flags=(--train-data "$sharegpt/train.smollm2-self.jsonl,$sharegpt/train.smollm2-self-more.jsonl"
+                --val-data "$sharegpt/validation.smollm2-self.jsonl")
+    suffix=-more
+  fi
 else
   data_flags=()
   suffix=-sharegpt
@@ -53,7 +60,7 @@ fi
 # predicts most often makes a step 3.4x cheaper at equal accuracy (the full 49,152-token
 # LM-head projections were ~90% of a step); lr 1e-3 learned as fast as 3e-3.
 common=(--target smollm2 --num-heads 4 --max-length 512 --val-tokens 20000
-        --epochs 3 --batch-size 4 --micro-batch-size 2 --lr 1e-3 --warmup-ratio 0.05
+        --epochs "${EPOCHS:-3}" --batch-size 4 --micro-batch-size 2 --lr 1e-3 --warmup-ratio 0.05
         --save-every 25 --eval-every 200 --seed 0 "${data_flags[@]}")
 threads="${THREADS:-1}"  # torch threads per run; run two stages side by side on two cores
 
@@ -72,6 +79,11 @@ for stage in "${stages[@]}"; do
     cache)  # fill the shared cache of target outputs once, with every core
       OMP_NUM_THREADS="$(nproc)" "$py" -m vllm_chimera.training.cli "${common[@]}" \
         --num-threads "$(nproc)" --output-dir "$runs/cache" --cache-only ;;
+    more-data)  # the target's answers to the next 3,300 ShareGPT prompts (resumable; then
+      # DATA=self+more trains on both files, each with its own cache)
+      "$py" "$here/scripts/generate_responses.py" --target "$cache/targets/smollm2" \
+        --prompts "$sharegpt/train.jsonl" --skip-prompts 1100 --num-prompts 3300 \
+        --max-tokens 384 --output "$sharegpt/train.smollm2-self-more.jsonl" ;;
     chimera) run chimera-k4 --draft-vocab-size 8192 ;;
     no-trigram) run no-trigram-k4 --draft-vocab-size 8192 --no-trigram-encoder ;;
     no-context) run no-context-k4 --draft-vocab-size 8192 --no-context-encoder ;;
@@ -82,7 +94,7 @@ for stage in "${stages[@]}"; do
     export)  # the shipped draft: the chimera run's weights in fp16, inside the package
       "$py" -c "import sys; from vllm_chimera.training.checkpointing import export_draft; export_draft(*sys.argv[1:])" \
         "$runs/smollm2-chimera-k4$suffix/draft" "$here/vllm_chimera/drafts/smollm2-chimera" ;;
-    *) echo "unknown stage $stage (cache, chimera, no-trigram, no-context, medusa, eagle, export)" >&2
+    *) echo "unknown stage $stage (more-data, cache, chimera, no-trigram, no-context, medusa, eagle, export)" >&2
        exit 2 ;;
   esac
 done

@@ -29,7 +29,9 @@ def section(report: dict, json_path: Path, root: Path) -> str:
         f"{settings['num_prompts']} MT-bench first turns, up to {settings['max_tokens']} new tokens, "
         "B concurrent requests (batch), greedy unless said otherwise; one engine per method, "
         "each in a fresh process. `= plain`: every greedy output identical to plain decoding's, "
-        "token for token. Step ms: wall time per engine step (one target forward) in the "
+        "token for token. Accept len: tokens per drafting step (vLLM's metric); tokens/forward: "
+        "output tokens of all requests per target forward pass (compare with plain's at the "
+        "same batch). Step ms: wall time per engine step (one target forward) in the "
         "target's forward / drafting / sampling and verification / everything else.",
         "",
         markdown_table(report).rstrip("\n"),
