@@ -58,7 +58,18 @@ def test_quick_benchmark_writes_json_table_and_plot(tmp_path):
     assert saved_runs == ["chimera-k2.json", "chimera.json", "ngram.json", "plain.json"]
     again = run_benchmark(settings, prompts, tmp_path / "out")
     assert again["results"]["chimera"]["startup_seconds"] == chimera["startup_seconds"]
-    # ... but not with other settings.
+    # ... but not with another draft at the same path (here: a step-aside schedule saved into it,
+    # which "chimera" then runs with); plain's run does not depend on the draft.
+    from vllm_chimera.vllm.bench import save_schedule
+
+    save_schedule([[1, 1, 3], [2, 64, 0]], tmp_path / "draft", device_type="cpu")
+    redrafted = run_benchmark(dataclasses.replace(settings, methods=("plain", "chimera")), prompts,
+                          tmp_path / "out")
+    assert redrafted["results"]["plain"]["startup_seconds"] == report["results"]["plain"]["startup_seconds"]
+    assert redrafted["results"]["chimera"]["schedule"] == [[1, 1, 3], [2, 64, 0]]
+    assert redrafted["results"]["chimera"]["num_speculative_tokens"] == 3
+    assert len(redrafted["results"]["chimera"]["greedy"][0]["acceptance_rate_per_position"]) == 3
+    # ... nor with other settings.
     changed = dataclasses.replace(settings, methods=("plain",), max_tokens=20)
     rerun = run_benchmark(changed, prompts, tmp_path / "out")
     assert rerun["results"]["plain"]["startup_seconds"] != report["results"]["plain"]["startup_seconds"]

@@ -199,7 +199,8 @@ def run_method(spec: str, settings: BenchSettings, prompts) -> dict:
     engine_spec = llm.llm_engine.vllm_config.speculative_config
     if engine_spec is not None:  # what the engine made of it (K, Chimera's schedule)
         result["num_speculative_tokens"] = engine_spec.num_speculative_tokens
-        result["schedule"] = engine_spec.num_speculative_tokens_per_batch_size
+        schedule = engine_spec.num_speculative_tokens_per_batch_size
+        result["schedule"] = [list(entry) for entry in schedule] if schedule else None
     try:
         greedy = SamplingParams(temperature=0.0, max_tokens=settings.max_tokens)
         llm.generate(prompts[:1], greedy, use_tqdm=False)  # warm-up, not measured
@@ -239,15 +240,29 @@ def _processor_name() -> str:
     return platform.processor()
 
 
-def _fingerprint(settings: BenchSettings, prompts) -> str:
-    """What a saved run must share with this benchmark to be reused (all but the methods)."""
+def _fingerprint(spec: str, settings: BenchSettings, prompts) -> str:
+    """What a saved run of `spec` must share with this benchmark to be reused: the settings
+    (but the list of methods and the other methods' drafts), the prompts, the target's
+    config, and the content of the draft it runs (a retrained draft at the same path, or a
+    schedule saved into its config, is a different run)."""
     values = {**asdict(settings), "methods": None, "prompts": prompts}
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    method, _ = parse_method(spec)
+    for name, field_name in DRAFT_OPTIONS.items():
+        if name != method:
+            values[field_name] = None
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode())
+    files = sorted(Path(settings.target).glob("*.json"))  # (its weights: too big to hash)
+    draft = getattr(settings, DRAFT_OPTIONS[method]) if method in DRAFT_OPTIONS else None
+    if draft:
+        files += sorted(Path(draft).glob("*.json")) + sorted(Path(draft).glob("*.safetensors"))
+    for path in files:
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _load_or_run(spec: str, settings: BenchSettings, prompts, runs_dir: Path, context) -> dict:
     path = runs_dir / (spec.replace(":", "-k") + ".json")
-    fingerprint = _fingerprint(settings, prompts)
+    fingerprint = _fingerprint(spec, settings, prompts)
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("fingerprint") == fingerprint:
