@@ -323,8 +323,9 @@ def step_aside_schedule(report: dict, method: str = "chimera") -> list[list[int]
     carries the last K on to larger batches.
     e.g. measured 1: K=2 (1.3x), 4: K=1 (1.1x), 16: best 0.9x -> [[1, 1, 2], [2, 4, 1], [5, 16, 0]]
     """
-    fixed = {parse_method(spec)[1]: run for spec, run in report["results"].items()
-             if parse_method(spec)[0] == method and parse_method(spec)[1]}
+    parsed = {spec: parse_method(spec) for spec in report["results"]}
+    fixed = {k: report["results"][spec] for spec, (name, k) in parsed.items()
+             if name == method and k}
     if not fixed:
         return None
     schedule, start = [], 1

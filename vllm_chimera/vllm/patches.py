@@ -6,6 +6,7 @@ vLLM users see vLLM unchanged. See patching.py for the mechanism.
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Literal, Optional, get_args
 
 from vllm_chimera.vllm import speculative
@@ -203,38 +204,34 @@ class StepTimingPatch(ClassPatch):
     target = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
     replaces = ("_model_forward", "sample_tokens", "propose_draft_token_ids")
     totals: dict[str, float] = {}
+    _synchronize = staticmethod(lambda: None)  # the device's synchronize (none on CPU)
 
     @classmethod
     def reset(cls) -> None:
-        cls.totals = {name: 0.0 for name in ("forward_s", "sample_s", "draft_s")}
-        cls.totals.update(num_forward=0, num_draft=0)
-
-    @classmethod
-    def _timed(cls, key: str, count_key: str | None, function, *args, **kwargs):
-        import time
-
         import torch
 
-        synchronize = torch.accelerator.is_available()  # False on CPU
-        if synchronize:
-            torch.accelerator.synchronize()
+        cls.totals = {"forward_s": 0.0, "sample_s": 0.0, "draft_s": 0.0, "num_forward": 0}
+        if torch.accelerator.is_available():
+            cls._synchronize = staticmethod(torch.accelerator.synchronize)
+
+    @classmethod
+    def _timed(cls, key: str, function, *args, **kwargs):
+        cls._synchronize()
         start = time.perf_counter()
         result = function(*args, **kwargs)
-        if synchronize:
-            torch.accelerator.synchronize()
+        cls._synchronize()
         cls.totals[key] = cls.totals.get(key, 0.0) + time.perf_counter() - start
-        if count_key:
-            cls.totals[count_key] = cls.totals.get(count_key, 0) + 1
         return result
 
     @staticmethod
     def _model_forward(original, self, *args, **kwargs):
-        return StepTimingPatch._timed("forward_s", "num_forward", original, self, *args, **kwargs)
+        StepTimingPatch.totals["num_forward"] = StepTimingPatch.totals.get("num_forward", 0) + 1
+        return StepTimingPatch._timed("forward_s", original, self, *args, **kwargs)
 
     @staticmethod
     def sample_tokens(original, self, *args, **kwargs):  # includes drafting (below)
-        return StepTimingPatch._timed("sample_s", None, original, self, *args, **kwargs)
+        return StepTimingPatch._timed("sample_s", original, self, *args, **kwargs)
 
     @staticmethod
     def propose_draft_token_ids(original, self, *args, **kwargs):
-        return StepTimingPatch._timed("draft_s", "num_draft", original, self, *args, **kwargs)
+        return StepTimingPatch._timed("draft_s", original, self, *args, **kwargs)

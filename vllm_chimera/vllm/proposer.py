@@ -15,11 +15,12 @@ bookkeeping, and rejected positions are simply re-encoded when they are recomput
 
 Stepping aside (K = 0 for this step, from a batch-size schedule): by default the proposer
 then does nothing at all, so a large batch pays no draft cost (chimera-bench: a K=1 draft
-pass is 7% of a batch-16 step on CPU; stepped aside, 0.2 ms per step remain). The price: the draft layer's KV for
-the positions computed meanwhile is not written, so a request that lives on until the
-batch shrinks and drafting resumes drafts from an incomplete context (verification stays
-lossless; only its acceptance suffers). VLLM_CHIMERA_ASIDE_KEEPS_KV=1 keeps the encoder
-pass running at K = 0 instead (vLLM's EAGLE behaviour).
+pass is 7% of a batch-16 step on CPU; stepped aside, 0.2 ms per step remain). The price:
+the draft layer's KV for the positions computed meanwhile is not written, so a request
+that lives on until the batch shrinks and drafting resumes drafts from an incomplete
+context (verification stays lossless; only its acceptance suffers).
+VLLM_CHIMERA_ASIDE_KEEPS_KV=1 keeps the encoder pass running at K = 0 instead (vLLM's
+EAGLE behaviour; a draft without the context layer has no KV to keep).
 """
 from __future__ import annotations
 
@@ -100,10 +101,11 @@ class ChimeraProposer(EagleProposer):
                 num_rejected_tokens_gpu=None, slot_mappings=None) -> torch.Tensor:
         self.num_speculative_tokens = num_speculative_tokens
         self._last_draft_probs = None
-        if num_speculative_tokens == 0 and not self.aside_keeps_kv:  # stepping aside
+        has_kv = bool(self._draft_attn_layer_names)  # False without the context layer
+        if num_speculative_tokens == 0 and not (self.aside_keeps_kv and has_kv):  # aside
             return torch.empty(common_attn_metadata.num_reqs, 0, dtype=torch.int64,
                                device=self.device)
-        if not self._draft_attn_layer_names:  # no context layer: heads on h_n alone
+        if not has_kv:  # no context layer: heads on h_n alone
             if token_indices_to_sample is None:  # each request's last row
                 token_indices_to_sample = common_attn_metadata.query_start_loc[1:] - 1
             h = target_hidden_states[token_indices_to_sample]  # [num_reqs, d]
@@ -133,7 +135,8 @@ class ChimeraProposer(EagleProposer):
 
     def _draft_tokens(self, h: torch.Tensor, s: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """The first `num_tokens` heads' top-1 at each request's row: [num_reqs, d] x 2 ->
-        [num_reqs, num_tokens] target ids (an empty [num_reqs, 0] when stepping aside)."""
+        [num_reqs, num_tokens] target ids (an empty [num_reqs, 0] at K = 0, reached only
+        when the encoder pass ran to keep the draft KV)."""
         if num_tokens == 0:
             return torch.empty(h.shape[0], 0, dtype=torch.int64, device=self.device)
         logits = self.model.head_logits(h, s, num_tokens)

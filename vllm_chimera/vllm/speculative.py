@@ -18,9 +18,10 @@ from vllm_chimera.checkpoint import ChimeraCheckpointError, load_draft
 from vllm_chimera.config import ChimeraConfig
 
 METHOD = "chimera"
-logger = logging.getLogger(__name__)
 DRAFT_ENV = "VLLM_CHIMERA_DRAFT"  # a VLLM_ name, so vLLM forwards it to its workers
 DRAFT_SUBDIR = "chimera"  # <target dir>/chimera is where a target's draft is looked for
+
+logger = logging.getLogger(__name__)
 
 
 def is_chimera_dir(path: str | os.PathLike | None) -> bool:
