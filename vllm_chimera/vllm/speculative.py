@@ -14,12 +14,11 @@ import logging
 import os
 from pathlib import Path
 
-from vllm_chimera.checkpoint import ChimeraCheckpointError, load_draft
+from vllm_chimera.checkpoint import DRAFT_SUBDIR, ChimeraCheckpointError, load_draft
 from vllm_chimera.config import ChimeraConfig
 
 METHOD = "chimera"
 DRAFT_ENV = "VLLM_CHIMERA_DRAFT"  # a VLLM_ name, so vLLM forwards it to its workers
-DRAFT_SUBDIR = "chimera"  # <target dir>/chimera is where a target's draft is looked for
 
 logger = logging.getLogger(__name__)
 
