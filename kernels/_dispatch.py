@@ -119,6 +119,27 @@ def can_sync(tensor: torch.Tensor) -> bool:
     return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+INDEX_DTYPES = (torch.int32, torch.int64)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPE_NAMES = {torch.int32: "int32", torch.int64: "int64", torch.float32: "fp32",
+                torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def check_tensor(kernel: str, name: str, tensor: torch.Tensor, ndim: int, dtypes: tuple,
+                 shape: str, non_empty: bool = False) -> None:
+    """Raise ValueError unless `tensor` has `ndim` dims, a dtype in `dtypes` (and rows).
+
+    e.g. check_tensor("trigram_encoder", "token_ids", x, 1, INDEX_DTYPES, "[num_tokens]") on
+    a float x: "trigram_encoder: token_ids must be a 1-D int32/int64 tensor [num_tokens],
+    got torch.float32 of shape (5,)".
+    """
+    if tensor.dim() != ndim or (non_empty and tensor.shape[0] < 1) or tensor.dtype not in dtypes:
+        kinds = "/".join(_DTYPE_NAMES[d] for d in dtypes)
+        raise ValueError(f"{kernel}: {name} must be a {'non-empty ' if non_empty else ''}"
+                         f"{ndim}-D {kinds} tensor {shape}, got {tensor.dtype} of shape "
+                         f"{tuple(tensor.shape)}")
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for positive ints (grid sizes)."""
     return -(-a // b)

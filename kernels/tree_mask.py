@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from chimera_kernels._dispatch import (can_sync, cdiv, check_triton_device, jit_kernel, next_power_of_2,
-                                       use_triton)
+from chimera_kernels._dispatch import (INDEX_DTYPES, can_sync, cdiv, check_tensor, check_triton_device,
+                                       jit_kernel, next_power_of_2, use_triton)
 
 tl = None  # triton.language, bound on first use by jit_kernel (importing this module never imports triton)
-
-_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def _check_inputs(parents: torch.Tensor, prefix_lens: torch.Tensor,
@@ -33,12 +31,8 @@ def _check_inputs(parents: torch.Tensor, prefix_lens: torch.Tensor,
 
     The depth (longest root-to-node path, in edges) bounds the parent walk of the kernel.
     """
-    if parents.dim() != 1 or parents.shape[0] < 1 or parents.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"tree_attention_mask: parents must be a non-empty 1-D int32/int64 tensor [T], "
-                         f"got {parents.dtype} of shape {tuple(parents.shape)}")
-    if prefix_lens.dim() != 1 or prefix_lens.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"tree_attention_mask: prefix_lens must be a 1-D int32/int64 tensor [B], "
-                         f"got {prefix_lens.dtype} of shape {tuple(prefix_lens.shape)}")
+    check_tensor("tree_attention_mask", "parents", parents, 1, INDEX_DTYPES, "[T]", non_empty=True)
+    check_tensor("tree_attention_mask", "prefix_lens", prefix_lens, 1, INDEX_DTYPES, "[B]")
     num_nodes = parents.shape[0]
     if not (can_sync(parents) and can_sync(prefix_lens)):
         # During CUDA graph capture the caller must pass max_kv_len; values go unchecked.

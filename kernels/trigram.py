@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from chimera_kernels._dispatch import (can_sync, cdiv, check_triton_device, interpreting, jit_kernel,
-                                       needs_grad, next_power_of_2, use_triton)
+from chimera_kernels._dispatch import (FLOAT_DTYPES, INDEX_DTYPES, can_sync, cdiv, check_tensor,
+                                       check_triton_device, interpreting, jit_kernel, needs_grad,
+                                       next_power_of_2, use_triton)
 
 tl = None  # triton.language, bound on first use by jit_kernel (importing this module never imports triton)
 
@@ -31,8 +32,6 @@ ACTIVATION_FUNCTIONS = {
 }
 _ACTIVATIONS = ACTIVATION_FUNCTIONS
 ACTIVATIONS = tuple(ACTIVATION_FUNCTIONS)
-_INDEX_DTYPES = (torch.int32, torch.int64)
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def trigram_window_ids(token_ids: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -87,15 +86,10 @@ def _check_inputs(token_ids, cu_seqlens, embed_weight, w1, bias, activation, pre
     if activation not in _ACTIVATIONS:
         raise ValueError(f"trigram_encoder: unknown activation {activation!r}, "
                          f"expected one of {ACTIVATIONS}")
-    if token_ids.dim() != 1 or token_ids.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"trigram_encoder: token_ids must be a 1-D int32/int64 tensor [num_tokens], "
-                         f"got {token_ids.dtype} of shape {tuple(token_ids.shape)}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1 or cu_seqlens.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"trigram_encoder: cu_seqlens must be a 1-D int32/int64 tensor [num_seqs + 1], "
-                         f"got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
-    if embed_weight.dim() != 2 or embed_weight.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"trigram_encoder: embed_weight must be a 2-D fp32/bf16/fp16 tensor [vocab, d], "
-                         f"got {embed_weight.dtype} of shape {tuple(embed_weight.shape)}")
+    check_tensor("trigram_encoder", "token_ids", token_ids, 1, INDEX_DTYPES, "[num_tokens]")
+    check_tensor("trigram_encoder", "cu_seqlens", cu_seqlens, 1, INDEX_DTYPES, "[num_seqs + 1]",
+                 non_empty=True)
+    check_tensor("trigram_encoder", "embed_weight", embed_weight, 2, FLOAT_DTYPES, "[vocab, d]")
     d = embed_weight.shape[1]
     if w1.dim() != 2 or w1.shape[1] != 3 * d:
         raise ValueError(f"trigram_encoder: w1 must be [d_out, 3 * d] = [d_out, {3 * d}] for embedding "
@@ -107,7 +101,7 @@ def _check_inputs(token_ids, cu_seqlens, embed_weight, w1, bias, activation, pre
                          f"got {bias.dtype} of shape {tuple(bias.shape)}")
     num_seqs = cu_seqlens.shape[0] - 1
     bad_prefix = prefix_ids is not None and (prefix_ids.shape != (num_seqs, 2)
-                                             or prefix_ids.dtype not in _INDEX_DTYPES)
+                                             or prefix_ids.dtype not in INDEX_DTYPES)
     if bad_prefix:
         raise ValueError(f"trigram_encoder: prefix_ids must be an int32/int64 tensor [num_seqs, 2] = "
                          f"[{num_seqs}, 2], got {prefix_ids.dtype} of shape {tuple(prefix_ids.shape)}")
