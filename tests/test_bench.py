@@ -69,6 +69,10 @@ def test_quick_benchmark_writes_json_table_and_plot(tmp_path):
     assert redrafted["results"]["chimera"]["schedule"] == [[1, 1, 3], [2, 64, 0]]
     assert redrafted["results"]["chimera"]["num_speculative_tokens"] == 3
     assert len(redrafted["results"]["chimera"]["greedy"][0]["acceptance_rate_per_position"]) == 3
+    # ... and not when asked to run it again (after a code change: the code is not in the key).
+    forced = run_benchmark(settings, prompts, tmp_path / "out", rerun=("ngram",))
+    assert forced["results"]["ngram"]["startup_seconds"] != report["results"]["ngram"]["startup_seconds"]
+    assert forced["results"]["plain"]["startup_seconds"] == report["results"]["plain"]["startup_seconds"]
     # ... nor with other settings.
     changed = dataclasses.replace(settings, methods=("plain",), max_tokens=20)
     rerun = run_benchmark(changed, prompts, tmp_path / "out")
@@ -84,6 +88,9 @@ def test_bench_cli_rejects_bad_batch_sizes(capsys):
     with pytest.raises(SystemExit):  # nothing to derive a schedule from
         bench_main(["--target", "x", "--draft", "d", "--methods", "plain,chimera", "--save-schedule"])
     assert "needs chimera:K methods" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_main(["--target", "x", "--methods", "plain,chimera", "--rerun", "eagle"])
+    assert "--rerun eagle: not among --methods" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench_main(["--target", "x", "--methods", "plain,chimera:0"])
     assert "K must be a positive integer" in capsys.readouterr().err

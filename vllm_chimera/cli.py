@@ -161,6 +161,14 @@ def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
         step_times=not args.no_step_times, engine_kwargs=engine_kwargs)
 
 
+def _rerun(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
+    rerun = tuple(spec for spec in args.rerun.split(",") if spec)
+    unknown = set(rerun) - set(args.methods.split(",")) - {"all"}
+    if unknown:
+        parser.error(f"--rerun {','.join(sorted(unknown))}: not among --methods {args.methods}")
+    return rerun
+
+
 def bench_main(argv=None) -> int:
     """chimera-bench: plain, n-gram, Chimera (and vLLM's Medusa and EAGLE with drafts from
     chimera-train --draft-kind medusa|eagle) inside vLLM, side by side in one run."""
@@ -195,14 +203,19 @@ def bench_main(argv=None) -> int:
                              "the --draft folder's config.json, for this device type (used by vLLM "
                              "whenever no K is given)")
     parser.add_argument("--quick", action="store_true", help="8 prompts, 32 tokens, batch 1 and 4")
+    parser.add_argument("--rerun", default="",
+                        help="comma-separated methods to run again although OUTPUT/runs/ holds a "
+                             "finished run with the same settings, prompts and draft (after a code "
+                             "change); 'all' for every method")
     parser.add_argument("--output", default="results/bench")
     args = parser.parse_args(argv)
+    rerun = _rerun(parser, args)
     settings = _bench_settings(parser, args)
     from vllm_chimera.prepare import mtbench_prompts
     from vllm_chimera.vllm.bench import run_benchmark, save_schedule
 
     prompts = mtbench_prompts(settings.target, args.num_prompts)
-    report = run_benchmark(settings, prompts, Path(args.output))
+    report = run_benchmark(settings, prompts, Path(args.output), rerun=rerun)
     print((Path(args.output) / "bench.md").read_text())
     if args.save_schedule:
         schedule = report["step_aside_schedule"]

@@ -260,10 +260,11 @@ def _fingerprint(spec: str, settings: BenchSettings, prompts) -> str:
     return digest.hexdigest()[:16]
 
 
-def _load_or_run(spec: str, settings: BenchSettings, prompts, runs_dir: Path, context) -> dict:
+def _load_or_run(spec: str, settings: BenchSettings, prompts, runs_dir: Path, context,
+                 rerun: bool = False) -> dict:
     path = runs_dir / (spec.replace(":", "-k") + ".json")
     fingerprint = _fingerprint(spec, settings, prompts)
-    if path.is_file():
+    if path.is_file() and not rerun:
         saved = json.loads(path.read_text())
         if saved.get("fingerprint") == fingerprint:
             print(f"chimera-bench: {spec}: reusing the finished run in {path}")
@@ -276,8 +277,14 @@ def _load_or_run(spec: str, settings: BenchSettings, prompts, runs_dir: Path, co
     return run
 
 
-def run_benchmark(settings: BenchSettings, prompts, output_dir: Path) -> dict:
-    """Run every method, compare greedy outputs with plain, write JSON, Markdown and plots."""
+def run_benchmark(settings: BenchSettings, prompts, output_dir: Path,
+                  rerun: tuple[str, ...] = ()) -> dict:
+    """Run every method, compare greedy outputs with plain, write JSON, Markdown and plots.
+
+    A method's saved run is reused when its settings, prompts and draft are the same; the
+    code is not part of that key, so after a change to vllm-chimera or vLLM name the
+    methods it affects in `rerun` ("all": every one).
+    """
     if "plain" not in settings.methods:
         raise ValueError("the benchmark needs 'plain' (speedups are relative to it)")
     for spec in settings.methods:
@@ -285,7 +292,8 @@ def run_benchmark(settings: BenchSettings, prompts, output_dir: Path) -> dict:
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    runs = {spec: _load_or_run(spec, settings, prompts, output_dir / "runs", context)
+    runs = {spec: _load_or_run(spec, settings, prompts, output_dir / "runs", context,
+                               rerun=spec in rerun or "all" in rerun)
             for spec in settings.methods}
     plain = runs["plain"]["greedy"]
     for run in runs.values():
