@@ -19,10 +19,7 @@
 # (--no-step-times: the per-step timing synchronises the GPU around every timed call; in
 # bfloat16 greedy outputs may differ from plain decoding's in near-ties, which the table shows.)
 set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-py="${PYTHON:-$here/.venv/bin/python}"
-cache="${CHIMERA_CACHE_DIR:-$HOME/.cache/vllm-chimera}"
-runs="${CHIMERA_RUNS_DIR:-$cache/runs}"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # here, py, cache, runs
 methods="${METHODS:-plain,ngram,medusa,eagle:1,eagle,chimera:1,chimera:4}"
 output="${OUTPUT:-$here/results/bench/smollm2}"
 size=(--num-prompts "${NUM_PROMPTS:-80}" --max-tokens 128 --batch-sizes 1,4,16)

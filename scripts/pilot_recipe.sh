@@ -3,9 +3,8 @@
 # draft vocabulary, lr 1e-3 vs 3e-3, on the first 80k tokens of ShareGPT (dataset answers), one
 # thread each, run one after the other. Results: results/training/pilot-*/metrics.json.
 set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-py="${PYTHON:-$here/.venv/bin/python}"
-out="${CHIMERA_RUNS_DIR:-$HOME/.cache/vllm-chimera/runs}/pilot"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # here, py, cache, runs
+out="$runs/pilot"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 common=(--target smollm2 --num-heads 4 --max-length 512 --train-tokens 80000 --val-tokens 10000
         --batch-size 4 --micro-batch-size 2 --warmup-ratio 0.05 --save-every 1000 --num-threads 1
