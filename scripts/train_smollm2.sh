@@ -22,10 +22,7 @@
 # LM-head projections dominate); 300k training tokens: 19 min caching + 25 min per epoch.
 # Re-running resumes an interrupted run from its last checkpoint.
 set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-py="${PYTHON:-$here/.venv/bin/python}"
-cache="${CHIMERA_CACHE_DIR:-$HOME/.cache/vllm-chimera}"
-runs="${CHIMERA_RUNS_DIR:-$cache/runs}"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # here, py, cache, runs
 data="${DATA:-self}"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
