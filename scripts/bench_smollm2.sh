@@ -25,13 +25,15 @@ output="${OUTPUT:-$here/results/bench/smollm2}"
 size=(--num-prompts "${NUM_PROMPTS:-80}" --max-tokens 128 --batch-sizes 1,4,16)
 [ -z "${QUICK:-}" ] || { size=(--quick); output="${OUTPUT:-$here/results/bench/smollm2-quick}"; }
 
+peer_drafts=()  # the peers' drafts, only for the methods asked for (plain,chimera needs none)
 for kind in medusa eagle; do
+  [[ ",$methods," =~ ,$kind[,:] ]] || continue
   [ -f "$runs/smollm2-$kind-k4/draft/config.json" ] || {
     echo "no $kind draft in $runs/smollm2-$kind-k4/draft: run bash scripts/train_smollm2.sh $kind" >&2
     exit 1; }
+  peer_drafts+=(--$kind-draft "$runs/smollm2-$kind-k4/draft")
 done
 mkdir -p "$(dirname "$output")"
 "$py" -c "from vllm_chimera.cli import bench_main; raise SystemExit(bench_main())" --target smollm2 \
-  --draft "$here/vllm_chimera/drafts/smollm2-chimera" \
-  --medusa-draft "$runs/smollm2-medusa-k4/draft" --eagle-draft "$runs/smollm2-eagle-k4/draft" \
+  --draft "$here/vllm_chimera/drafts/smollm2-chimera" "${peer_drafts[@]}" \
   --methods "$methods" "${size[@]}" --output "$output" ${EXTRA:-} 2>&1 | tee -a "$output.log"
