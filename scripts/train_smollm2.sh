@@ -8,9 +8,11 @@
 #   DATA=dataset bash scripts/train_smollm2.sh chimera  # on ShareGPT's own answers instead
 #   bash scripts/train_smollm2.sh more-data && DATA=self+more EPOCHS=1 bash scripts/train_smollm2.sh
 #                                                     # 2,048 more self-generated answers (MORE_PROMPTS)
+#   bash scripts/train_smollm2.sh ship-data           # keep the generated answers in results/training/data
 #
 # DATA=self (default): ShareGPT first user turns answered by SmolLM2 itself (greedy, vLLM,
-#            scripts/generate_responses.py; generated once, about 30 min).
+#            scripts/generate_responses.py; generated once, about 17 min here, or restored
+#            from results/training/data).
 # DATA=dataset: ShareGPT conversations with ShareGPT's answers.
 # Labels are the target's own greedy predictions either way (self-distillation).
 #
@@ -30,6 +32,19 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 "$py" -c "from vllm_chimera.training.cli import prepare_main; prepare_main(['target', 'smollm2'])"
 "$py" -c "from vllm_chimera.training.cli import prepare_main; prepare_main(['data'])"
 sharegpt="$cache/data/sharegpt"
+# The target's answers are the expensive part of the data (about 50 min for all three files
+# on this CPU), so stage ship-data keeps them in the repository, gzipped; a fresh machine
+# restores them instead of generating them again (delete the cache file to regenerate).
+shipped_data="$here/results/training/data"
+answer_files=(train.smollm2-self validation.smollm2-self train.smollm2-self-more)
+restore() {  # restore NAME: the shipped NAME.jsonl.gz into the cache, unless already there
+  local out="$sharegpt/$1.jsonl" gz="$shipped_data/$1.jsonl.gz"
+  if [ ! -f "$out" ] && [ -f "$gz" ]; then
+    gunzip -c "$gz" > "$out.tmp" && mv "$out.tmp" "$out"
+    echo "restored $(wc -l < "$out") answers: $gz -> $out"
+  fi
+}
+for name in "${answer_files[@]}"; do restore "$name"; done
 if [ "$data" = self ] || [ "$data" = self+more ]; then
   for split in train:1100 validation:64; do
     name="${split%%:*}"; n="${split##*:}"; out="$sharegpt/$name.smollm2-self.jsonl"
@@ -82,6 +97,12 @@ for stage in "${stages[@]}"; do
       "$py" "$here/scripts/generate_responses.py" --target "$cache/targets/smollm2" \
         --prompts "$sharegpt/train.jsonl" --skip-prompts 1100 --num-prompts "${MORE_PROMPTS:-2048}" \
         --max-tokens 384 --output "$sharegpt/train.smollm2-self-more.jsonl" ;;
+    ship-data)  # keep the generated answers in the repository (see restore above)
+      mkdir -p "$shipped_data"
+      for name in "${answer_files[@]}"; do
+        [ ! -f "$sharegpt/$name.jsonl" ] || gzip -n -9 -c "$sharegpt/$name.jsonl" > "$shipped_data/$name.jsonl.gz"
+      done
+      ls -l "$shipped_data" ;;
     chimera) run chimera-k4 --draft-vocab-size 8192 ;;
     no-trigram) run no-trigram-k4 --draft-vocab-size 8192 --no-trigram-encoder ;;
     no-context) run no-context-k4 --draft-vocab-size 8192 --no-context-encoder ;;
@@ -92,7 +113,7 @@ for stage in "${stages[@]}"; do
     export)  # the shipped draft: the chimera run's weights in fp16, inside the package
       "$py" -c "import sys; from vllm_chimera.training.checkpointing import export_draft; export_draft(*sys.argv[1:])" \
         "$runs/smollm2-chimera-k4$suffix/draft" "$here/vllm_chimera/drafts/smollm2-chimera" ;;
-    *) echo "unknown stage $stage (more-data, cache, chimera, no-trigram, no-context, medusa, eagle, export)" >&2
+    *) echo "unknown stage $stage (more-data, ship-data, cache, chimera, no-trigram, no-context, medusa, eagle, export)" >&2
        exit 2 ;;
   esac
 done
