@@ -26,6 +26,9 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # here, py, cache, runs
 data="${DATA:-self}"
+# Every core, counted before the export below: GNU nproc reports OMP_NUM_THREADS when it is
+# set, so "$(nproc)" after it gave the cache stage 1 thread on this 2-core machine.
+num_cores="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 "$py" -m vllm_chimera.training.cli --help >/dev/null  # fail early on a broken install
@@ -89,8 +92,8 @@ stages=("$@")
 for stage in "${stages[@]}"; do
   case "$stage" in
     cache)  # fill the shared cache of target outputs once, with every core
-      OMP_NUM_THREADS="$(nproc)" "$py" -m vllm_chimera.training.cli "${common[@]}" \
-        --num-threads "$(nproc)" --output-dir "$runs/cache" --cache-only ;;
+      OMP_NUM_THREADS="$num_cores" MKL_NUM_THREADS="$num_cores" "$py" -m vllm_chimera.training.cli \
+        "${common[@]}" --num-threads "$num_cores" --output-dir "$runs/cache" --cache-only ;;
     more-data)  # the target's answers to the next MORE_PROMPTS ShareGPT prompts (resumable,
       # and a larger MORE_PROMPTS later extends the file; then DATA=self+more trains on both
       # files, each with its own cache)
