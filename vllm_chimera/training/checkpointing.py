@@ -107,11 +107,16 @@ def has_checkpoint(folder: Path) -> bool:
     return (folder / STATE_NAME).is_file() or (folder.with_name(folder.name + ".old") / STATE_NAME).is_file()
 
 
-def export_draft(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+def export_draft(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16,
+                 step_aside_schedules: dict[str, list[list[int]]] | None = None) -> Path:
     """Copy a trained draft to `dst` with its weights cast to `dtype` (half the size in fp16).
 
     The draft was trained in fp32; fp16 keeps its predictions (it only feeds the target's
-    LM head) while halving the checkpoint shipped in the repo.
+    LM head) while halving the checkpoint shipped in the repo. `step_aside_schedules`, if
+    given, is stored in its config (schedules are measured by chimera-bench, not trained).
     """
     draft = load_draft(src)
+    if step_aside_schedules:
+        draft.config.step_aside_schedules = step_aside_schedules
+        draft.config.validate()
     return save_draft(draft.to(dtype), dst)
