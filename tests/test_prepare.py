@@ -164,3 +164,21 @@ def test_convert_real_smollm2(tmp_path):
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}],
                                         add_generation_prompt=True, tokenize=False)
     assert "<|im_start|>assistant" in ids and model.config.tie_word_embeddings
+
+
+def test_preparations_side_by_side_relink_without_tripping(tmp_path):
+    """Two training runs starting at once both replace a stale link: neither may fail."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vllm_chimera.checkpoint import SHIPPED_DRAFTS
+
+    folder = tmp_path / "smollm2"
+    folder.mkdir()
+    link = folder / "chimera"
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(50):
+            link.unlink(missing_ok=True)
+            link.symlink_to(tmp_path / "old-install")
+            list(pool.map(lambda _: prepare.link_shipped_draft("smollm2", folder), range(4)))
+            assert link.resolve() == SHIPPED_DRAFTS["smollm2"].resolve()
+    assert [p.name for p in folder.iterdir()] == ["chimera"]  # no private link left behind

@@ -19,6 +19,7 @@ import os
 import random
 import subprocess
 import sys
+import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,14 +192,16 @@ def link_shipped_draft(name: str, target_dir: Path) -> Path | None:
     if shipped is None or not (shipped / "config.json").is_file():
         return None
     link = target_dir / DRAFT_SUBDIR
-    if link.is_symlink():
-        if link.resolve() == shipped.resolve():
-            return link
-        link.unlink()
-    elif link.exists():
+    if link.is_symlink() and link.resolve() == shipped.resolve():
+        return link
+    if link.exists() and not link.is_symlink():
         print(f"keeping the draft already in {link} (not the shipped one)")
         return link
-    link.symlink_to(shipped.resolve(), target_is_directory=True)
+    # A new link under a private name, renamed over the old one: atomic, so two
+    # preparations at once (two training runs starting side by side) cannot trip each other.
+    fresh = link.with_name(f".{link.name}.{uuid.uuid4().hex}")
+    fresh.symlink_to(shipped.resolve(), target_is_directory=True)
+    os.replace(fresh, link)
     print(f"shipped draft linked: {link} -> {shipped.resolve()}")
     return link
 
