@@ -11,7 +11,7 @@
 #   bash scripts/train_smollm2.sh ship-data           # keep the generated answers in results/training/data
 #
 # DATA=self (default): ShareGPT first user turns answered by SmolLM2 itself (greedy, vLLM,
-#            scripts/generate_responses.py; generated once, about 17 min here, or restored
+#            scripts/generate_responses.py; generated once, about 20 min here, or restored
 #            from results/training/data).
 # DATA=dataset: ShareGPT conversations with ShareGPT's answers.
 # Labels are the target's own greedy predictions either way (self-distillation).

@@ -92,5 +92,6 @@ def test_export_casts_to_fp16_and_stores_the_schedules_given(saved_draft, tmp_pa
     assert {w.dtype for w in weights.values()} == {torch.float16}
     export_draft(folder, tmp_path / "plain")  # none given: none stored
     assert json.loads((tmp_path / "plain" / "config.json").read_text()).get("step_aside_schedules") is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"step_aside_schedules\['cpu'\]"):
         export_draft(folder, tmp_path / "bad", step_aside_schedules={"cpu": [[4, 1, 1]]})
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
