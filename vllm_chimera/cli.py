@@ -157,8 +157,9 @@ def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
         target=target, draft=args.draft, medusa_draft=args.medusa_draft,
         eagle_draft=args.eagle_draft, methods=tuple(args.methods.split(",")),
         batch_sizes=batch_sizes, max_tokens=args.max_tokens, num_speculative_tokens=args.num_tokens,
-        sampled_temperature=args.temperature, sampled_batch_size=args.sampled_batch_size,
-        step_times=not args.no_step_times, engine_kwargs=engine_kwargs)
+        sampled_temperature=args.temperature or None, sampled_batch_size=args.sampled_batch_size,
+        step_times=not args.no_step_times, engine_kwargs=engine_kwargs,
+        lookup={"num_tokens": args.lookup_tokens} if args.lookup_tokens else None)
 
 
 def _rerun(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
@@ -180,14 +181,18 @@ def bench_main(argv=None) -> int:
     parser.add_argument("--medusa-draft", help="Medusa heads folder (method medusa)")
     parser.add_argument("--eagle-draft", help="EAGLE-1 draft folder (method eagle)")
     parser.add_argument("--methods", default="plain,ngram,chimera",
-                        help="comma-separated: plain, ngram, chimera, medusa, eagle; METHOD:K "
-                             "fixes K (chimera:2); chimera alone uses the draft's defaults")
+                        help="comma-separated: plain, ngram, chimera (with the context lookup), "
+                             "chimera-nolookup, medusa, eagle; METHOD:K fixes K (chimera:2); "
+                             "chimera alone uses the draft's defaults")
     parser.add_argument("--batch-sizes", default="1,4,16")
     parser.add_argument("--num-prompts", type=int, default=80)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--num-tokens", type=int, default=None,
                         help="K of chimera/medusa/eagle (default: the draft's heads or trained steps)")
-    parser.add_argument("--temperature", type=float, default=0.7, help="the sampled setting")
+    parser.add_argument("--lookup-tokens", type=int, default=None,
+                        help="tokens chimera drafts from a context-lookup match (default: the "
+                             "plugin's); method chimera-nolookup turns the lookup off")
+    parser.add_argument("--temperature", type=float, default=0.7, help="the sampled setting (0: none)")
     parser.add_argument("--sampled-batch-size", type=int, default=None,
                         help="batch size of the sampled setting (default: the largest)")
     parser.add_argument("--no-step-times", action="store_true",

