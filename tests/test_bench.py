@@ -37,9 +37,11 @@ def test_quick_benchmark_writes_json_table_and_plot(tmp_path):
     assert len(chimera["greedy"][0]["acceptance_rate_per_position"]) == 4
     assert "sampled" in chimera and chimera["sampled"]["output_tokens"] > 0
     assert chimera["sampled"]["batch_size"] == 4  # the largest, by default
-    # "chimera:2" drafts exactly 2 tokens; "chimera" all 4 heads (this draft has no schedule).
+    # "chimera:2"'s heads draft exactly 2 tokens, its lookup 4 (vLLM's K); "chimera" all 4
+    # heads (this draft has no schedule).
     assert chimera["num_speculative_tokens"] == 4 and chimera["schedule"] is None
-    assert len(report["results"]["chimera:2"]["greedy"][0]["acceptance_rate_per_position"]) == 2
+    assert report["results"]["chimera:2"]["num_head_tokens"] == 2
+    assert report["results"]["chimera:2"]["num_speculative_tokens"] == 4
     # Where the step's time goes: every part measured, drafting only where there is a draft.
     for method in ("plain", "chimera"):
         times = report["results"][method]["greedy"][0]["step_times"]
@@ -67,8 +69,8 @@ def test_quick_benchmark_writes_json_table_and_plot(tmp_path):
                           tmp_path / "out")
     assert redrafted["results"]["plain"]["startup_seconds"] == report["results"]["plain"]["startup_seconds"]
     assert redrafted["results"]["chimera"]["schedule"] == [[1, 1, 3], [2, 64, 0]]
-    assert redrafted["results"]["chimera"]["num_speculative_tokens"] == 3
-    assert len(redrafted["results"]["chimera"]["greedy"][0]["acceptance_rate_per_position"]) == 3
+    assert redrafted["results"]["chimera"]["num_head_tokens"] == 3
+    assert redrafted["results"]["chimera"]["num_speculative_tokens"] == 4  # (the lookup's)
     # ... and not when asked to run it again (after a code change: the code is not in the key).
     forced = run_benchmark(settings, prompts, tmp_path / "out", rerun=("ngram",))
     assert forced["results"]["ngram"]["startup_seconds"] != report["results"]["ngram"]["startup_seconds"]
@@ -105,6 +107,17 @@ def test_method_specs():
             parse_method(bad)
     settings = BenchSettings(target="t", draft="d")
     assert method_config("chimera:2", settings) == {"method": "chimera", "model": "d",
-                                                    "num_speculative_tokens": 2}
-    assert method_config("chimera", settings) == {"method": "chimera", "model": "d"}
+                                                    "lookup": True, "num_speculative_tokens": 2}
+    assert method_config("chimera", settings) == {"method": "chimera", "model": "d", "lookup": True}
     assert method_config("ngram:3", settings)["num_speculative_tokens"] == 3
+
+
+def test_chimera_methods_with_and_without_the_lookup():
+    from vllm_chimera.vllm.bench import method_config
+
+    settings = BenchSettings(target="t", draft="d")
+    assert method_config("chimera:1", settings) == {
+        "method": "chimera", "model": "d", "lookup": True, "num_speculative_tokens": 1}
+    assert method_config("chimera-nolookup", settings)["lookup"] is False
+    settings = dataclasses.replace(settings, lookup={"num_tokens": 8})
+    assert method_config("chimera", settings)["lookup"] == {"num_tokens": 8}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from importlib.metadata import entry_points
 
 import pytest
@@ -57,7 +58,11 @@ def test_method_chimera(folders):
 def test_chimera_detected_from_the_checkpoint(folders):
     spec = speculative_config(folders / "target", speculative_config={
         "model": str(folders / "draft"), "num_speculative_tokens": 2})
-    assert spec.method == "chimera" and spec.num_speculative_tokens == 2
+    # The heads draft 2; vLLM's K also covers the context lookup's 4-token drafts.
+    assert (spec.method, spec.num_head_tokens, spec.num_speculative_tokens) == ("chimera", 2, 4)
+    spec = speculative_config(folders / "target", speculative_config={
+        "model": str(folders / "draft"), "num_speculative_tokens": 2, "lookup": False})
+    assert (spec.num_head_tokens, spec.num_speculative_tokens, spec.lookup) == (2, 2, False)
 
 
 def test_spec_flags(folders):
@@ -66,7 +71,7 @@ def test_spec_flags(folders):
     assert args.spec_method == "chimera"
     args.dtype, args.kv_cache_memory_bytes, args.max_model_len = "float32", 64 << 20, 512
     spec = args.create_engine_config().speculative_config
-    assert (spec.method, spec.num_speculative_tokens) == ("chimera", 3)
+    assert (spec.method, spec.num_head_tokens, spec.num_speculative_tokens) == ("chimera", 3, 4)
 
 
 def test_speculative_model_flag_finds_the_draft(folders, tmp_path):
@@ -232,3 +237,21 @@ def test_cpu_expand_kernel_fix():
     cpu_triton_utils._expand_kernel_impl(theirs, temperatures, cu_num_tokens, 0, 0)
     # If this fails, vLLM fixed its kernel: install_cpu_expand_kernel_fix can go.
     assert torch.equal(theirs, torch.full((6,), -1.0)), "vLLM's CPU expand kernel now works"
+
+
+def test_kernel_registration_with_numba_loaded():
+    """vLLM's kernel dispatcher scans every module on each registration and trips over
+    llvmlite (numba, loaded by the n-gram matcher the context lookup uses); with the
+    workaround (cpu_workarounds.numba_hidden_from_kernel_scan) the registration works."""
+    from vllm.triton_utils import dispatcher
+    from vllm.v1.spec_decode import ngram_proposer  # noqa: F401 (loads numba and llvmlite)
+
+    from vllm_chimera.vllm.cpu_workarounds import numba_hidden_from_kernel_scan
+
+    nothing = [(object(), object())]  # an override no module holds: the scan alone runs
+    # If this stops raising, vLLM fixed its scan: numba_hidden_from_kernel_scan can go.
+    with pytest.raises(AttributeError):
+        dispatcher._rebind_kernels(nothing)
+    with numba_hidden_from_kernel_scan():
+        dispatcher._rebind_kernels(nothing)
+    assert "llvmlite.binding.ffi" in sys.modules  # put back afterwards

