@@ -1,8 +1,12 @@
 """Regenerate README.md's benchmark section from a chimera-bench JSON (no figure typed by hand).
 
     python scripts/update_readme_results.py results/bench/smollm2/bench.json
+    python scripts/update_readme_results.py results/bench/smollm2-lookup/bench.json \
+        --block bench-lookup --command "METHODS=plain,ngram,chimera-nolookup,chimera \
+        OUTPUT=results/bench/smollm2-lookup bash scripts/bench_smollm2.sh"
 
-Replaces everything between the `<!-- bench:begin -->` and `<!-- bench:end -->` markers.
+Replaces everything between the `<!-- BLOCK:begin -->` and `<!-- BLOCK:end -->` markers
+(BLOCK: `bench` unless --block says otherwise).
 """
 from __future__ import annotations
 
@@ -12,19 +16,24 @@ from pathlib import Path
 
 from vllm_chimera.vllm.bench import markdown_table
 
-BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 COMMAND = "bash scripts/bench_smollm2.sh"
 
 
-def section(report: dict, json_path: Path, root: Path) -> str:
+def markers(block: str) -> tuple[str, str]:
+    return f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
+
+
+def section(report: dict, json_path: Path, root: Path, block: str = "bench",
+            command: str = COMMAND) -> str:
+    begin, end = markers(block)
     env, settings = report["environment"], report["settings"]
     relative = json_path.resolve().relative_to(root)
     accelerator = env.get("accelerator") or ("none" if "+cpu" in env["torch"] else "unknown")
     device = "no GPU" if accelerator == "none" else accelerator
     return "\n".join([
-        BEGIN,
+        begin,
         f"Generated from `{relative}` by `scripts/update_readme_results.py`; made by "
-        f"`{COMMAND}` on {env['date'][:10]}: {env['processor']} ({env['cpu_count']} cores, {device}), "
+        f"`{command}` on {env['date'][:10]}: {env['processor']} ({env['cpu_count']} cores, {device}), "
         f"torch {env['torch']}, vLLM {env['vllm']}, {env['dtype']}, {env['torch_threads']} threads. "
         f"{settings['num_prompts']} MT-bench first turns, up to {settings['max_tokens']} new tokens, "
         "B concurrent requests (batch), greedy unless said otherwise; one engine per method, "
@@ -37,7 +46,7 @@ def section(report: dict, json_path: Path, root: Path) -> str:
         markdown_table(report).rstrip("\n"),
         "",
         f"![speedup and acceptance length per method and batch size]({relative.with_suffix('.png')})",
-        END,
+        end,
     ])
 
 
@@ -45,16 +54,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bench_json", type=Path)
     parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[1] / "README.md")
+    parser.add_argument("--block", default="bench", help="the README markers' name")
+    parser.add_argument("--command", default=COMMAND, help="the command that made the JSON")
     args = parser.parse_args()
     report = json.loads(args.bench_json.read_text())
     text = args.readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{args.readme} has no {BEGIN} ... {END} block to replace")
-    before, rest = text.split(BEGIN, 1)
-    after = rest.split(END, 1)[1]
-    new = section(report, args.bench_json, args.readme.resolve().parent)
+    begin, end = markers(args.block)
+    if begin not in text or end not in text:
+        raise SystemExit(f"{args.readme} has no {begin} ... {end} block to replace")
+    before, rest = text.split(begin, 1)
+    after = rest.split(end, 1)[1]
+    new = section(report, args.bench_json, args.readme.resolve().parent, args.block, args.command)
     args.readme.write_text(before + new + after)
-    print(f"{args.readme}: benchmark section regenerated from {args.bench_json}")
+    print(f"{args.readme}: {args.block} section regenerated from {args.bench_json}")
 
 
 if __name__ == "__main__":
