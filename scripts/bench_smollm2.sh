@@ -33,6 +33,9 @@ for kind in medusa eagle; do
     exit 1; }
   peer_drafts+=(--$kind-draft "$runs/smollm2-$kind-k4/draft")
 done
+if [[ ",$methods," =~ ,suffix[,:] ]]; then  # vLLM's suffix decoding: arctic-inference, built aside
+  export PYTHONPATH="$(bash "$here/scripts/build_arctic_suffix.sh")${PYTHONPATH:+:$PYTHONPATH}"
+fi
 mkdir -p "$(dirname "$output")"
 "$py" -c "from vllm_chimera.cli import bench_main; raise SystemExit(bench_main())" --target smollm2 \
   --draft "$here/vllm_chimera/drafts/smollm2-chimera" "${peer_drafts[@]}" \

@@ -110,6 +110,7 @@ def test_method_specs():
                                                     "lookup": True, "num_speculative_tokens": 2}
     assert method_config("chimera", settings) == {"method": "chimera", "model": "d", "lookup": True}
     assert method_config("ngram:3", settings)["num_speculative_tokens"] == 3
+    assert method_config("suffix", settings) == {"method": "suffix"}
 
 
 def test_chimera_methods_with_and_without_the_lookup():

@@ -75,6 +75,8 @@ def method_config(spec: str, settings: BenchSettings) -> dict | None:
     if method == "ngram":
         return {"method": "ngram", "num_speculative_tokens": k or settings.ngram_tokens,
                 "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    if method == "suffix":  # vLLM's suffix decoding (needs arctic-inference: README)
+        return {"method": "suffix", **({"num_speculative_tokens": k} if k else {})}
     if method in DRAFT_OPTIONS:
         draft = getattr(settings, DRAFT_OPTIONS[method])
         if draft is None:
@@ -90,7 +92,8 @@ def method_config(spec: str, settings: BenchSettings) -> dict | None:
         if k is not None:
             config["num_speculative_tokens"] = k
         return config
-    raise ValueError(f"unknown method {method!r}; known: plain, ngram, {', '.join(DRAFT_OPTIONS)}")
+    raise ValueError(f"unknown method {method!r}; known: plain, ngram, suffix, "
+                     f"{', '.join(DRAFT_OPTIONS)}")
 
 
 # The methods that need a draft, and the BenchSettings field that holds it.

@@ -37,8 +37,9 @@ COMPARED = {"greedy": True, "stream": True, "chat_greedy": True, "logprobs": Tru
             "include_stop_str": True, "min_tokens": True, "ignore_eos": True,
             "penalties": True, "logit_bias": True, "bad_words": True, "allowed_token_ids": True,
             "truncate_prompt_tokens": True, "choice": True, "regex": True, "json_schema": True,
-            "long_prompt": True, "seeded": False, "sampled_n2": False, "top_k_top_p": False,
+            "long_prompt": True, "seeded": True, "sampled_n2": False, "top_k_top_p": False,
             "min_p": False, "abort": False}
+# (seeded: Chimera serves seeded sampled requests without drafts, so as plain vLLM does)
 MALFORMED = ("bad_json", "no_prompt", "negative_temperature", "negative_max_tokens",
              "unknown_model", "n_zero", "too_long_prompt")
 
