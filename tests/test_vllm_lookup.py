@@ -157,8 +157,6 @@ def test_lookup_settings_reach_the_engine(pair):
     lookup for another method fail at start-up."""
     from vllm.config import SpeculativeConfig
 
-    from vllm_chimera.vllm.offline import ENGINE_DEFAULTS  # noqa: F401 (vLLM patched)
-
     folder, _ = pair
     assert LookupSettings.parse(None) == LookupSettings.parse(True) == LookupSettings()
     assert LookupSettings.parse(False) is None

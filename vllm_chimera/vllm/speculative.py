@@ -41,6 +41,12 @@ def chimera_requested(method: str | None, model: str | None) -> bool:
     return method in (None, "draft_model") and is_chimera_dir(model)
 
 
+def chimera_engine(vllm_config) -> bool:
+    """True iff this engine's speculative method is chimera (after resolution)."""
+    spec = vllm_config.speculative_config
+    return spec is not None and spec.method == METHOD
+
+
 def find_draft_for_target(target_model: str) -> Path:
     """The draft for a target when the user said only "chimera".
 
@@ -116,8 +122,6 @@ class LookupSettings:
             return cls()
         if value is False:
             return None
-        if isinstance(value, LookupSettings):
-            return value
         if not isinstance(value, dict):
             raise ValueError(f"chimera: 'lookup' must be true, false or a dict with keys "
                              f"{LOOKUP_KEYS}, got {value!r}")
