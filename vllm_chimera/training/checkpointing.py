@@ -25,7 +25,8 @@ STATE_NAME = "trainer_state.pt"
 # Settings that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = {"stop_at_step", "resume", "progress", "num_threads", "device",
                      "save_every", "eval_every", "cache_dir"}
-SETTINGS_ADDED_LATER = {"draft_kind": "chimera"}  # setting -> the value older runs had
+SETTINGS_ADDED_LATER = {"draft_kind": "chimera",  # setting -> the value older runs had
+                        "loss_positions_fraction": None}
 
 
 @dataclass
@@ -33,6 +34,9 @@ class TrainState:
     step: int = 0  # optimizer steps done
     history: list = field(default_factory=list)  # one dict per logged step or validation
     train_seconds: float = 0.0  # wall time spent in training steps, over all sessions
+    # This process's CPU time in training steps (time.process_time: all its threads), over
+    # all sessions: the budget recipes are compared at, as wall time is not on a shared machine.
+    train_cpu_seconds: float = 0.0
 
 
 def rng_state() -> dict:
@@ -65,7 +69,8 @@ def save_checkpoint(folder: Path, draft: ChimeraDraftModel | PeerDraft, optimize
     save_trained_draft(draft, tmp / "draft")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "step": state.step, "history": state.history, "train_seconds": state.train_seconds,
-                "rng": rng_state(), "settings": settings}, tmp / STATE_NAME)
+                "train_cpu_seconds": state.train_cpu_seconds, "rng": rng_state(),
+                "settings": settings}, tmp / STATE_NAME)
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)
@@ -100,7 +105,8 @@ def load_checkpoint(folder: Path, draft: ChimeraDraftModel | PeerDraft, optimize
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(saved["rng"])
     return TrainState(step=saved["step"], history=saved["history"],
-                      train_seconds=saved.get("train_seconds", 0.0))
+                      train_seconds=saved.get("train_seconds", 0.0),
+                      train_cpu_seconds=saved.get("train_cpu_seconds", 0.0))
 
 
 def has_checkpoint(folder: Path) -> bool:

@@ -100,10 +100,16 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-ratio", type=float, default=default("warmup_ratio"))
     g.add_argument("--head-weights", type=lambda s: [float(x) for x in s.split(",")],
                    help="comma-separated loss weight per head (default 0.8**i)")
+    g.add_argument("--loss-positions-fraction", type=float, metavar="F",
+                   help="cheaper steps: take the heads' loss on a random share F of each "
+                        "sequence's labelled positions, drawn anew each step (default: all; "
+                        "validation always scores all); chimera and medusa")
     g.add_argument("--seed", type=int, default=default("seed"))
     g = p.add_argument_group("run")
     g.add_argument("--save-every", type=int, default=default("save_every"))
-    g.add_argument("--eval-every", type=int)
+    g.add_argument("--eval-every", type=int,
+                   help="validate every N steps (log.jsonl: step, seconds, cpu_seconds, "
+                        "per-head accuracy; default: at the end only)")
     g.add_argument("--stop-at-step", type=int, help="stop (resumably) after this step")
     g.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     g.add_argument("--device", default=default("device"))
@@ -156,7 +162,8 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
             max_length=args.max_length, train_tokens=args.train_tokens, val_tokens=args.val_tokens,
             loss_on=args.loss_on, epochs=args.epochs, batch_size=args.batch_size,
             micro_batch_size=args.micro_batch_size, lr=args.lr, weight_decay=args.weight_decay,
-            warmup_ratio=args.warmup_ratio, head_weights=args.head_weights, seed=args.seed,
+            warmup_ratio=args.warmup_ratio, head_weights=args.head_weights,
+            loss_positions_fraction=args.loss_positions_fraction, seed=args.seed,
             save_every=args.save_every, eval_every=args.eval_every, stop_at_step=args.stop_at_step,
             resume=not args.no_resume, device=args.device, num_threads=args.num_threads,
             progress=not args.no_progress)

@@ -6,6 +6,15 @@ masked where t+2+i is beyond the sequence (or, with loss_on="responses", not an 
 
 `HeadsLoss` is the loss of any set of K parallel heads (Chimera's here, Medusa's in peers.py);
 `DraftLoss` is Chimera's.
+
+Cheaper steps (`positions_fraction`): the heads' LM-head projections are most of a step, and
+neighbouring positions of one answer teach nearly the same thing, so a training step may take
+the loss on a random subset of each sequence's labelled positions (the encoders still run over
+every position: the context layer needs the whole prefix). The subset is drawn from
+`batch["position_seeds"]` (one seed per sequence, a pure function of the run's seed, the step
+and the sequence: `position_seeds`), so a resumed run draws exactly the subsets an
+uninterrupted one would, whatever the micro-batching or the number of processes. Validation
+(eval mode) always scores every position.
 """
 from __future__ import annotations
 
@@ -34,6 +43,31 @@ def head_labels(greedy: torch.Tensor, loss_mask: torch.Tensor, num_heads: int) -
     return labels
 
 
+def position_seeds(seed: int, step: int, sequence_indices: list[int]) -> torch.Tensor:
+    """One seed per sequence [B] (int64) for `subsample_positions` at optimizer step `step`:
+    different each step and each sequence, the same on every rerun."""
+    return torch.tensor([(seed * 1_000_003 + step) * 10_000_019 + i for i in sequence_indices],
+                        dtype=torch.long)
+
+
+def subsample_positions(selected: torch.Tensor, fraction: float, seeds: torch.Tensor) -> torch.Tensor:
+    """A random subset of each row's selected positions: round(fraction * n) of its n (at
+    least 1 where n > 0), uniformly without replacement, drawn from the row's seed.
+
+    selected [B, T] bool, seeds [B] int64 -> [B, T] bool, a subset of `selected`.
+    """
+    B, T = selected.shape
+    # One uniform key per position from each row's own generator (on the CPU: a CUDA batch
+    # would otherwise draw from a different stream); the row's k smallest keys are kept.
+    keys = torch.stack([torch.rand(T, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds.tolist()]).to(selected.device)  # [B, T]
+    keys = keys.masked_fill(~selected, 2.0)  # unselected positions sort last
+    counts = selected.sum(-1)  # [B]
+    keep = torch.where(counts > 0, (counts.double() * fraction).round().long().clamp(min=1), 0)  # [B]
+    rank = keys.argsort(-1).argsort(-1)  # [B, T]: each position's rank within its row
+    return selected & (rank < keep[:, None])
+
+
 def batch_labels(batch: dict[str, torch.Tensor], loss_on: str, num_heads: int) -> torch.Tensor:
     """head_labels of a CachedData batch: [K, B, L-1], padding and (with loss_on="responses")
     non-response tokens masked."""
@@ -51,13 +85,17 @@ class HeadsLoss(nn.Module):
     labels outside it teach nothing, and the statistics compare target ids.
     """
 
-    def __init__(self, draft: nn.Module, head_weights: list[float], loss_on: str = "responses"):
+    def __init__(self, draft: nn.Module, head_weights: list[float], loss_on: str = "responses",
+                 positions_fraction: float | None = None):
         super().__init__()
         self.draft = draft
         self.num_heads = len(head_weights)
         self.register_buffer("head_weights", torch.tensor(head_weights, dtype=torch.float32),
                              persistent=False)
         self.loss_on = loss_on
+        # In training, the share of each sequence's labelled positions the heads are run on
+        # (None: all of them); needs batch["position_seeds"] (module docstring).
+        self.positions_fraction = positions_fraction
         self.target_to_draft = None  # [V] draft id of each target id (-1: none), reduced vocab only
         vocabulary = self.draft_vocabulary()
         if vocabulary is not None:
@@ -94,6 +132,9 @@ class HeadsLoss(nn.Module):
         labels = batch_labels(batch, self.loss_on, self.num_heads)  # [K, B, L-1]
         # The LM-head projections dominate the cost: run the heads only where some head has a label.
         selected = (labels != IGNORE).any(0)  # [B, L-1]
+        if self.training and self.positions_fraction is not None:
+            selected = subsample_positions(selected, self.positions_fraction,
+                                           batch["position_seeds"])  # [B, L-1]
         logits = self.head_logits(batch["tokens"], batch["hidden"], selected).float()  # [K, P, V']
         return self._loss_and_stats(logits, labels[:, selected])
 

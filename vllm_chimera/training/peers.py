@@ -480,10 +480,11 @@ def build_peer(kind: str, target: nn.Module, num_heads: int, overrides: dict | N
 
 
 def peer_loss(draft: PeerDraft, head_weights: list[float], loss_on: str,
-              overrides: dict | None = None) -> nn.Module:
-    """The training loss of a peer (head_weights: Medusa's per-head weights; its length is K)."""
+              overrides: dict | None = None, positions_fraction: float | None = None) -> nn.Module:
+    """The training loss of a peer (head_weights: Medusa's per-head weights; its length is K;
+    positions_fraction: Medusa's, as HeadsLoss's; EAGLE has none, TrainingSettings refuses it)."""
     if isinstance(draft, MedusaHeads):
-        return MedusaLoss(draft, head_weights, loss_on)
+        return MedusaLoss(draft, head_weights, loss_on, positions_fraction)
     options = {**PEER_OPTIONS["eagle"], **(overrides or {})}
     return EagleLoss(draft, len(head_weights), loss_on, options["regression_weight"],
                      options["classification_weight"], options["feature_noise"])

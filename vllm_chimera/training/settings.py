@@ -45,6 +45,10 @@ class TrainingSettings:
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
     head_weights: list[float] | None = None  # default 0.8 ** i (Medusa's)
+    # Cheaper steps: each training step takes the heads' loss on this share of every
+    # sequence's labelled positions, drawn anew each step (None: all; validation always
+    # scores all). The LM-head projections are most of a step; neighbours teach alike.
+    loss_positions_fraction: float | None = None
     grad_clip: float = 1.0
     seed: int = 0
     # -- bookkeeping ----------------------------------------------------------------------
@@ -70,6 +74,13 @@ class TrainingSettings:
         if self.head_weights is not None and len(self.head_weights) != self.num_heads:
             problems.append(f"head_weights has {len(self.head_weights)} entries for "
                             f"{self.num_heads} heads")
+        if self.loss_positions_fraction is not None:
+            if not 0 < self.loss_positions_fraction <= 1:
+                problems.append("loss_positions_fraction must be in (0, 1], got "
+                                f"{self.loss_positions_fraction}")
+            if self.draft_kind == "eagle":  # its rollout and regression span every position
+                problems.append("loss_positions_fraction is for parallel heads (chimera, "
+                                "medusa), not eagle")
         if self.draft_kind != "chimera":
             problems += self._peer_problems()
         if problems:

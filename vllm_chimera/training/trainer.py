@@ -35,7 +35,7 @@ from vllm_chimera.training.checkpointing import (TrainState, has_checkpoint, loa
                                                  save_checkpoint, save_trained_draft)
 from vllm_chimera.training.data import (CachedData, CachedDataList, build_cache, cache_key,
                                          load_sequences)
-from vllm_chimera.training.loss import DraftLoss
+from vllm_chimera.training.loss import DraftLoss, position_seeds
 from vllm_chimera.training.peers import build_peer, load_peer, peer_kind, peer_loss
 from vllm_chimera.training.settings import TrainingSettings
 
@@ -149,8 +149,10 @@ def build_draft(settings: TrainingSettings, target, train: CachedData) -> torch.
 def build_loss(settings: TrainingSettings, draft: torch.nn.Module) -> torch.nn.Module:
     """The draft's training loss: forward(batch) -> (loss, stats); summarize(stats) -> figures."""
     if settings.draft_kind == "chimera":
-        return DraftLoss(draft, settings.weights(), settings.loss_on)
-    return peer_loss(draft, settings.weights(), settings.loss_on, settings.draft_overrides)
+        return DraftLoss(draft, settings.weights(), settings.loss_on,
+                         settings.loss_positions_fraction)
+    return peer_loss(draft, settings.weights(), settings.loss_on, settings.draft_overrides,
+                     settings.loss_positions_fraction)
 
 
 # -- schedule and data order ----------------------------------------------------------------
@@ -212,8 +214,10 @@ def evaluate(loss_module: torch.nn.Module, data: CachedData, settings: TrainingS
 
 # -- one optimizer step ---------------------------------------------------------------------
 def train_step(model, loss_module: torch.nn.Module, micro_batches, data: CachedData, optimizer,
-               scheduler, settings: TrainingSettings, device: torch.device) -> torch.Tensor:
-    """Forward/backward over this process's micro-batches, then one optimizer step.
+               scheduler, settings: TrainingSettings, device: torch.device,
+               step: int = 0) -> torch.Tensor:
+    """Forward/backward over this process's micro-batches, then one optimizer step (`step`,
+    counted from 0, seeds the loss's subset of positions with settings.loss_positions_fraction).
 
     Returns the summed stats of this process (per head [loss_sum, correct, count]: [K, 3]
     for heads; the loss module's own rows otherwise).
@@ -224,9 +228,13 @@ def train_step(model, loss_module: torch.nn.Module, micro_batches, data: CachedD
         # Under DDP, gradients are all-reduced only on the last micro-batch.
         sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) \
             else model.no_sync()
+        batch = data.batch(indices, device)
+        if settings.loss_positions_fraction is not None:
+            # Seeded by (seed, step, sequence): a resumed run draws the same subsets.
+            batch["position_seeds"] = position_seeds(settings.seed, step, indices)  # [B]
         with sync:
             with autocast_context(device):
-                loss, stats = model(data.batch(indices, device))
+                loss, stats = model(batch)
             (loss / len(micro_batches)).backward()
         stats_total += stats.float().cpu()
     if settings.grad_clip:
@@ -352,23 +360,24 @@ def _loop(model, loss_module, draft, train_data, val_data, optimizer, scheduler,
     loss_module.train()
     with StopFlag() as flag:
         while state.step < stop_at:
-            tick = time.time()
+            tick, cpu_tick = time.time(), time.process_time()
             micro = step_indices(state.step, len(train_data), settings, rank, world)
             stats = reduce_stats(train_step(model, loss_module, micro, train_data, optimizer,
-                                            scheduler, settings, device), world, device)
+                                            scheduler, settings, device, state.step), world, device)
             state.step += 1
             state.train_seconds += time.time() - tick
+            state.train_cpu_seconds += time.process_time() - cpu_tick
             summary = loss_module.summarize(stats)
             summary.pop("head_tokens")
             record = {"step": state.step, "lr": scheduler.get_last_lr()[0], **summary,
-                      "seconds": round(state.train_seconds, 2)}
+                      **_clock(state)}
             state.history.append(record)
             bar.set_postfix_str(f"loss {record['loss']:.3f} acc "
                                 + " ".join(f"{a:.2f}" for a in record["head_accuracy"]))
             bar.update(1)
             if settings.eval_every and state.step % settings.eval_every == 0 and val_data is not None:
                 if rank == 0:
-                    state.history.append({"step": state.step, "validation":
+                    state.history.append({"step": state.step, **_clock(state), "validation":
                                           evaluate(loss_module, val_data, settings, device)})
                 barrier(world)
             # Every process must agree to stop, or the others would wait in all-reduce forever.
@@ -382,6 +391,14 @@ def _loop(model, loss_module, draft, train_data, val_data, optimizer, scheduler,
                 break
     bar.close()
     return state
+
+
+def _clock(state: TrainState) -> dict:
+    """The training time so far, for a log record: wall seconds and this process's CPU
+    seconds (all its threads; validation and checkpoints excluded), so that learning curves
+    can be drawn per CPU-second."""
+    return {"seconds": round(state.train_seconds, 2),
+            "cpu_seconds": round(state.train_cpu_seconds, 2)}
 
 
 def _any(flag: bool, world: int, device: torch.device) -> bool:
@@ -407,7 +424,8 @@ def _finish(settings, draft, loss_module, train_data, val_data, state, device, t
     validation = evaluate(loss_module, val_data, settings, device) if val_data is not None else None
     if validation is not None and not any(r.get("step") == state.step and "validation" in r
                                           for r in state.history):
-        state.history.append({"step": state.step, "validation": validation})  # plotted too
+        state.history.append({"step": state.step, **_clock(state),
+                              "validation": validation})  # plotted too
     if finished:
         save_trained_draft(draft, out / "draft")
     recent = [r for r in state.history if "loss" in r][-20:]
@@ -424,6 +442,7 @@ def _finish(settings, draft, loss_module, train_data, val_data, state, device, t
         "validation": validation,
         "draft_parameters": draft.num_parameters(),
         "train_seconds": round(state.train_seconds, 1),
+        "train_cpu_seconds": round(state.train_cpu_seconds, 1),  # all of its threads
         "cache_seconds_this_session": round(cache_seconds, 1),
         "machine": {"device": str(device), "processes": world,
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
