@@ -12,14 +12,17 @@ TEST_ENGINE = dict(kv_cache_memory_bytes=64 << 20, max_model_len=512)
 
 
 def run_engine(target_dir, prompts, sampling_params, draft_dir=None, method="chimera",
-               num_rounds=1, lookup=False, **engine_kwargs) -> OfflineRun:
+               num_rounds=1, lookup=False, tree=None, **engine_kwargs) -> OfflineRun:
     """One engine run; with `draft_dir`, Chimera (method=None: detected from the draft).
 
     The context lookup is off unless asked for (`lookup`: True or its settings), so that
-    the drafts are the heads' alone, as in the reference decoder."""
+    the drafts are the heads' alone, as in the reference decoder; `tree`: the
+    speculative_config tree (paths or "auto"), none by default."""
     spec = None
     if draft_dir is not None:
         spec = {"model": str(draft_dir), "lookup": lookup}
+        if tree is not None:
+            spec["tree"] = tree
         if method is not None:
             spec["method"] = method
     return run_offline(target_dir, prompts, sampling_params, spec, num_rounds,

@@ -44,6 +44,14 @@ class ChimeraConfig(PretrainedConfig):
             `num_speculative_tokens_per_batch_size` format (inclusive batch-size ranges,
             the last K carries on); used when the user fixes no K (chimera-bench derives
             it from chimera:K runs, `--save-schedule` stores it here).
+        head_top_k_accuracies: measured [num_heads][top_k]: how often head i's rank-r
+            candidate was the target's token when the path before it was accepted (inside
+            vLLM, `chimera-bench --measure-tree`); what speculative_config tree "auto" builds
+            the best tree from.
+        tree_step_seconds: measured seconds of a batch-1 decoding step that verifies n
+            tokens, per device type: {"cpu": {"1": 0.031, "4": 0.033, ...}}.
+        tree_schedules: measured tree size (nodes, 0 = a chain) per batch size, per device
+            type, in the step-aside schedule's format: {"cpu": [[1, 1, 8], [2, 256, 0]]}.
     """
 
     model_type = "chimera"
@@ -70,6 +78,9 @@ class ChimeraConfig(PretrainedConfig):
         use_trigram_encoder: bool = True,
         use_context_encoder: bool = True,
         step_aside_schedules: dict[str, list[list[int]]] | None = None,
+        head_top_k_accuracies: list[list[float]] | None = None,
+        tree_step_seconds: dict[str, dict[str, float]] | None = None,
+        tree_schedules: dict[str, list[list[int]]] | None = None,
         **kwargs,
     ):
         self.target_architecture = target_architecture
@@ -92,6 +103,9 @@ class ChimeraConfig(PretrainedConfig):
         self.use_trigram_encoder = use_trigram_encoder
         self.use_context_encoder = use_context_encoder
         self.step_aside_schedules = step_aside_schedules
+        self.head_top_k_accuracies = head_top_k_accuracies
+        self.tree_step_seconds = tree_step_seconds
+        self.tree_schedules = tree_schedules
         kwargs.setdefault("architectures", ["ChimeraDraftModel"])
         super().__init__(**kwargs)
         self.validate()
@@ -119,6 +133,16 @@ class ChimeraConfig(PretrainedConfig):
             problem = schedule_problem(schedule, self.num_decoding_heads)
             if problem:
                 problems.append(f"step_aside_schedules[{device!r}]: {problem}")
+        for device, schedule in (self.tree_schedules or {}).items():
+            problem = schedule_problem(schedule, 1 << 30)
+            if problem:
+                problems.append(f"tree_schedules[{device!r}]: {problem}")
+        accuracies = self.head_top_k_accuracies
+        if accuracies is not None and not (
+                isinstance(accuracies, list) and 0 < len(accuracies) <= self.num_decoding_heads
+                and all(isinstance(a, list) and a and all(0 <= x <= 1 for x in a) for a in accuracies)):
+            problems.append(f"head_top_k_accuracies must be one non-empty list of "
+                            f"probabilities per head, got {accuracies!r}")
         if problems:
             raise ValueError("Invalid ChimeraConfig: " + "; ".join(problems))
 

