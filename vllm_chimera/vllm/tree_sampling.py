@@ -27,10 +27,15 @@ things about such a request, step by step (TreeRunnerPatch):
    is written for the accepted path only.
 
 Requests without a tree in the same batch are untouched (their rows keep vLLM's result).
+
+Metrics: vLLM's own per-position acceptance counters (`vllm:spec_decode_num_accepted_
+tokens_per_pos` in /metrics and LLM.get_metrics()) count, for a tree, the requests whose
+accepted path reached depth i + 1 (a path of length a counts as a accepted "positions").
+`STATS` here counts the tree steps alone, in this process (chimera-bench prints it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -118,6 +123,26 @@ def check_kv_cache_groups(kv_cache_config, draft_layer_names) -> None:
 
 
 @dataclass
+class TreeStats:
+    """Tree verifications in this process (the engine core's: in-process engines, the bench)."""
+
+    num_trees: int = 0  # tree drafts verified
+    num_nodes: int = 0  # drafted nodes verified (excluding roots)
+    num_accepted_per_depth: list[int] = field(default_factory=list)  # paths reaching depth i+1
+
+    def add(self, num_nodes: int, num_accepted: int) -> None:
+        self.num_trees += 1
+        self.num_nodes += num_nodes - 1
+        if len(self.num_accepted_per_depth) < num_accepted:
+            self.num_accepted_per_depth += [0] * (num_accepted - len(self.num_accepted_per_depth))
+        for depth in range(num_accepted):
+            self.num_accepted_per_depth[depth] += 1
+
+
+STATS = TreeStats()
+
+
+@dataclass
 class _TreeRequest:
     rows: TreeRows
     tree: TokenTree
@@ -172,6 +197,8 @@ def _set_tree_positions(runner, requests: list[_TreeRequest]) -> None:
 def verify_trees(runner, state: _StepState, logits: torch.Tensor, spec_decode_metadata,
                  sampler_output) -> None:
     """Accept each tree request's path, rewrite its output row, compact its rows and KV."""
+    from vllm.sampling_params import _SAMPLING_EPS
+
     num_draft_tokens = spec_decode_metadata.num_draft_tokens  # list, per request
     # Request r's logits rows start after every earlier request's drafts + bonus row.
     logits_start = [sum(num_draft_tokens[:r]) + r for r in range(len(num_draft_tokens) + 1)]
@@ -182,9 +209,10 @@ def verify_trees(runner, state: _StepState, logits: torch.Tensor, spec_decode_me
         node_logits = logits[start: start + tree.num_nodes].float()  # [T, V]
         node_tokens = runner.input_ids.gpu[rows.first_row: rows.first_row + tree.num_nodes].clone()
         params = runner.requests[request.req_id].sampling_params
-        acceptance = (accept_greedy(tree, node_tokens, node_logits) if params.temperature < 1e-5
+        acceptance = (accept_greedy(tree, node_tokens, node_logits) if params.temperature < _SAMPLING_EPS
                       else accept_sampling(tree, node_tokens, _target_probs(node_logits, params)))
         path = acceptance.nodes  # [0, ...] root first
+        STATS.add(tree.num_nodes, len(path) - 1)
         accepted = node_tokens[path[1:]].tolist() + [acceptance.bonus_token]
         output[rows.req_index].fill_(-1)
         output[rows.req_index, : len(accepted)] = torch.tensor(accepted, device=output.device,
