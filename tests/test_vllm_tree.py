@@ -63,7 +63,7 @@ def _reference_accepted(target, draft, prompts, tree, max_tokens) -> int:
 def test_tree_greedy_equals_plain_and_matches_reference(small_pair, plain_small, num_prompts):
     target_dir, draft_dir, target, draft = small_pair
     prompts = _prompts(num_prompts)
-    tree_sampling.STATS.__init__()
+    tree_sampling.STATS.reset()
     spec = run_engine(target_dir, prompts, GREEDY, draft_dir, tree=WIDE_TREE)
     assert spec.token_ids == plain_small.token_ids[:num_prompts]
     stats = tree_sampling.STATS
@@ -73,6 +73,12 @@ def test_tree_greedy_equals_plain_and_matches_reference(small_pair, plain_small,
     # vLLM's per-position counters are the per-depth counts.
     per_position = spec.metrics["vllm:spec_decode_num_accepted_tokens_per_pos"]
     assert per_position[: len(stats.num_accepted_per_depth)] == stats.num_accepted_per_depth
+    # Per node: each depth's accepted nodes add up to that depth's count, and only nodes
+    # of the tree are named.
+    assert set(stats.num_accepted_per_path) <= {tuple(p) for p in WIDE_TREE}
+    assert [sum(n for p, n in stats.num_accepted_per_path.items() if len(p) == depth + 1)
+            for depth in range(len(stats.num_accepted_per_depth))] == stats.num_accepted_per_depth
+    assert any(p[-1] > 0 for p in stats.num_accepted_per_path)  # non-top-1 nodes accepted
     tree = TokenTree.from_paths(WIDE_TREE)
     assert spec.counter("vllm:spec_decode_num_accepted_tokens") == _reference_accepted(
         target, draft, prompts, tree, GREEDY.max_tokens)
@@ -105,7 +111,7 @@ def test_tree_under_chunked_prefill_preemption_prefix_caching_and_mixed_batches(
     small = dict(enable_chunked_prefill=True, max_num_batched_tokens=64, max_num_seqs=8,
                  kv_cache_memory_bytes=600 << 10, max_model_len=256)
     plain = run_engine(target_dir, prompts, params)
-    tree_sampling.STATS.__init__()
+    tree_sampling.STATS.reset()
     spec = run_engine(target_dir, prompts, params, draft_dir, tree=WIDE_TREE, **small)
     assert spec.token_ids == plain.token_ids
     assert spec.counter("vllm:num_preemptions") > 0, "the KV cache did not force preemption"
@@ -135,7 +141,7 @@ def test_tree_sampling_follows_the_target_distribution(tmp_path):
     rates = {}
     for name, draft_dir in [("plain", None), ("tree", tmp_path / "draft")]:
         params = SamplingParams(temperature=0.8, max_tokens=6, ignore_eos=True)
-        tree_sampling.STATS.__init__()
+        tree_sampling.STATS.reset()
         run = run_engine(tmp_path / "target", prompts, params, draft_dir,
                          tree=tree if draft_dir else None)
         follows = [int(pi[seq[j]]) == seq[j + 1] for seq in run.token_ids for j in range(5)]

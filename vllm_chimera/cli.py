@@ -14,6 +14,7 @@ draft (mostly rejected) and with an oracle draft (always accepted), for a chain 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -141,8 +142,19 @@ def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
         methods = [parse_method(spec) for spec in args.methods.split(",")]
     except ValueError as error:
         parser.error(str(error))
-    if args.save_schedule and not any(name == "chimera" and k for name, k in methods):
-        parser.error("--save-schedule needs chimera:K methods to measure, e.g. chimera:1,chimera:4")
+    if args.measure_tree and not args.draft:
+        parser.error("--measure-tree needs --draft")
+    if (args.save_schedule and not args.measure_tree
+            and not any(name == "chimera" and k for name, k in methods)):
+        parser.error("--save-schedule needs chimera:K methods to measure, e.g. chimera:1,chimera:4 "
+                     "(or --measure-tree)")
+    tree = "auto"
+    if args.tree != "auto":
+        try:
+            tree = json.loads(args.tree)
+        except json.JSONDecodeError as error:
+            parser.error(f"--tree must be 'auto' or a JSON list of paths such as "
+                         f"'[[0], [1], [0, 0]]': {error}")
     engine_kwargs = {"kv_cache_memory_bytes": int(args.kv_cache_gib * (1 << 30))}
     if args.dtype != "float32":  # (only what differs from ENGINE_DEFAULTS: saved runs stay reusable)
         engine_kwargs["dtype"] = args.dtype
@@ -159,7 +171,7 @@ def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
         batch_sizes=batch_sizes, max_tokens=args.max_tokens, num_speculative_tokens=args.num_tokens,
         sampled_temperature=args.temperature or None, sampled_batch_size=args.sampled_batch_size,
         step_times=not args.no_step_times, engine_kwargs=engine_kwargs,
-        lookup={"num_tokens": args.lookup_tokens} if args.lookup_tokens else None)
+        lookup={"num_tokens": args.lookup_tokens} if args.lookup_tokens else None, tree=tree)
 
 
 def _rerun(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
@@ -168,6 +180,40 @@ def _rerun(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[s
     if unknown:
         parser.error(f"--rerun {','.join(sorted(unknown))}: not among --methods {args.methods}")
     return rerun
+
+
+def _measure_tree(parser: argparse.ArgumentParser, args: argparse.Namespace, settings) -> int:
+    """chimera-bench --measure-tree (bench_tree.py), in a fresh process as every method."""
+    import multiprocessing
+    from pathlib import Path
+
+    from vllm_chimera.prepare import heldout_prompts
+    from vllm_chimera.vllm import bench_tree
+
+    try:
+        sizes = tuple(int(n) for n in args.tree_sizes.split(","))
+    except ValueError:
+        parser.error(f"--tree-sizes must be comma-separated integers, got {args.tree_sizes!r}")
+    if min(sizes) < 2 or max(sizes) > 129:
+        parser.error("--tree-sizes must be in 2..129 (the root and 1..128 drafts)")
+    if not 1 <= args.tree_top_k <= 16:
+        parser.error("--tree-top-k must be in 1..16")
+    measure = bench_tree.TreeMeasureSettings(top_k=args.tree_top_k, tree_sizes=sizes,
+                                             num_prompts=args.measure_prompts,
+                                             max_tokens=args.measure_tokens)
+    prompts = heldout_prompts(settings.target, measure.num_prompts)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        report = pool.apply(bench_tree.measure_tree, (settings, measure, prompts))
+    results = bench_tree.tree_results(report)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "tree-measure.json").write_text(json.dumps({**report, "results": results}, indent=2))
+    (output / "tree-measure.md").write_text(bench_tree.markdown(report, results))
+    bench_tree.plot(report, output / "tree-measure.png")
+    print((output / "tree-measure.md").read_text())
+    if args.save_schedule:
+        print(f"tree settings saved in {bench_tree.save_tree_settings(results, args.draft)}")
+    return 0
 
 
 def bench_main(argv=None) -> int:
@@ -207,6 +253,21 @@ def bench_main(argv=None) -> int:
                         help="store the step-aside schedule measured from the chimera:K methods in "
                              "the --draft folder's config.json, for this device type (used by vLLM "
                              "whenever no K is given)")
+    parser.add_argument("--tree", default="auto",
+                        help="the tree of methods chimera-tree / chimera-tree-nolookup: 'auto' (the "
+                             "draft's measured tree and schedule) or a JSON list of paths of top-k "
+                             "ranks, e.g. '[[0], [1], [0, 0]]'")
+    parser.add_argument("--measure-tree", action="store_true",
+                        help="instead of the benchmark: measure the draft's per-head top-k accuracies, "
+                             "the step time per tree size and the fastest tree per batch size on "
+                             "held-out prompts (OUTPUT/tree-measure.*); with --save-schedule store "
+                             "them in the draft's config.json (what tree 'auto' uses)")
+    parser.add_argument("--tree-top-k", type=int, default=4, help="--measure-tree: ranks per head")
+    parser.add_argument("--tree-sizes", default="2,3,4,6,8,12,16,24,32,48,64",
+                        help="--measure-tree: tree sizes to time, in verified tokens (root + drafts)")
+    parser.add_argument("--measure-prompts", type=int, default=24,
+                        help="--measure-tree: held-out ShareGPT prompts (never MT-bench's)")
+    parser.add_argument("--measure-tokens", type=int, default=64, help="--measure-tree: tokens per prompt")
     parser.add_argument("--quick", action="store_true", help="8 prompts, 32 tokens, batch 1 and 4")
     parser.add_argument("--rerun", default="",
                         help="comma-separated methods to run again although OUTPUT/runs/ holds a "
@@ -216,6 +277,8 @@ def bench_main(argv=None) -> int:
     args = parser.parse_args(argv)
     rerun = _rerun(parser, args)
     settings = _bench_settings(parser, args)
+    if args.measure_tree:
+        return _measure_tree(parser, args, settings)
     from vllm_chimera.prepare import mtbench_prompts
     from vllm_chimera.vllm.bench import run_benchmark, save_schedule
 

@@ -329,12 +329,29 @@ def mtbench_questions(num_prompts: int) -> list[str]:
 
 def mtbench_prompts(target_dir: str, num_prompts: int) -> list[str]:
     """MT-bench first turns rendered with the target's chat template."""
+    return _chat_prompts(target_dir, mtbench_questions(num_prompts))
+
+
+def heldout_prompts(target_dir: str, num_prompts: int,
+                    cache: str | os.PathLike | None = None) -> list[str]:
+    """First user turns of the held-out ShareGPT split (`chimera-prepare data`), rendered
+    with the target's chat template: what a draft's settings are measured on, so that the
+    benchmark's MT-bench prompts stay unseen."""
+    path = cache_dir(cache) / "data" / "sharegpt" / "validation.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no held-out ShareGPT split at {path}: run chimera-prepare data")
+    texts = [record["messages"][0]["content"] for record in read_jsonl(path)
+             if record["messages"] and record["messages"][0]["role"] == "user"]
+    return _chat_prompts(target_dir, texts[:num_prompts])
+
+
+def _chat_prompts(target_dir: str, texts: list[str]) -> list[str]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     return [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
                                           add_generation_prompt=True)
-            for t in mtbench_questions(num_prompts)]
+            for t in texts]
 
 
 def prepare_data(cache: str | os.PathLike | None = None, validation_size: int = 500,

@@ -188,3 +188,26 @@ def _interpolate(step_seconds, sizes: list[int], num_tokens: int) -> float:
     lower = max(n for n in sizes if n < num_tokens)
     weight = (num_tokens - lower) / (upper - lower)
     return (1 - weight) * float(step_seconds[lower]) + weight * float(step_seconds[upper])
+
+
+def spine_paths(num_heads: int, top_k: int) -> list[Path]:
+    """The tree that measures every head's top-k: the top-1 chain, with all top_k ranks
+    as children of each chain node. e.g. 2 heads, top-2: [(0,), (1,), (0, 0), (0, 1)]."""
+    return [(0,) * depth + (rank,) for depth in range(num_heads) for rank in range(top_k)]
+
+
+def spine_accuracies(num_accepted_per_path, num_trees: int, num_heads: int,
+                     top_k: int) -> list[list[float]]:
+    """[num_heads][top_k] accuracies (as best_paths takes them) from verifying
+    spine_paths(num_heads, top_k) trees: how often head i's rank-r candidate was accepted
+    when the chain before it, (0,) * i, was.
+
+    e.g. 100 trees, (0,) accepted 30 times and (1,) 10 times, (0, 0) 6 times and (0, 1)
+    3 times: [[0.3, 0.1], [0.2, 0.1]]. A head whose parent was never reached gets zeros.
+    """
+    accuracies = []
+    for depth in range(num_heads):
+        reached = num_trees if depth == 0 else num_accepted_per_path.get((0,) * depth, 0)
+        accuracies.append([num_accepted_per_path.get((0,) * depth + (rank,), 0) / reached
+                           if reached else 0.0 for rank in range(top_k)])
+    return accuracies

@@ -51,6 +51,7 @@ class BenchSettings:
     num_speculative_tokens: int | None = None
     ngram_tokens: int = 4
     lookup: dict | None = None  # chimera's lookup settings (default: the plugin's defaults)
+    tree: str | list = "auto"  # the tree of the chimera-tree methods: "auto" or a list of paths
     sampled_temperature: float | None = 0.7  # one sampled setting
     sampled_batch_size: int | None = None  # (default: the largest batch size)
     step_times: bool = True  # time the target's forward, sampling and drafting per step
@@ -83,9 +84,11 @@ def method_config(spec: str, settings: BenchSettings) -> dict | None:
             flag = "--" + DRAFT_OPTIONS[method].replace("_", "-")
             raise ValueError(f"method {method!r} needs a draft ({flag} DIR)")
         config = {"method": method, "model": str(draft)}
-        if method.startswith("chimera"):  # with and without the context lookup
-            config.update(method="chimera", lookup=False if method == "chimera-nolookup"
+        if method.startswith("chimera"):  # with and without the context lookup, a tree
+            config.update(method="chimera", lookup=False if method.endswith("-nolookup")
                           else (settings.lookup or True))
+            if method.startswith("chimera-tree"):
+                config["tree"] = settings.tree
         k = k or settings.num_speculative_tokens
         if k is None and not method.startswith("chimera"):  # (Chimera's: from its draft)
             k = _exported_num_tokens(draft)
@@ -97,8 +100,8 @@ def method_config(spec: str, settings: BenchSettings) -> dict | None:
 
 
 # The methods that need a draft, and the BenchSettings field that holds it.
-DRAFT_OPTIONS = {"chimera": "draft", "chimera-nolookup": "draft", "medusa": "medusa_draft",
-                 "eagle": "eagle_draft"}
+DRAFT_OPTIONS = {"chimera": "draft", "chimera-nolookup": "draft", "chimera-tree": "draft",
+                 "chimera-tree-nolookup": "draft", "medusa": "medusa_draft", "eagle": "eagle_draft"}
 
 
 def _exported_num_tokens(draft: str) -> int:
@@ -126,11 +129,12 @@ def _measure(llm, prompts, params, batch_size: int, step_times: bool) -> dict:
     """Send the prompts `batch_size` at a time; timings and spec-decode counter deltas."""
     from vllm_chimera.vllm.patches import StepTimingPatch
 
-    from vllm_chimera.vllm import lookup
+    from vllm_chimera.vllm import lookup, tree_sampling
 
     before = _counters(llm)
     StepTimingPatch.reset()
     lookup.STATS.reset()  # (counted in this process: the engine core runs in it)
+    tree_sampling.STATS.reset()
     token_ids, latencies = [], []
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
@@ -163,6 +167,10 @@ def _measure(llm, prompts, params, batch_size: int, step_times: bool) -> dict:
         row["step_times"] = step_breakdown(StepTimingPatch.totals, seconds)
     if sum(lookup.STATS.num_drafts.values()):
         row["lookup"] = lookup.STATS.as_dict()
+    if tree_sampling.STATS.num_trees:
+        stats = tree_sampling.STATS
+        row["tree"] = {"num_trees": stats.num_trees, "num_nodes": stats.num_nodes,
+                       "num_accepted_per_depth": list(stats.num_accepted_per_depth)}
     return row
 
 

@@ -108,6 +108,9 @@ class SpeculativeConfigPatch(ClassPatch):
         if schedule is not None:  # the draft's measured step-aside defaults
             self.num_speculative_tokens_per_batch_size = [tuple(entry) for entry in schedule]
         tree = speculative.TreeSettings.parse(self.tree, draft_config, current_platform.device_type)
+        if tree is not None and tree.schedule and schedule is not None:  # both the draft's
+            self.num_speculative_tokens_per_batch_size = [
+                tuple(entry) for entry in speculative.with_tree_steps(schedule, tree.schedule)]
         # vLLM's K: the most tokens one request drafts in a step, from any source.
         self.num_head_tokens = num_head_tokens
         self.num_speculative_tokens = max(num_head_tokens, lookup.num_tokens if lookup else 0,

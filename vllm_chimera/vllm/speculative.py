@@ -102,6 +102,35 @@ def resolve_chimera(model: str | None, num_speculative_tokens: int | None,
     return str(draft_dir), num_speculative_tokens, schedule, config
 
 
+def schedule_value(schedule, batch_size: int) -> int:
+    """The value of a [[from, to, value]] schedule at a batch size (the last carries on)."""
+    for start, end, value in schedule:
+        if start <= batch_size <= end:
+            return value
+    return schedule[-1][2] if batch_size > schedule[-1][1] else 0
+
+
+def with_tree_steps(step_aside, tree_schedule) -> list[list[int]]:
+    """The step-aside K schedule, with K >= 1 wherever the tree schedule drafts a tree
+    (the proposer drafts a tree only in steps where vLLM asks for drafts).
+
+    e.g. step-aside [[1, 1, 2], [2, 4, 1], [5, 16, 0]] and trees [[1, 4, 8], [5, 8, 4],
+    [9, 16, 0]] -> [[1, 1, 2], [2, 8, 1], [9, 16, 0]]
+    """
+    starts = sorted({entry[0] for entry in step_aside} | {entry[0] for entry in tree_schedule})
+    end = max(step_aside[-1][1], tree_schedule[-1][1])
+    merged: list[list[int]] = []
+    for start, next_start in zip(starts, starts[1:] + [end + 1]):
+        k = schedule_value(step_aside, start)
+        if schedule_value(tree_schedule, start) >= 2:
+            k = max(k, 1)
+        if merged and merged[-1][2] == k:
+            merged[-1][1] = next_start - 1
+        else:
+            merged.append([start, next_start - 1, k])
+    return merged
+
+
 # -- The context lookup (speculative_config["lookup"]) ------------------------------------
 @dataclass(frozen=True)
 class LookupSettings:
@@ -251,11 +280,8 @@ class TreeSettings:
         them best first); past the last entry its size carries on."""
         from vllm_chimera.tree import TokenTree
 
-        num_nodes = len(self.paths) + 1
-        for start, end, nodes in self.schedule or ():
-            if start <= batch_size <= end or (end == self.schedule[-1][1] and batch_size > end):
-                num_nodes = nodes
-                break
+        num_nodes = (len(self.paths) + 1 if not self.schedule
+                     else schedule_value(self.schedule, batch_size))
         if num_nodes < 2:
             return None
         return TokenTree.from_paths(self.paths[: min(num_nodes, len(self.paths) + 1) - 1])

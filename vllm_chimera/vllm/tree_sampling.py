@@ -35,6 +35,7 @@ accepted path reached depth i + 1 (a path of length a counts as a accepted "posi
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -129,14 +130,24 @@ class TreeStats:
     num_trees: int = 0  # tree drafts verified
     num_nodes: int = 0  # drafted nodes verified (excluding roots)
     num_accepted_per_depth: list[int] = field(default_factory=list)  # paths reaching depth i+1
+    # How often each node, named by its path of top-k ranks, was accepted (chimera-bench
+    # --measure-tree derives the heads' per-rank accuracies from these).
+    num_accepted_per_path: Counter = field(default_factory=Counter)
 
-    def add(self, num_nodes: int, num_accepted: int) -> None:
+    def add(self, tree: TokenTree, path: list[int]) -> None:
+        """One verified tree and its accepted path of node indices (root first)."""
+        num_accepted = len(path) - 1
         self.num_trees += 1
-        self.num_nodes += num_nodes - 1
+        self.num_nodes += tree.num_nodes - 1
         if len(self.num_accepted_per_depth) < num_accepted:
             self.num_accepted_per_depth += [0] * (num_accepted - len(self.num_accepted_per_depth))
         for depth in range(num_accepted):
             self.num_accepted_per_depth[depth] += 1
+        for node in path[1:]:
+            self.num_accepted_per_path[tree.paths[node - 1]] += 1
+
+    def reset(self) -> None:
+        self.__init__()
 
 
 STATS = TreeStats()
@@ -212,7 +223,7 @@ def verify_trees(runner, state: _StepState, logits: torch.Tensor, spec_decode_me
         acceptance = (accept_greedy(tree, node_tokens, node_logits) if params.temperature < _SAMPLING_EPS
                       else accept_sampling(tree, node_tokens, _target_probs(node_logits, params)))
         path = acceptance.nodes  # [0, ...] root first
-        STATS.add(tree.num_nodes, len(path) - 1)
+        STATS.add(tree, path)
         accepted = node_tokens[path[1:]].tolist() + [acceptance.bonus_token]
         output[rows.req_index].fill_(-1)
         output[rows.req_index, : len(accepted)] = torch.tensor(accepted, device=output.device,
