@@ -255,3 +255,47 @@ def test_kernel_registration_with_numba_loaded():
     with numba_hidden_from_kernel_scan():
         dispatcher._rebind_kernels(nothing)
     assert "llvmlite.binding.ffi" in sys.modules  # put back afterwards
+
+
+class VictimStaticPatch(patching.ClassPatch):  # a second patch of Victim: another attribute
+    target = f"{__name__}:Victim"
+    replaces = ("static",)
+
+    @staticmethod
+    def static(original, x):
+        return -original(x)
+
+
+class VictimMethodAgainPatch(patching.ClassPatch):  # clashes with VictimMethodPatch
+    target = f"{__name__}:Victim"
+    replaces = ("method",)
+
+    @staticmethod
+    def method(original, self, x):
+        return 0
+
+
+class VictimMethodPatch(patching.ClassPatch):
+    target = f"{__name__}:Victim"
+    replaces = ("method",)
+
+    @staticmethod
+    def method(original, self, x):
+        return original(self, x) * 10
+
+
+def test_two_patches_of_one_class_replace_disjoint_attributes_only():
+    patching.apply(VictimMethodPatch)
+    try:
+        patching.apply(VictimStaticPatch)  # disjoint: allowed
+        try:
+            assert (Victim().method(1), Victim.static(1)) == (20, -2)
+            with pytest.raises(RuntimeError, match=r"Victim\.method is already patched by"):
+                patching.apply(VictimMethodAgainPatch)
+            assert Victim().method(1) == 20  # the refused patch changed nothing
+        finally:
+            patching.revert(VictimStaticPatch)
+        assert (Victim().method(1), Victim.static(1)) == (20, 2)
+    finally:
+        patching.revert(VictimMethodPatch)
+    assert (Victim().method(1), Victim.static(1)) == (2, 2)

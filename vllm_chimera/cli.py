@@ -263,9 +263,9 @@ def bench_main(argv=None) -> int:
                              "held-out prompts (OUTPUT/tree-measure.*); with --save-schedule store "
                              "them in the draft's config.json (what tree 'auto' uses)")
     parser.add_argument("--tree-top-k", type=int, default=4, help="--measure-tree: ranks per head")
-    parser.add_argument("--tree-sizes", default="2,3,4,6,8,12,16,24,32,48,64",
+    parser.add_argument("--tree-sizes", default="2,3,4,6,8,12,16,32,64",
                         help="--measure-tree: tree sizes to time, in verified tokens (root + drafts)")
-    parser.add_argument("--measure-prompts", type=int, default=24,
+    parser.add_argument("--measure-prompts", type=int, default=16,
                         help="--measure-tree: held-out ShareGPT prompts (never MT-bench's)")
     parser.add_argument("--measure-tokens", type=int, default=64, help="--measure-tree: tokens per prompt")
     parser.add_argument("--quick", action="store_true", help="8 prompts, 32 tokens, batch 1 and 4")

@@ -329,26 +329,33 @@ def mtbench_questions(num_prompts: int) -> list[str]:
 
 def mtbench_prompts(target_dir: str, num_prompts: int) -> list[str]:
     """MT-bench first turns rendered with the target's chat template."""
-    return _chat_prompts(target_dir, mtbench_questions(num_prompts))
+    from transformers import AutoTokenizer
+
+    return _chat_prompts(AutoTokenizer.from_pretrained(target_dir), mtbench_questions(num_prompts))
 
 
-def heldout_prompts(target_dir: str, num_prompts: int,
+def heldout_prompts(target_dir: str, num_prompts: int, max_prompt_tokens: int = 512,
                     cache: str | os.PathLike | None = None) -> list[str]:
-    """First user turns of the held-out ShareGPT split (`chimera-prepare data`), rendered
-    with the target's chat template: what a draft's settings are measured on, so that the
+    """The first `num_prompts` first user turns of the held-out ShareGPT split
+    (`chimera-prepare data`) of at most max_prompt_tokens tokens, rendered with the
+    target's chat template: what a draft's settings are measured on, so that the
     benchmark's MT-bench prompts stay unseen."""
+    from transformers import AutoTokenizer
+
     path = cache_dir(cache) / "data" / "sharegpt" / "validation.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no held-out ShareGPT split at {path}: run chimera-prepare data")
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
     texts = [record["messages"][0]["content"] for record in read_jsonl(path)
              if record["messages"] and record["messages"][0]["role"] == "user"]
-    return _chat_prompts(target_dir, texts[:num_prompts])
+    prompts = [p for p in _chat_prompts(tokenizer, texts)
+               if len(tokenizer(p, add_special_tokens=False).input_ids) <= max_prompt_tokens]
+    if len(prompts) < num_prompts:
+        raise ValueError(f"only {len(prompts)} held-out prompts of <= {max_prompt_tokens} tokens")
+    return prompts[:num_prompts]
 
 
-def _chat_prompts(target_dir: str, texts: list[str]) -> list[str]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+def _chat_prompts(tokenizer, texts: list[str]) -> list[str]:
     return [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
                                           add_generation_prompt=True)
             for t in texts]

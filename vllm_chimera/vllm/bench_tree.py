@@ -31,8 +31,8 @@ from vllm_chimera.vllm.offline import ENGINE_DEFAULTS
 class TreeMeasureSettings:
     top_k: int = 4  # ranks measured per head
     # Tree sizes timed, in verified tokens (root + drafted nodes).
-    tree_sizes: tuple[int, ...] = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-    num_prompts: int = 24
+    tree_sizes: tuple[int, ...] = (2, 3, 4, 6, 8, 12, 16, 32, 64)
+    num_prompts: int = 16
     max_tokens: int = 64
 
 
@@ -45,7 +45,9 @@ def _set_drafting(worker, paths, num_head_tokens: int) -> None:
     drafter.num_head_tokens = num_head_tokens
 
 
-def _run(llm, prompts, params, batch_size: int) -> dict:
+def _run(llm, prompts, params, batch_size: int, prefill: dict | None = None) -> dict:
+    """Timings of the prompts sent batch_size at a time. With `prefill` (the same prompts'
+    run at max_tokens=1: their prefill steps alone), decode_step_seconds leaves those out."""
     from vllm_chimera.vllm.patches import StepTimingPatch
 
     StepTimingPatch.reset()
@@ -56,9 +58,13 @@ def _run(llm, prompts, params, batch_size: int) -> dict:
     seconds = time.perf_counter() - start
     totals = StepTimingPatch.totals
     steps = max(totals["num_forward"], 1)
-    return {"output_tokens": num_tokens, "seconds": seconds, "num_steps": totals["num_forward"],
-            "tokens_per_second": num_tokens / seconds, "tokens_per_step": num_tokens / steps,
-            "step_seconds": seconds / steps, "draft_seconds_per_step": totals["draft_s"] / steps}
+    row = {"output_tokens": num_tokens, "seconds": seconds, "num_steps": totals["num_forward"],
+           "tokens_per_second": num_tokens / seconds, "tokens_per_step": num_tokens / steps,
+           "step_seconds": seconds / steps, "draft_seconds_per_step": totals["draft_s"] / steps}
+    if prefill is not None:
+        row["decode_step_seconds"] = ((seconds - prefill["seconds"])
+                                      / max(steps - prefill["num_steps"], 1))
+    return row
 
 
 def measure_tree(bench_settings, settings: TreeMeasureSettings, prompts) -> dict:
@@ -94,18 +100,21 @@ def measure_tree(bench_settings, settings: TreeMeasureSettings, prompts) -> dict
                                       settings.top_k)
         paths = best_paths(accuracies, max_size)
         rows = []
+        first_token = SamplingParams(temperature=0.0, max_tokens=1)
         for batch_size in bench_settings.batch_sizes:
+            llm.collective_rpc(_set_drafting, args=(None, 0))
+            prefill = _run(llm, prompts, first_token, batch_size)
             for kind, size in ([("none", 1)] + [("chain", k + 1) for k in range(1, num_heads + 1)]
                                + [("tree", n) for n in settings.tree_sizes if n - 1 <= len(paths)]):
                 if kind == "tree":
                     llm.collective_rpc(_set_drafting, args=(paths[: size - 1], num_heads))
                 else:
                     llm.collective_rpc(_set_drafting, args=(None, size - 1))
-                row = _run(llm, prompts, greedy, batch_size)
+                row = _run(llm, prompts, greedy, batch_size, prefill)
                 rows.append({"batch_size": batch_size, "kind": kind, "num_tokens": size, **row})
                 print(f"chimera-bench --measure-tree: batch {batch_size} {kind} {size}: "
                       f"{row['tokens_per_second']:.1f} tok/s, {row['tokens_per_step']:.2f} "
-                      f"tokens/step, {1000 * row['step_seconds']:.1f} ms/step", flush=True)
+                      f"tokens/step, {1000 * row['decode_step_seconds']:.1f} ms/decode step", flush=True)
     finally:
         del llm
     return {"settings": asdict(settings), "num_prompts": len(prompts),
@@ -114,8 +123,8 @@ def measure_tree(bench_settings, settings: TreeMeasureSettings, prompts) -> dict
 
 
 def tree_results(report: dict) -> dict:
-    """The draft's settings from a measure_tree report: tree_step_seconds (batch 1, by
-    verified tokens: the no-draft step, then the trees), the expected-best tree size at
+    """The draft's settings from a measure_tree report: tree_step_seconds (batch 1's
+    decode steps, by verified tokens: the no-draft step, then the trees), the expected-best tree size at
     batch 1 (what "auto" picks without a schedule), and tree_schedule by batch size.
 
     A batch size's entry is the size of its fastest tree when that tree beats no drafts
@@ -127,7 +136,7 @@ def tree_results(report: dict) -> dict:
 
     rows = report["rows"]
     batch_sizes = sorted({row["batch_size"] for row in rows})
-    step_seconds = {row["num_tokens"]: row["step_seconds"] for row in rows
+    step_seconds = {row["num_tokens"]: row["decode_step_seconds"] for row in rows
                     if row["batch_size"] == batch_sizes[0] and row["kind"] in ("none", "tree")}
     schedule, start = [], 1
     for batch_size in batch_sizes:
@@ -167,12 +176,14 @@ def markdown(report: dict, results: dict) -> str:
              "prompts):", "", "| head | " + " | ".join(f"rank {r}" for r in range(len(accuracies[0])))
              + " |", "|---" * (len(accuracies[0]) + 1) + "|"]
     lines += [f"| {i} | " + " | ".join(f"{a:.3f}" for a in head) + " |" for i, head in enumerate(accuracies)]
-    lines += ["", "| batch | drafts | verified tokens | tok/s | tokens/step | ms/step | draft ms/step |",
+    lines += ["", "Each setting on the same engine and prompts, greedy; tokens per engine step and "
+              "milliseconds per decode step (the prompts' prefill steps, timed alone, taken out).", "",
+              "| batch | drafts | verified tokens | tok/s | tokens/step | ms/decode step | draft ms/step |",
               "|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         lines.append(f"| {row['batch_size']} | {row['kind']} | {row['num_tokens']} | "
                      f"{row['tokens_per_second']:.1f} | {row['tokens_per_step']:.2f} | "
-                     f"{1000 * row['step_seconds']:.1f} | {1000 * row['draft_seconds_per_step']:.1f} |")
+                     f"{1000 * row['decode_step_seconds']:.1f} | {1000 * row['draft_seconds_per_step']:.1f} |")
     lines += ["", f"Tree schedule (batch from, to, tree size; 0 = no tree): {results['tree_schedule']}; "
               f"the best batch-1 tree by expected tokens per second: {results['expected_best_num_nodes']} "
               "verified tokens."]
@@ -192,9 +203,10 @@ def plot(report: dict, path: Path) -> None:
             sizes = [r["num_tokens"] for r in rows]
             ax_rate.plot(sizes, [r["tokens_per_second"] for r in rows], style, label=f"batch {batch_size} {kind}")
             if kind == "tree":
-                ax_cost.plot(sizes, [1000 * r["step_seconds"] for r in rows], style, label=f"batch {batch_size}")
+                ax_cost.plot(sizes, [1000 * r["decode_step_seconds"] for r in rows], style,
+                             label=f"batch {batch_size}")
     for ax, title, label in ((ax_rate, "tokens per second", "tok/s"),
-                             (ax_cost, "engine step time (tree)", "ms per step")):
+                             (ax_cost, "decode step time (tree)", "ms per decode step")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("verified tokens per request (root + drafts)")
         ax.set_ylabel(label)

@@ -232,11 +232,16 @@ class TreeSettings:
                     f"tree_step_seconds); measure them with `chimera-bench --measure-tree "
                     f"--save-schedule`, or give the tree as a list of paths")
             step_seconds = {int(n): s for n, s in step_seconds.items()}
-            # Best node first, so that the first n paths are the best n-node tree.
-            paths = best_paths(accuracies, max(step_seconds))
             schedule = ((config.tree_schedules or {}).get(device_type)
                         or [[1, 1 << 30, best_tree(accuracies, step_seconds).num_nodes]])
-            return cls._checked(paths, config, schedule)
+            max_nodes = max(num_nodes for _, _, num_nodes in schedule)
+            if max_nodes < 2:  # no tree paid at any measured batch size
+                logger.info("chimera: tree 'auto': the draft's measured tree schedule on %s "
+                            "drafts no tree at any batch size (%s); chains only", device_type, schedule)
+                return None
+            # Best node first, so that the first n paths are the best n-node tree; only as
+            # many as the schedule's largest tree (vLLM reserves a slot per draft).
+            return cls._checked(best_paths(accuracies, max_nodes), config, schedule)
         if isinstance(value, str):
             raise ValueError(f"chimera: tree must be 'auto' or a list of paths of top-k ranks "
                              f"such as [[0], [1], [0, 0]], got {value!r}")

@@ -55,25 +55,40 @@ class TreeRows:
 
 @dataclass
 class TreeStep:
-    """The tree requests of one engine step; attached to the target's attention metadata."""
+    """The tree requests of one engine step; attached to the target's attention metadata.
+
+    The requests whose (possibly truncated) tree is not a chain (a chain's mask is the
+    causal one the backend's kernel applied already) are attended together, padded to
+    R requests x T nodes x L KV entries (T, L: the largest); worked example, trees of 4
+    and 3 nodes after 5 and 2 cached tokens: T = 4, L = 9; row_index [[r0, r0+1, r0+2,
+    r0+3], [r1, r1+1, r1+2, r1+2]] (the padded row repeats the last one), and the second
+    request's bias allows its 2 + 3 entries only.
+    """
 
     requests: list[TreeRows]
-    # per request [T, n + T] float32 on the device: 0 where the node may attend (the tree
-    # mask), -inf elsewhere; None where the (truncated) tree is a chain, whose mask is
-    # the causal one the backend's kernel applied already
-    masks: list[torch.Tensor | None]
+    req_indices: torch.Tensor | None = None  # [R] rows in the block table
+    row_index: torch.Tensor | None = None  # [R, T] each node's row in the batch (padded)
+    is_node: torch.Tensor | None = None  # [R, T] bool: a real node, not padding
+    bias: torch.Tensor | None = None  # [R, T, L] float32: 0 where the node may attend, -inf elsewhere
 
     @classmethod
     def build(cls, requests: list[TreeRows], device: torch.device) -> "TreeStep":
-        masks = []
-        for r in requests:
-            if _is_chain(r.parents):
-                masks.append(None)
-                continue
+        trees = [r for r in requests if not _is_chain(r.parents)]
+        if not trees:
+            return cls(requests)
+        num_nodes = max(r.num_nodes for r in trees)
+        num_kv = max(r.num_computed + r.num_nodes for r in trees)
+        bias = torch.full((len(trees), num_nodes, num_kv), float("-inf"), device=device)
+        bias[:, :, 0] = 0.0  # (padded rows see one entry: no all -inf softmax rows)
+        row_index = torch.empty(len(trees), num_nodes, dtype=torch.long)
+        for i, r in enumerate(trees):
             allowed = tree_attention_mask(r.parents.to(device),
                                           torch.tensor([r.num_computed], device=device))[0]
-            masks.append(torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf")))
-        return cls(requests, masks)
+            bias[i, : r.num_nodes, : allowed.shape[1]].masked_fill_(allowed, 0.0)
+            row_index[i] = r.first_row + torch.arange(num_nodes).clamp(max=r.num_nodes - 1)
+        is_node = torch.arange(num_nodes)[None, :] < torch.tensor([r.num_nodes for r in trees])[:, None]
+        return cls(requests, torch.tensor([r.req_index for r in trees], device=device),
+                   row_index.to(device), is_node.to(device), bias)
 
 
 def _is_chain(parents: torch.Tensor) -> bool:
@@ -219,25 +234,28 @@ def attend_tree_rows(query: torch.Tensor, kv_cache: torch.Tensor, layout: KVLayo
     kv_cache: one layer's paged cache [num_blocks, num_kv_heads, block_size, 2 * head_size]
     (this step's keys and values already written), read through `layout`;
     block_table: [num_reqs, max_num_blocks] of this layer's KV-cache group.
-    The query heads of a KV head are stacked (GQA: head h reads KV head h // group), so
-    each request is two batched matmuls over the KV heads; softmax in float32.
+    All tree requests at once (TreeStep's padding): one KV gather and two batched matmuls
+    per layer. The query heads of a KV head are stacked (GQA: head h reads KV head
+    h // group); softmax in float32.
     """
+    if step.bias is None:
+        return
+    num_trees, num_nodes, num_kv = step.bias.shape
     num_heads, head_size = query.shape[1], query.shape[2]
     num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
     group = num_heads // num_kv_heads
-    for rows, bias in zip(step.requests, step.masks):
-        if bias is None:  # a chain: the causal kernel's rows are already right
-            continue
-        num_kv, num_nodes = rows.num_computed + rows.num_nodes, rows.num_nodes
-        num_blocks = -(-num_kv // block_size)
-        k, v = layout.gather_request(kv_cache, block_table[rows.req_index, :num_blocks].long(), num_kv)
-        q = (query[rows.first_row: rows.first_row + num_nodes]  # [T, H, d]
-             .transpose(0, 1).reshape(num_kv_heads, group * num_nodes, head_size))
-        scores = torch.bmm(q, k.to(q.dtype).transpose(1, 2)).view(num_kv_heads, group, num_nodes, num_kv)
-        weights = (scores.float() * scale + bias).softmax(dim=-1).to(q.dtype)
-        out = torch.bmm(weights.view(num_kv_heads, group * num_nodes, num_kv), v.to(q.dtype))
-        output[rows.first_row: rows.first_row + num_nodes] = (
-            out.view(num_heads, num_nodes, head_size).transpose(0, 1))
+    num_blocks = -(-num_kv // block_size)
+    block_ids = block_table[step.req_indices, :num_blocks].long().flatten()  # [R * blocks]
+    k, v = (x.reshape(num_kv_heads, num_trees, num_blocks * block_size, head_size)[:, :, :num_kv]
+            .transpose(0, 1).to(query.dtype)  # [R, kv_heads, L, d]
+            for x in layout.gather_request(kv_cache, block_ids, num_trees * num_blocks * block_size))
+    q = (query[step.row_index]  # [R, T, H, d] -> [R, kv_heads, group * T, d]
+         .permute(0, 2, 1, 3).reshape(num_trees, num_kv_heads, group * num_nodes, head_size))
+    scores = torch.matmul(q, k.transpose(2, 3)).view(num_trees, num_kv_heads, group, num_nodes, num_kv)
+    weights = (scores.float() * scale + step.bias[:, None, None]).softmax(dim=-1).to(query.dtype)
+    out = torch.matmul(weights.view(num_trees, num_kv_heads, group * num_nodes, num_kv), v)
+    out = out.view(num_trees, num_heads, num_nodes, head_size).transpose(1, 2)  # [R, T, H, d]
+    output[step.row_index[step.is_node]] = out[step.is_node]
 
 
 def _forward_with_tree(original, self, layer, query, key, value, kv_cache, attn_metadata,
@@ -246,7 +264,7 @@ def _forward_with_tree(original, self, layer, query, key, value, kv_cache, attn_
     result = original(self, layer, query, key, value, kv_cache, attn_metadata, output,
                       *args, **kwargs)
     step = getattr(attn_metadata, "chimera_tree", None)
-    if step is not None and step.requests:
+    if step is not None and step.bias is not None:
         attend_tree_rows(query, kv_cache, kv_layout(layer), attn_metadata.block_table, step,
                          self.scale, output.view(output.shape[0], query.shape[1], -1))
     return result
