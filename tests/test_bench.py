@@ -122,3 +122,22 @@ def test_chimera_methods_with_and_without_the_lookup():
     assert method_config("chimera-nolookup", settings)["lookup"] is False
     settings = dataclasses.replace(settings, lookup={"num_tokens": 8})
     assert method_config("chimera", settings)["lookup"] == {"num_tokens": 8}
+
+
+def test_tree_methods_and_options(capsys):
+    from vllm_chimera.cli import bench_main
+    from vllm_chimera.vllm.bench import method_config
+
+    settings = BenchSettings(target="t", draft="d")
+    assert method_config("chimera-tree", settings) == {"method": "chimera", "model": "d",
+                                                       "lookup": True, "tree": "auto"}
+    settings = dataclasses.replace(settings, tree=[[0], [1]])
+    assert method_config("chimera-tree-nolookup:2", settings) == {
+        "method": "chimera", "model": "d", "lookup": False, "tree": [[0], [1]], "num_speculative_tokens": 2}
+    for argv, message in [(["--tree", "[[0], [1]"], "--tree must be 'auto' or a JSON list"),
+                          (["--measure-tree"], "--measure-tree needs --draft"),
+                          (["--draft", "d", "--measure-tree", "--tree-sizes", "1,4"], "--tree-sizes must be in 2..129"),
+                          (["--draft", "d", "--measure-tree", "--tree-top-k", "17"], "--tree-top-k must be in 1..16")]:
+        with pytest.raises(SystemExit):
+            bench_main(["--target", "x", *argv])
+        assert message in capsys.readouterr().err, argv

@@ -417,6 +417,20 @@ def markdown_table(report: dict) -> str:
                   "| method | batch | lookup steps | lookup drafted | lookup accepted "
                   "| accepted/step: lookup / heads | lookup ms/step |", "|---|---|---|---|---|---|---|"]
         lines += [_lookup_line(m, row) for m, row in lookup_rows]
+    tree_rows = [(m, row) for m, r in report["results"].items() for row in r["greedy"] if row.get("tree")]
+    if tree_rows:
+        lines += ["", "Token trees (greedy rows with a tree): trees verified per engine step (all "
+                  "requests), drafted nodes per tree, accepted drafts per tree, and how often the accepted "
+                  "path reached each depth.", "",
+                  "| method | batch | trees/step | nodes/tree | accepted/tree | reached depth 1, 2, ... |",
+                  "|---|---|---|---|---|---|"]
+        for m, row in tree_rows:
+            tree = row["tree"]
+            steps = (row.get("step_times") or {}).get("num_steps") or tree["num_trees"]
+            per_depth = " ".join(f"{n / tree['num_trees']:.2f}" for n in tree["num_accepted_per_depth"])
+            lines.append(f"| {m} | {row['batch_size']} | {tree['num_trees'] / steps:.2f} | "
+                         f"{tree['num_nodes'] / tree['num_trees']:.1f} | "
+                         f"{sum(tree['num_accepted_per_depth']) / tree['num_trees']:.2f} | {per_depth or '-'} |")
     if report.get("step_aside_schedule"):
         lines += ["", "Step-aside schedule from the chimera:K rows (batch from, to, K): "
                   + ", ".join(f"({a}, {b}, {k})" for a, b, k in report["step_aside_schedule"])]
