@@ -202,11 +202,10 @@ def plot(report: dict, path: Path) -> None:
             rows = [r for r in report["rows"] if r["batch_size"] == batch_size and r["kind"] in (kind, "none")]
             sizes = [r["num_tokens"] for r in rows]
             ax_rate.plot(sizes, [r["tokens_per_second"] for r in rows], style, label=f"batch {batch_size} {kind}")
-            if kind == "tree":
-                ax_cost.plot(sizes, [1000 * r["decode_step_seconds"] for r in rows], style,
-                             label=f"batch {batch_size}")
+            ax_cost.plot(sizes, [1000 * r["decode_step_seconds"] for r in rows], style,
+                         label=f"batch {batch_size} {kind}")
     for ax, title, label in ((ax_rate, "tokens per second", "tok/s"),
-                             (ax_cost, "decode step time (tree)", "ms per decode step")):
+                             (ax_cost, "decode step time", "ms per decode step")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("verified tokens per request (root + drafts)")
         ax.set_ylabel(label)
