@@ -346,10 +346,14 @@ def heldout_prompts(target_dir: str, num_prompts: int, max_prompt_tokens: int = 
     if not path.is_file():
         raise FileNotFoundError(f"no held-out ShareGPT split at {path}: run chimera-prepare data")
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    texts = [record["messages"][0]["content"] for record in read_jsonl(path)
-             if record["messages"] and record["messages"][0]["role"] == "user"]
-    prompts = [p for p in _chat_prompts(tokenizer, texts)
-               if len(tokenizer(p, add_special_tokens=False).input_ids) <= max_prompt_tokens]
+    prompts = []
+    for record in read_jsonl(path):
+        if len(prompts) == num_prompts:
+            break
+        if record["messages"] and record["messages"][0]["role"] == "user":
+            prompt = _chat_prompts(tokenizer, [record["messages"][0]["content"]])[0]
+            if len(tokenizer(prompt, add_special_tokens=False).input_ids) <= max_prompt_tokens:
+                prompts.append(prompt)
     if len(prompts) < num_prompts:
         raise ValueError(f"only {len(prompts)} held-out prompts of <= {max_prompt_tokens} tokens")
     return prompts[:num_prompts]
