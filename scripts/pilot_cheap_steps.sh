@@ -6,6 +6,9 @@
 #
 #   bash scripts/pilot_cheap_steps.sh                 # data cache baseline subset25 subset25-heads report
 #   bash scripts/pilot_cheap_steps.sh baseline report # some stages
+#   PILOT=bf16 bash scripts/pilot_cheap_steps.sh data cache subset25 subset25-bf16 report
+#                                                     # bf16 autocast on a CPU with AMX, beside
+#                                                     # fp32 on the same machine (own folder)
 #
 # Stages: data (the 320 answers, restored from results/training/data), cache (the target's
 # outputs over them and the 64 held-out answers, one thread), one stage per variant, report
@@ -19,13 +22,17 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 sharegpt="$cache/data/sharegpt"
 train="$sharegpt/train.smollm2-self-320.jsonl"
 val="$sharegpt/validation.smollm2-self.jsonl"
-out="$runs/recipe-pilots/cheap-steps"
-results="$here/results/training/recipe-pilots/cheap-steps"
+pilot="${PILOT:-cheap-steps}"  # one folder per pilot: CPU seconds compare within one machine
+out="$runs/recipe-pilots/$pilot"
+results="$here/results/training/recipe-pilots/$pilot"
 # The budget is in steps per variant, from the CPU seconds per step measured on 12 steps here
 # (README): 2.53 s full, 1.10 s with the loss on a quarter of the positions; ~560 s each.
 # STEPS_BASELINE full steps, STEPS_SUBSET steps with the loss on a quarter of the positions.
 steps_baseline="${STEPS_BASELINE:-220}"
 steps_subset="${STEPS_SUBSET:-500}"
+# bf16 autocast with the subset loss: 0.28 s against 0.47 s per micro-batch of 2 with two
+# threads on this AMX machine (1.7x), so ~1.7x the steps of subset25 at the same budget.
+steps_bf16="${STEPS_BF16:-850}"
 common=(--target smollm2 --num-heads 4 --max-length 512 --val-tokens 20000
         --train-data "$train" --val-data "$val" --draft-vocab-size 8192
         --batch-size 4 --micro-batch-size 2 --lr 1e-3 --warmup-ratio 0.05
@@ -47,6 +54,7 @@ data() {
 
 cache() {
   "$py" -m vllm_chimera.training.cli "${common[@]}" --output-dir "$out/cache" --cache-only
+  # (the variants' caches are fp32 alike: bf16 changes the draft's arithmetic only)
 }
 
 # variant NAME STEPS EVAL_EVERY [flags]: 320 sequences = 80 steps per epoch
@@ -70,7 +78,8 @@ from pathlib import Path
 from vllm_chimera.training.plot import plot_validation_curves, validation_table
 
 root = Path(sys.argv[1])
-names = [n for n in ("baseline", "subset25", "subset25-heads") if (root / n / "log.jsonl").is_file()]
+names = [n for n in ("baseline", "subset25", "subset25-heads", "subset25-bf16")
+         if (root / n / "log.jsonl").is_file()]
 runs = {n: [json.loads(l) for l in (root / n / "log.jsonl").read_text().splitlines()] for n in names}
 plot_validation_curves(runs, root / "curves.png", heads=(0, 1))
 (root / "table.md").write_text(validation_table(runs) + "\n")
@@ -88,6 +97,8 @@ for stage in "${stages[@]}"; do
     subset25) variant subset25 "$steps_subset" 50 --loss-positions-fraction 0.25 ;;
     subset25-heads) variant subset25-heads "$steps_subset" 50 --loss-positions-fraction 0.25 \
                       --head-weights 1,0.6,0.2,0.1 ;;
+    subset25-bf16) variant subset25-bf16 "$steps_bf16" 85 --loss-positions-fraction 0.25 \
+                     --autocast bf16 ;;
     report) report ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

@@ -74,7 +74,15 @@ fi
 # results/training/README.md): a reduced draft vocabulary of the 8192 tokens the target
 # predicts most often makes a step 3.4x cheaper at equal accuracy (the full 49,152-token
 # LM-head projections were ~90% of a step); lr 1e-3 learned as fast as 3e-3.
-common=(--target smollm2 --num-heads 4 --max-length 512 --val-tokens 20000
+# bf16 where this CPU computes it natively (AMX / AVX-512-BF16; recipe-pilots/README.md): the
+# target's forward over the training answers (labels 99.4% the same as fp32's; validation
+# stays fp32) and the draft's autocast. Elsewhere fp32, as before. PRECISION=fp32 forces it.
+if [ -z "${PRECISION:-}" ]; then
+  PRECISION="$("$py" -c "import torch; print('bf16' if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported() else 'fp32')")"
+fi
+precision_flags=(--cache-precision "$PRECISION")
+[ "$PRECISION" = fp32 ] || precision_flags+=(--autocast bf16)
+common=(--target smollm2 --num-heads 4 --max-length 512 --val-tokens 20000 "${precision_flags[@]}"
         --epochs "${EPOCHS:-3}" --batch-size 4 --micro-batch-size 2 --lr 1e-3 --warmup-ratio 0.05
         --save-every 25 --eval-every 200 --seed 0 "${data_flags[@]}")
 threads="${THREADS:-1}"  # torch threads per run; run two stages side by side on two cores

@@ -24,9 +24,13 @@ from vllm_chimera.training.peers import PeerDraft
 STATE_NAME = "trainer_state.pt"
 # Settings that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = {"stop_at_step", "resume", "progress", "num_threads", "device",
-                     "save_every", "eval_every", "cache_dir"}
+                     "save_every", "eval_every", "cache_dir",
+                     # A run may continue on a machine with or without native bf16 (its
+                     # training labels then come from the other precision: 99.4% the same).
+                     "autocast", "cache_precision"}
 SETTINGS_ADDED_LATER = {"draft_kind": "chimera",  # setting -> the value older runs had
-                        "loss_positions_fraction": None}
+                        "loss_positions_fraction": None, "autocast": "auto",
+                        "cache_precision": "fp32"}
 
 
 @dataclass

@@ -13,6 +13,7 @@ and meta.json. progress.json counts the sequences done, so an interrupted cachin
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -87,15 +88,16 @@ def load_sequences(path: str | os.PathLike, tokenizer, max_length: int,
 
 
 def cache_key(target_dir: str | os.PathLike, data_path: str | os.PathLike, max_length: int,
-              max_tokens: int | None) -> str:
-    """A short hash of everything the cached arrays depend on."""
+              max_tokens: int | None, precision: str = "fp32") -> str:
+    """A short hash of everything the cached arrays depend on (fp32 caches keep the keys
+    they had before `precision` existed)."""
     target_dir, data_path = Path(target_dir).resolve(), Path(data_path).resolve()
     h = hashlib.sha256()
     for part in (CACHE_VERSION, target_dir, (target_dir / "config.json").read_text(),
                  (target_dir / "model.safetensors").stat().st_size
                  if (target_dir / "model.safetensors").exists() else 0,
                  data_path, data_path.stat().st_size, data_path.stat().st_mtime_ns,
-                 max_length, max_tokens):
+                 max_length, max_tokens) + (() if precision == "fp32" else (precision,)):
         h.update(str(part).encode() + b"\0")
     return h.hexdigest()[:16]
 
@@ -208,8 +210,16 @@ def target_outputs(target, ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def build_cache(target, sequences: list[tuple[list[int], list[int]]], folder: Path,
-                batch_tokens: int = 4096, progress: bool = True) -> CachedData:
-    """Run the target over `sequences` once and store its outputs in `folder` (resumable)."""
+                batch_tokens: int = 4096, progress: bool = True,
+                precision: str = "fp32") -> CachedData:
+    """Run the target over `sequences` once and store its outputs in `folder` (resumable).
+
+    precision "bf16" runs the target under bf16 autocast: about 2-3x faster on a CPU with
+    AMX; on SmolLM2's held-out answers its greedy labels agree with fp32's on 99.4% of the
+    answer tokens (results/training/recipe-pilots/README.md).
+    """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"cache precision must be 'fp32' or 'bf16', got {precision!r}")
     from tqdm.auto import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -240,7 +250,9 @@ def build_cache(target, sequences: list[tuple[list[int], list[int]]], folder: Pa
         for row, (seq, _) in enumerate(batch):
             ids[row, :len(seq)] = torch.tensor(seq)
             attention[row, :len(seq)] = 1
-        hidden, greedy = target_outputs(target, ids.to(device), attention.to(device))
+        with (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+              else contextlib.nullcontext()):
+            hidden, greedy = target_outputs(target, ids.to(device), attention.to(device))
         for row, (seq, mask) in enumerate(batch):
             a, n = int(offsets[done + row]), len(seq)
             arrays["tokens"][a:a + n] = seq
@@ -253,7 +265,8 @@ def build_cache(target, sequences: list[tuple[list[int], list[int]]], folder: Pa
         progress_path.write_text(json.dumps({"done": done}))
         bar.update(int(offsets[done] - offsets[done - len(batch)]))
     bar.close()
-    meta = {"complete": True, "version": CACHE_VERSION, "num_sequences": len(sequences),
+    meta = {"complete": True, "version": CACHE_VERSION, "precision": precision,
+            "num_sequences": len(sequences),
             "num_tokens": N, "hidden_size": d, "loss_tokens": int(sum(sum(m) for _, m in sequences))}
     meta_path.write_text(json.dumps(meta, indent=2))
     return CachedData.open(folder)

@@ -36,6 +36,9 @@ class TrainingSettings:
     val_tokens: int | None = 20_000
     loss_on: str = "responses"  # "responses": assistant tokens only; "all": every token
     cache_batch_tokens: int = 4096  # tokens per target forward while caching
+    # The target's forward over the TRAINING data: "fp32", or "bf16" (autocast; 2-3x faster
+    # on a CPU with AMX, greedy labels 99.4% the same). Validation data is always fp32.
+    cache_precision: str = "fp32"
     # -- optimisation ---------------------------------------------------------------------
     epochs: float = 1.0
     batch_size: int = 8  # sequences per optimizer step, over all processes
@@ -50,6 +53,9 @@ class TrainingSettings:
     # scores all). The LM-head projections are most of a step; neighbours teach alike.
     loss_positions_fraction: float | None = None
     grad_clip: float = 1.0
+    # bf16 autocast of the draft's forward: "auto" (CUDA GPUs with bf16; CPUs stay fp32),
+    # "bf16" (also a CPU with AMX / AVX-512-BF16; refused where bf16 is not native), "off".
+    autocast: str = "auto"
     seed: int = 0
     # -- bookkeeping ----------------------------------------------------------------------
     save_every: int = 50  # steps between resumable checkpoints
@@ -62,6 +68,10 @@ class TrainingSettings:
 
     def __post_init__(self):
         problems = []
+        if self.cache_precision not in ("fp32", "bf16"):
+            problems.append(f"cache_precision must be 'fp32' or 'bf16', got {self.cache_precision!r}")
+        if self.autocast not in ("auto", "bf16", "off"):
+            problems.append(f"autocast must be 'auto', 'bf16' or 'off', got {self.autocast!r}")
         if self.loss_on not in ("responses", "all"):
             problems.append(f"loss_on must be 'responses' or 'all', got {self.loss_on!r}")
         for name in ("num_heads", "batch_size", "micro_batch_size", "max_length", "save_every"):

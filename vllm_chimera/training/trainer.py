@@ -62,13 +62,38 @@ def setup_process(settings: TrainingSettings) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def autocast_context(device: torch.device):
-    """bf16 autocast where the device computes it natively (CUDA); fp32 elsewhere.
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls natively: a CUDA GPU with bf16, or a CPU with
+    AMX or AVX-512-BF16 (oneDNN then runs bf16 matmuls several times faster than fp32; on a
+    CPU without them bf16 is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    return False
 
-    (This CPU has no AVX-512-BF16/AMX, so bf16 would be slower than fp32 here.)
+
+def autocast_enabled(setting: str, device: torch.device) -> bool:
+    """settings.autocast -> whether the draft's forward runs under bf16 autocast.
+
+    "auto": on a CUDA GPU with bf16 (the CPU path stays fp32 unless asked); "bf16": wherever
+    bf16 is native (refused elsewhere: emulated bf16 would be slower than fp32); "off": fp32.
     """
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if setting == "off":
+        return False
+    if setting == "auto":
+        return device.type == "cuda" and native_bf16(device)
+    if not native_bf16(device):
+        raise ValueError(f"autocast='bf16' on {device}, which has no native bf16 (no AMX or "
+                         "AVX-512-BF16 on a CPU): it would be slower than fp32; use 'auto' or 'off'")
+    return True
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    """bf16 autocast when `enabled` (autocast_enabled), else nothing: fp32. Master weights,
+    optimizer state and the losses' softmax stay fp32 either way."""
+    if enabled:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -92,28 +117,29 @@ def load_target(target_dir: str, device: torch.device):
 
 
 def cached_data(settings: TrainingSettings, target, tokenizer, paths: str, max_tokens, rank: int,
-                world: int) -> CachedData | CachedDataList:
+                world: int, precision: str = "fp32") -> CachedData | CachedDataList:
     """The target's cached outputs over `paths`: one file, or several separated by commas
-    (one cache each, read as one dataset in order)."""
+    (one cache each, read as one dataset in order), computed in `precision`."""
     files = paths.split(",")
     if len(files) == 1:
-        return _cached_file(settings, target, tokenizer, files[0], max_tokens, rank, world)
+        return _cached_file(settings, target, tokenizer, files[0], max_tokens, rank, world, precision)
     if max_tokens is not None:
         raise ValueError(f"a token limit ({max_tokens}) applies to one data file, not to {paths!r}")
-    return CachedDataList([_cached_file(settings, target, tokenizer, path, None, rank, world)
-                           for path in files])
+    return CachedDataList([_cached_file(settings, target, tokenizer, path, None, rank, world,
+                                        precision) for path in files])
 
 
 def _cached_file(settings: TrainingSettings, target, tokenizer, path: str, max_tokens, rank: int,
-                 world: int) -> CachedData:
+                 world: int, precision: str) -> CachedData:
     """The target's cached outputs over `path` (process 0 builds them; the others wait)."""
-    key = cache_key(settings.target, path, settings.max_length, max_tokens)
+    key = cache_key(settings.target, path, settings.max_length, max_tokens, precision)
     folder = cache_dir(settings.cache_dir) / "hidden" / f"{Path(path).stem}-{key}"
     if rank == 0 and not (folder / "meta.json").is_file():
         sequences = load_sequences(path, tokenizer, settings.max_length, max_tokens)
         print(f"caching the target's outputs over {len(sequences)} sequences of {path} "
               f"in {folder}", flush=True)
-        build_cache(target, sequences, folder, settings.cache_batch_tokens, settings.progress)
+        build_cache(target, sequences, folder, settings.cache_batch_tokens, settings.progress,
+                    precision)
     barrier(world)
     return CachedData.open(folder)
 
@@ -200,7 +226,7 @@ def evaluate(loss_module: torch.nn.Module, data: CachedData, settings: TrainingS
     m = settings.micro_batch_size
     for start in range(0, len(data), m):
         batch = data.batch(list(range(start, min(start + m, len(data)))), device)
-        with autocast_context(device):
+        with autocast_context(device, autocast_enabled(settings.autocast, device)):
             _, stats = loss_module(batch)
         totals += stats.double().cpu()
         hits, valid = loss_module.last_hits, loss_module.last_valid  # [K, P]
@@ -233,7 +259,7 @@ def train_step(model, loss_module: torch.nn.Module, micro_batches, data: CachedD
             # Seeded by (seed, step, sequence): a resumed run draws the same subsets.
             batch["position_seeds"] = position_seeds(settings.seed, step, indices)  # [B]
         with sync:
-            with autocast_context(device):
+            with autocast_context(device, autocast_enabled(settings.autocast, device)):
                 loss, stats = model(batch)
             (loss / len(micro_batches)).backward()
         stats_total += stats.float().cpu()
@@ -283,8 +309,10 @@ def load_target_and_data(settings: TrainingSettings, device: torch.device, rank:
     """(target, tokenizer, train CachedData, validation CachedData or None): the target's
     outputs are computed and cached on first use, read back afterwards."""
     target, tokenizer = load_target(settings.target, device)
+    # Training data may be cached in bf16 (settings.cache_precision); held-out data is
+    # always fp32, so that validation scores against the labels vLLM's fp32 target gives.
     train_data = cached_data(settings, target, tokenizer, settings.train_data,
-                             settings.train_tokens, rank, world)
+                             settings.train_tokens, rank, world, settings.cache_precision)
     val_data = cached_data(settings, target, tokenizer, settings.val_data, settings.val_tokens,
                            rank, world) if settings.val_data else None
     return target, tokenizer, train_data, val_data
