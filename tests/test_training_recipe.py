@@ -70,13 +70,13 @@ def loss_pair(tiny_setup, tmp_path_factory):  # noqa: F811
 def _count_positions(loss_module, batch, monkeypatch):
     """(positions fed to the heads, the per-head stats) of one forward."""
     seen = []
-    original = type(loss_module).head_logits
+    original = type(loss_module).head_states
 
     def counting(self, tokens, hidden, selected):
         seen.append(selected.clone())
         return original(self, tokens, hidden, selected)
 
-    monkeypatch.setattr(type(loss_module), "head_logits", counting)
+    monkeypatch.setattr(type(loss_module), "head_states", counting)
     _, stats = loss_module(batch)
     return seen[-1], stats
 
@@ -118,13 +118,13 @@ def test_a_training_step_feeds_fewer_positions_to_the_heads(tiny_setup, tmp_path
     """Counted inside real runs: a quarter of the positions per training step, all of them
     in the validations; the option is saved with the settings."""
     counts = {"train": 0, "eval": 0}
-    original = DraftLoss.head_logits
+    original = DraftLoss.head_states
 
     def counting(self, tokens, hidden, selected):
         counts["train" if self.training else "eval"] += int(selected.sum())
         return original(self, tokens, hidden, selected)
 
-    monkeypatch.setattr(DraftLoss, "head_logits", counting)
+    monkeypatch.setattr(DraftLoss, "head_states", counting)
     runs = {}
     for name, fraction in (("full", None), ("quarter", 0.25)):
         counts.update(train=0, eval=0)

@@ -266,13 +266,21 @@ class ChimeraDraftModel(nn.Module):
 
         hidden_states, s: [..., d] -> [K, ..., V] (or [K, ..., draft_vocab_size])
         """
+        return self.lm_logits(self.head_states(hidden_states, s))
+
+    def head_states(self, hidden_states: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """What each head feeds its LM head, h + R_i([h; s]): [..., d] -> [K, ..., d] (the
+        counterpart of the target's h_{t+1+i}: training may regress it onto that)."""
         self._require_target()
         hs = torch.cat([hidden_states, s], dim=-1)
         # h is already final-normed (it is what the target's LM head reads): no second norm.
-        residual = torch.stack([hidden_states + head(hs) for head in self.heads])
+        return torch.stack([hidden_states + head(hs) for head in self.heads])
+
+    def lm_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """The draft's LM head: [..., d] -> [..., V] (or [..., draft_vocab_size])."""
         if self.config.draft_vocab_size is not None:
-            return self.draft_lm_head(residual)
-        return residual @ self._target_lm_head.t().to(residual.dtype)
+            return self.draft_lm_head(states)
+        return states @ self._target_lm_head.t().to(states.dtype)
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Map head outputs to target token ids (identity without a reduced vocabulary)."""

@@ -107,6 +107,12 @@ def train_parser() -> argparse.ArgumentParser:
                    help="cheaper steps: take the heads' loss on a random share F of each "
                         "sequence's labelled positions, drawn anew each step (default: all; "
                         "validation always scores all); chimera and medusa")
+    g.add_argument("--kl-weight", type=float, default=default("kl_weight"),
+                   help="weight of KL from the target's next-token distribution per head "
+                        "(Medusa-2's self-distillation; default 0: off)")
+    g.add_argument("--regression-weight", type=float, default=default("regression_weight"),
+                   help="weight of the smooth-L1 regression of each head's state onto the "
+                        "target's h_{t+1+i} (EAGLE's; default 0: off; chimera and medusa)")
     g.add_argument("--autocast", choices=("auto", "bf16", "off"), default=default("autocast"),
                    help="bf16 autocast of the draft: auto (CUDA GPUs with bf16), bf16 (also "
                         "CPUs with AMX / AVX-512-BF16), off (fp32)")
@@ -170,7 +176,8 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
             batch_size=args.batch_size,
             micro_batch_size=args.micro_batch_size, lr=args.lr, weight_decay=args.weight_decay,
             warmup_ratio=args.warmup_ratio, head_weights=args.head_weights,
-            loss_positions_fraction=args.loss_positions_fraction, autocast=args.autocast,
+            loss_positions_fraction=args.loss_positions_fraction, kl_weight=args.kl_weight,
+            regression_weight=args.regression_weight, autocast=args.autocast,
             seed=args.seed,
             save_every=args.save_every, eval_every=args.eval_every, stop_at_step=args.stop_at_step,
             resume=not args.no_resume, device=args.device, num_threads=args.num_threads,

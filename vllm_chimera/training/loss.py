@@ -15,6 +15,15 @@ every position: the context layer needs the whole prefix). The subset is drawn f
 and the sequence: `position_seeds`), so a resumed run draws exactly the subsets an
 uninterrupted one would, whatever the micro-batching or the number of processes. Validation
 (eval mode) always scores every position.
+
+Distillation beyond the argmax label (both off by default; the cached h_{t+1+i} gives both for
+free, as the frozen target's LM head reads it):
+- kl_weight: KL(p || q_i) from the target's full next-token distribution
+  p = softmax(LMHead(h_{t+1+i})) (over the draft vocabulary when it is reduced) to head i's
+  (Medusa-2's self-distillation);
+- regression_weight: smooth-L1 of what head i feeds its LM head (h_t + R_i(...) for Chimera)
+  onto h_{t+1+i} (EAGLE's feature regression).
+Both are zero for a draft that reproduces the target's next hidden states.
 """
 from __future__ import annotations
 
@@ -78,15 +87,18 @@ def batch_labels(batch: dict[str, torch.Tensor], loss_on: str, num_heads: int) -
 
 
 class HeadsLoss(nn.Module):
-    """forward(batch) -> (weighted loss, per-head [loss_sum, correct, count] stats [K, 3]).
+    """forward(batch) -> (weighted loss, per-head stats [K, 5]:
+    [CE sum, correct, count, KL sum, regression sum]).
 
-    Subclasses give `head_logits`, and with a reduced draft vocabulary `draft_vocabulary`;
-    the labels, the weighting and the statistics are shared. With a reduced vocabulary,
-    labels outside it teach nothing, and the statistics compare target ids.
+    Subclasses give `head_states`, `project` and `target_lm_head`, and with a reduced draft
+    vocabulary `draft_vocabulary`; the labels, the weighting and the statistics are shared.
+    With a reduced vocabulary, labels outside it teach CE nothing, and the statistics compare
+    target ids.
     """
 
     def __init__(self, draft: nn.Module, head_weights: list[float], loss_on: str = "responses",
-                 positions_fraction: float | None = None):
+                 positions_fraction: float | None = None, kl_weight: float = 0.0,
+                 regression_weight: float = 0.0):
         super().__init__()
         self.draft = draft
         self.num_heads = len(head_weights)
@@ -96,6 +108,7 @@ class HeadsLoss(nn.Module):
         # In training, the share of each sequence's labelled positions the heads are run on
         # (None: all of them); needs batch["position_seeds"] (module docstring).
         self.positions_fraction = positions_fraction
+        self.kl_weight, self.regression_weight = kl_weight, regression_weight
         self.target_to_draft = None  # [V] draft id of each target id (-1: none), reduced vocab only
         vocabulary = self.draft_vocabulary()
         if vocabulary is not None:
@@ -109,11 +122,24 @@ class HeadsLoss(nn.Module):
         reduced draft vocabulary (logit j is target token draft_to_target_ids[j]), else None."""
         return None
 
+    def head_states(self, tokens: torch.Tensor, hidden: torch.Tensor,
+                    selected: torch.Tensor) -> torch.Tensor:
+        """tokens [B, L], hidden [B, L, d], selected [B, L-1] -> what each head feeds its LM
+        head at the selected positions t (P of them): [K, P, d]."""
+        raise NotImplementedError
+
+    def project(self, states: torch.Tensor) -> torch.Tensor:
+        """The heads' LM heads: states [K, P, d] -> logits [K, P, V']."""
+        raise NotImplementedError
+
+    def target_lm_head(self) -> torch.Tensor:
+        """The frozen target's LM head weight [V, d] (for kl_weight)."""
+        raise NotImplementedError
+
     def head_logits(self, tokens: torch.Tensor, hidden: torch.Tensor,
                     selected: torch.Tensor) -> torch.Tensor:
-        """tokens [B, L], hidden [B, L, d], selected [B, L-1] -> logits [K, P, V'] at the
-        selected positions t (P of them)."""
-        raise NotImplementedError
+        """tokens [B, L], hidden [B, L, d], selected [B, L-1] -> logits [K, P, V']."""
+        return self.project(self.head_states(tokens, hidden, selected))
 
     def train_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Target ids [K, P] -> the ids the logits index (a reduced vocabulary maps them)."""
@@ -135,34 +161,86 @@ class HeadsLoss(nn.Module):
         if self.training and self.positions_fraction is not None:
             selected = subsample_positions(selected, self.positions_fraction,
                                            batch["position_seeds"])  # [B, L-1]
-        logits = self.head_logits(batch["tokens"], batch["hidden"], selected).float()  # [K, P, V']
-        return self._loss_and_stats(logits, labels[:, selected])
+        states = self.head_states(batch["tokens"], batch["hidden"], selected)  # [K, P, d]
+        logits = self.project(states).float()  # [K, P, V']
+        next_hidden = None
+        if self.kl_weight or self.regression_weight:
+            next_hidden = next_hidden_states(batch["hidden"], selected, self.num_heads)  # [K, P, d]
+        return self._loss_and_stats(logits, labels[:, selected], states, next_hidden)
 
-    def _loss_and_stats(self, logits: torch.Tensor, labels: torch.Tensor):
-        """logits [K, P, V'], labels [K, P] target ids -> (loss, stats [K, 3])."""
+    def _loss_and_stats(self, logits: torch.Tensor, labels: torch.Tensor,
+                        states: torch.Tensor | None = None, next_hidden: torch.Tensor | None = None):
+        """logits [K, P, V'], labels [K, P] target ids, and for the distillation terms the
+        heads' states and the target's h_{t+1+i} (both [K, P, d]) -> (loss, stats [K, 5])."""
         valid = labels != IGNORE  # [K, P]
-        per_token = F.cross_entropy(logits.flatten(0, 1), self.train_labels(labels).flatten(),
-                                    ignore_index=IGNORE, reduction="none").view(labels.shape)
-        loss_sums = per_token.sum(-1)  # [K]
+        ce = F.cross_entropy(logits.flatten(0, 1), self.train_labels(labels).flatten(),
+                             ignore_index=IGNORE, reduction="none").view(labels.shape)  # [K, P]
+        kl, regression = self._distillation(logits, states, next_hidden, valid)  # [K, P] each
+        per_token = ce + self.kl_weight * kl + self.regression_weight * regression
         counts = valid.sum(-1)  # [K]
         # Mean over each head's labelled tokens (a head with none contributes 0, not NaN).
-        loss = (self.head_weights.to(logits.device) * loss_sums / counts.clamp(min=1)).sum()
+        loss = (self.head_weights.to(logits.device) * per_token.sum(-1) / counts.clamp(min=1)).sum()
         with torch.no_grad():
             predictions = self.to_target_ids(logits.argmax(-1))  # [K, P] target ids
             hits = (predictions == labels) & valid  # [K, P]
             # Kept for validation's acceptance-length estimate (needs per-position hits).
             self.last_hits, self.last_valid = hits, valid
-            correct = hits.sum(-1)
-            stats = torch.stack([loss_sums.detach(), correct.float(), counts.float()], dim=-1)
+            stats = torch.stack([ce.sum(-1), hits.sum(-1).float(), counts.float(), kl.sum(-1),
+                                 regression.sum(-1)], dim=-1).detach()
         return loss, stats
 
+    def _distillation(self, logits, states, next_hidden, valid):
+        """(KL, regression) per head and position [K, P], zero where a term is off or the
+        position has no label."""
+        zeros = logits.new_zeros(valid.shape)
+        if next_hidden is None:
+            return zeros, zeros
+        kl = regression = zeros
+        if self.kl_weight:
+            weight = self.target_lm_head()  # [V, d], frozen
+            vocabulary = self.draft_vocabulary()
+            if vocabulary is not None:
+                weight = weight[vocabulary[0].to(weight.device)]  # [V', d]
+            with torch.no_grad():
+                target_log_p = (next_hidden.float() @ weight.t().float()).log_softmax(-1)  # [K, P, V']
+            kl = F.kl_div(logits.log_softmax(-1), target_log_p, log_target=True,
+                          reduction="none").sum(-1)  # [K, P]
+            kl = torch.where(valid, kl, 0.0)
+        if self.regression_weight:
+            regression = F.smooth_l1_loss(states.float(), next_hidden.float(),
+                                          reduction="none").mean(-1)  # [K, P]
+            regression = torch.where(valid, regression, 0.0)
+        return kl, regression
+
     def summarize(self, stats: torch.Tensor) -> dict:
-        """Summed stats [K, 3] (over batches and processes) -> the logged figures."""
+        """Summed stats [K, 5] (over batches and processes) -> the logged figures."""
         counts = stats[:, 2].clamp(min=1)
         head_loss = (stats[:, 0] / counts).tolist()
-        return {"loss": sum(float(w) * l for w, l in zip(self.head_weights, head_loss)),
-                "head_loss": head_loss, "head_accuracy": (stats[:, 1] / counts).tolist(),
-                "head_tokens": stats[:, 2].long().tolist()}
+        head_kl, head_regression = (stats[:, 3] / counts).tolist(), (stats[:, 4] / counts).tolist()
+        total = [c + self.kl_weight * k + self.regression_weight * r
+                 for c, k, r in zip(head_loss, head_kl, head_regression)]
+        out = {"loss": sum(float(w) * t for w, t in zip(self.head_weights, total)),
+               "head_loss": head_loss, "head_accuracy": (stats[:, 1] / counts).tolist(),
+               "head_tokens": stats[:, 2].long().tolist()}
+        if self.kl_weight:
+            out["head_kl"] = head_kl
+        if self.regression_weight:
+            out["head_regression"] = head_regression
+        return out
+
+
+def next_hidden_states(hidden: torch.Tensor, selected: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The target's h_{t+1+i} for head i at the selected positions t: what head i's state is
+    the counterpart of (its label is argmax LMHead(h_{t+1+i})).
+
+    hidden [B, L, d], selected [B, L-1] -> [K, P, d]; past the end (t+1+i > L-1, where no
+    label exists either) the last position is repeated.
+    e.g. L = 5, head 1 at t = 2 reads h_4; at t = 3 (no label) it reads h_4 as well.
+    """
+    L = hidden.shape[1]
+    t = torch.arange(L - 1, device=hidden.device)  # [L-1]
+    return torch.stack([hidden[:, (t + 1 + i).clamp(max=L - 1)][selected]
+                        for i in range(num_heads)])
 
 
 class DraftLoss(HeadsLoss):
@@ -176,11 +254,17 @@ class DraftLoss(HeadsLoss):
             return None
         return self.draft.draft_to_target_ids, config.vocab_size
 
-    def head_logits(self, tokens, hidden, selected):
+    def head_states(self, tokens, hidden, selected):
         B, L = tokens.shape
         positions = torch.arange(L - 1, device=tokens.device).expand(B, L - 1)
         # Chunks start at t = 0: the trigram encoder repeats x_0 before the start.
         prefix = torch.stack([torch.full_like(tokens[:, 0], -1), tokens[:, 0]], dim=1)  # [B, 2]
         h = hidden[:, :-1]  # [B, L-1, d]: h_t for t = 0 .. L-2
         s = self.draft.encode(tokens[:, 1:], h, positions, prefix)  # [B, L-1, d]
-        return self.draft.head_logits(h[selected], s[selected])  # [K, P, V or V_draft]
+        return self.draft.head_states(h[selected], s[selected])  # [K, P, d]
+
+    def project(self, states):
+        return self.draft.lm_logits(states)  # [K, P, V or V_draft]
+
+    def target_lm_head(self):
+        return self.draft._target_lm_head

@@ -200,13 +200,21 @@ class MedusaHeads(PeerDraft):
 
     def head_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[..., d] final-normed h -> logits [K, ..., V] (or [K, ..., draft_vocab_size])."""
+        return self.project(self.head_states(hidden_states))
+
+    def head_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """What each head feeds its LM head: [..., d] -> [K, ..., d]."""
+        return torch.stack([block(hidden_states) for block in self.blocks])
+
+    def project(self, states: torch.Tensor) -> torch.Tensor:
+        """Each head's LM head over its states: [K, ..., d] -> [K, ..., V or V_draft]."""
         logits = []
-        for i, block in enumerate(self.blocks):
+        for i in range(self.num_heads):
             if not self.lm_heads:
                 weight = self._target_lm_head
             else:
                 weight = self.lm_heads[0 if self.shared_lm_head else i].weight
-            logits.append(block(hidden_states) @ weight.t().to(hidden_states.dtype))
+            logits.append(states[i] @ weight.t().to(states.dtype))
         return torch.stack(logits)
 
     def to_target_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -234,7 +242,8 @@ class MedusaHeads(PeerDraft):
 
 
 class MedusaLoss(HeadsLoss):
-    """Chimera's per-head self-distillation loss, on Medusa's heads."""
+    """Chimera's per-head self-distillation loss, on Medusa's heads (with kl_weight, Medusa-2's
+    self-distillation from the target's distribution)."""
 
     draft: MedusaHeads
 
@@ -243,8 +252,14 @@ class MedusaLoss(HeadsLoss):
             return None
         return self.draft.token_map, self.draft.vocab_size
 
-    def head_logits(self, tokens, hidden, selected):
-        return self.draft.head_logits(hidden[:, :-1][selected])  # [K, P, V or V_draft]
+    def head_states(self, tokens, hidden, selected):
+        return self.draft.head_states(hidden[:, :-1][selected])  # [K, P, d]
+
+    def project(self, states):
+        return self.draft.project(states)  # [K, P, V or V_draft]
+
+    def target_lm_head(self):
+        return self.draft._target_lm_head
 
 
 # -- EAGLE-1 -----------------------------------------------------------------------------------
@@ -480,11 +495,14 @@ def build_peer(kind: str, target: nn.Module, num_heads: int, overrides: dict | N
 
 
 def peer_loss(draft: PeerDraft, head_weights: list[float], loss_on: str,
-              overrides: dict | None = None, positions_fraction: float | None = None) -> nn.Module:
+              overrides: dict | None = None, positions_fraction: float | None = None,
+              kl_weight: float = 0.0, regression_weight: float = 0.0) -> nn.Module:
     """The training loss of a peer (head_weights: Medusa's per-head weights; its length is K;
-    positions_fraction: Medusa's, as HeadsLoss's; EAGLE has none, TrainingSettings refuses it)."""
+    positions_fraction, kl_weight, regression_weight: Medusa's, as HeadsLoss's; EAGLE has its
+    own regression in `overrides`, and TrainingSettings refuses the others for it)."""
     if isinstance(draft, MedusaHeads):
-        return MedusaLoss(draft, head_weights, loss_on, positions_fraction)
+        return MedusaLoss(draft, head_weights, loss_on, positions_fraction, kl_weight,
+                          regression_weight)
     options = {**PEER_OPTIONS["eagle"], **(overrides or {})}
     return EagleLoss(draft, len(head_weights), loss_on, options["regression_weight"],
                      options["classification_weight"], options["feature_noise"])

@@ -52,6 +52,11 @@ class TrainingSettings:
     # sequence's labelled positions, drawn anew each step (None: all; validation always
     # scores all). The LM-head projections are most of a step; neighbours teach alike.
     loss_positions_fraction: float | None = None
+    # Distillation beyond the argmax label, from the cached h_{t+1+i} (loss.py; chimera and
+    # medusa: EAGLE's own regression is a draft_overrides option): KL from the target's
+    # next-token distribution (Medusa-2), smooth-L1 of each head's state onto h_{t+1+i} (EAGLE).
+    kl_weight: float = 0.0
+    regression_weight: float = 0.0
     grad_clip: float = 1.0
     # bf16 autocast of the draft's forward: "auto" (CUDA GPUs with bf16; CPUs stay fp32),
     # "bf16" (also a CPU with AMX / AVX-512-BF16; refused where bf16 is not native), "off".
@@ -91,6 +96,12 @@ class TrainingSettings:
             if self.draft_kind == "eagle":  # its rollout and regression span every position
                 problems.append("loss_positions_fraction is for parallel heads (chimera, "
                                 "medusa), not eagle")
+        for name in ("kl_weight", "regression_weight"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+            elif getattr(self, name) and self.draft_kind == "eagle":
+                problems.append(f"{name} is for parallel heads (chimera, medusa); EAGLE's own "
+                                "regression is draft_overrides['regression_weight']")
         if self.draft_kind != "chimera":
             problems += self._peer_problems()
         if problems:

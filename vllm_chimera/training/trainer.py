@@ -176,9 +176,11 @@ def build_loss(settings: TrainingSettings, draft: torch.nn.Module) -> torch.nn.M
     """The draft's training loss: forward(batch) -> (loss, stats); summarize(stats) -> figures."""
     if settings.draft_kind == "chimera":
         return DraftLoss(draft, settings.weights(), settings.loss_on,
-                         settings.loss_positions_fraction)
+                         settings.loss_positions_fraction, settings.kl_weight,
+                         settings.regression_weight)
     return peer_loss(draft, settings.weights(), settings.loss_on, settings.draft_overrides,
-                     settings.loss_positions_fraction)
+                     settings.loss_positions_fraction, settings.kl_weight,
+                     settings.regression_weight)
 
 
 # -- schedule and data order ----------------------------------------------------------------
@@ -245,8 +247,8 @@ def train_step(model, loss_module: torch.nn.Module, micro_batches, data: CachedD
     """Forward/backward over this process's micro-batches, then one optimizer step (`step`,
     counted from 0, seeds the loss's subset of positions with settings.loss_positions_fraction).
 
-    Returns the summed stats of this process (per head [loss_sum, correct, count]: [K, 3]
-    for heads; the loss module's own rows otherwise).
+    Returns the summed stats of this process (per head [CE sum, correct, count, KL sum,
+    regression sum]: [K, 5] for heads; the loss module's own rows otherwise).
     """
     stats_total = 0
     for i, indices in enumerate(micro_batches):
@@ -272,7 +274,7 @@ def train_step(model, loss_module: torch.nn.Module, micro_batches, data: CachedD
 
 
 def reduce_stats(stats: torch.Tensor, world: int, device: torch.device) -> torch.Tensor:
-    """Sum stats ([K, 3]) over processes (on `device`: NCCL reduces only GPU tensors)."""
+    """Sum stats (e.g. [K, 5]) over processes (on `device`: NCCL reduces only GPU tensors)."""
     if world > 1:
         stats = stats.to(device)
         dist.all_reduce(stats)
