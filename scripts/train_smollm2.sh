@@ -11,10 +11,16 @@
 #   bash scripts/train_smollm2.sh ship-data           # keep the generated answers in results/training/data
 #   RECIPE=v2 DATA=self+more EPOCHS=7 THREADS=2 bash scripts/train_smollm2.sh cache chimera
 #                                                     # issue 14's recipe (below); runs named *-v2
+#   bash scripts/train_smollm2.sh varied-data && DATA=varied ... bash scripts/train_smollm2.sh cache ...
+#                                                     # + role-play/writing prompts (chimera-prepare
+#                                                     # prompts) and EXTRA_PROMPTS more ShareGPT ones
 #
 # DATA=self (default): ShareGPT first user turns answered by SmolLM2 itself (greedy, vLLM,
 #            scripts/generate_responses.py; generated once, about 20 min here, or restored
 #            from results/training/data).
+# DATA=self+more: plus 2,048 more (stage more-data). DATA=varied: plus the target's answers to
+#            the role-play and writing prompts and to EXTRA_PROMPTS (4,096) further ShareGPT
+#            first turns (stage varied-data, about 90 min here; runs named *-varied).
 # DATA=dataset: ShareGPT conversations with ShareGPT's answers.
 # Labels are the target's own greedy predictions either way (self-distillation).
 #
@@ -41,7 +47,8 @@ sharegpt="$cache/data/sharegpt"
 # on this CPU), so stage ship-data keeps them in the repository, gzipped; a fresh machine
 # restores them instead of generating them again (delete the cache file to regenerate).
 shipped_data="$here/results/training/data"
-answer_files=(train.smollm2-self validation.smollm2-self train.smollm2-self-more)
+answer_files=(train.smollm2-self validation.smollm2-self train.smollm2-self-more
+              train.smollm2-self-actas train.smollm2-self-extra)
 restore() {  # restore NAME: the shipped NAME.jsonl.gz into the cache, unless already there
   local out="$sharegpt/$1.jsonl" gz="$shipped_data/$1.jsonl.gz"
   if [ ! -f "$out" ] && [ -f "$gz" ]; then
@@ -50,7 +57,7 @@ restore() {  # restore NAME: the shipped NAME.jsonl.gz into the cache, unless al
   fi
 }
 for name in "${answer_files[@]}"; do restore "$name"; done
-if [ "$data" = self ] || [ "$data" = self+more ]; then
+if [ "$data" = self ] || [ "$data" = self+more ] || [ "$data" = varied ]; then
   for split in train:1100 validation:64; do
     name="${split%%:*}"; n="${split##*:}"; out="$sharegpt/$name.smollm2-self.jsonl"
     if [ ! -f "$out" ]; then
@@ -66,6 +73,10 @@ if [ "$data" = self ] || [ "$data" = self+more ]; then
     data_flags=(--train-data "$sharegpt/train.smollm2-self.jsonl,$sharegpt/train.smollm2-self-more.jsonl"
                 --val-data "$sharegpt/validation.smollm2-self.jsonl")
     suffix=-more
+  elif [ "$data" = varied ]; then  # plus the answers of stage varied-data (each file its own cache)
+    data_flags=(--train-data "$sharegpt/train.smollm2-self.jsonl,$sharegpt/train.smollm2-self-more.jsonl,$sharegpt/train.smollm2-self-actas.jsonl,$sharegpt/train.smollm2-self-extra.jsonl"
+                --val-data "$sharegpt/validation.smollm2-self.jsonl")
+    suffix=-varied
   fi
 else
   data_flags=()
@@ -122,6 +133,15 @@ for stage in "${stages[@]}"; do
       "$py" "$here/scripts/generate_responses.py" --target "$cache/targets/smollm2" \
         --prompts "$sharegpt/train.jsonl" --skip-prompts 1100 --num-prompts "${MORE_PROMPTS:-2048}" \
         --max-tokens 384 --output "$sharegpt/train.smollm2-self-more.jsonl" ;;
+    varied-data)  # the target's answers to the role-play and writing prompts, then to the
+      # EXTRA_PROMPTS ShareGPT first turns after the 1100 + 2048 above (both resumable)
+      "$py" -c "from vllm_chimera.training.cli import prepare_main; prepare_main(['prompts'])"
+      "$py" "$here/scripts/generate_responses.py" --target "$cache/targets/smollm2" \
+        --prompts "$cache/data/prompts/act-as.jsonl" --num-prompts 100000 \
+        --max-tokens 384 --output "$sharegpt/train.smollm2-self-actas.jsonl"
+      "$py" "$here/scripts/generate_responses.py" --target "$cache/targets/smollm2" \
+        --prompts "$sharegpt/train.jsonl" --skip-prompts 3148 --num-prompts "${EXTRA_PROMPTS:-4096}" \
+        --max-tokens 384 --output "$sharegpt/train.smollm2-self-extra.jsonl" ;;
     ship-data)  # keep the generated answers in the repository (see restore above)
       mkdir -p "$shipped_data"
       for name in "${answer_files[@]}"; do
@@ -151,7 +171,7 @@ print(f"exported {src} -> {dst}" + (f"; kept the step-aside schedules of the dra
       f"{kept}: re-measure them for this draft with chimera-bench --save-schedule" if kept else ""))
 EOF
       ;;
-    *) echo "unknown stage $stage (more-data, ship-data, cache, chimera, no-trigram, no-context, medusa, eagle, export)" >&2
+    *) echo "unknown stage $stage (more-data, varied-data, ship-data, cache, chimera, no-trigram, no-context, medusa, eagle, export)" >&2
        exit 2 ;;
   esac
 done
