@@ -9,6 +9,9 @@
 #   PILOT=bf16 bash scripts/pilot_cheap_steps.sh data cache subset25 subset25-bf16 report
 #                                                     # bf16 autocast on a CPU with AMX, beside
 #                                                     # fp32 on the same machine (own folder)
+#   PILOT=sequential bash scripts/pilot_cheap_steps.sh data cache subset25 subset25-seq report
+#                                                     # Hydra-style sequential heads beside the
+#                                                     # paper's parallel ones (--sequential-heads)
 #
 # Stages: data (the 320 answers, restored from results/training/data), cache (the target's
 # outputs over them and the 64 held-out answers, one thread), one stage per variant, report
@@ -78,7 +81,7 @@ from pathlib import Path
 from vllm_chimera.training.plot import plot_validation_curves, validation_table
 
 root = Path(sys.argv[1])
-names = [n for n in ("baseline", "subset25", "subset25-heads", "subset25-bf16")
+names = [n for n in ("baseline", "subset25", "subset25-heads", "subset25-bf16", "subset25-seq")
          if (root / n / "log.jsonl").is_file()]
 runs = {n: [json.loads(l) for l in (root / n / "log.jsonl").read_text().splitlines()] for n in names}
 plot_validation_curves(runs, root / "curves.png", heads=(0, 1))
@@ -99,6 +102,8 @@ for stage in "${stages[@]}"; do
                       --head-weights 1,0.6,0.2,0.1 ;;
     subset25-bf16) variant subset25-bf16 "$steps_bf16" 85 --loss-positions-fraction 0.25 \
                      --autocast bf16 ;;
+    subset25-seq) variant subset25-seq "$steps_subset" 50 --loss-positions-fraction 0.25 \
+                    --sequential-heads ;;
     report) report ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

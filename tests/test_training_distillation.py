@@ -58,7 +58,7 @@ def test_both_terms_are_zero_for_a_draft_that_copies_the_target(tiny_setup, tmp_
             draft.draft_lm_head.weight.copy_(draft._target_lm_head[draft.draft_to_target_ids])
     # A draft whose every head state IS the target's next hidden state.
     monkeypatch.setattr(type(loss_module), "head_states",
-                        lambda self, tokens, hidden, selected: next_hidden_states(
+                        lambda self, tokens, hidden, selected, greedy: next_hidden_states(
                             hidden, selected, self.num_heads))
     _, stats = loss_module(batch)  # [K, 5]
     assert stats[:, 2].min() > 0  # every head has labels
@@ -104,7 +104,7 @@ def test_the_kl_reads_the_target_distribution_over_the_draft_vocabulary(tiny_set
         tiny_setup, tmp_path, kl_weight=1.0, draft_overrides={"draft_vocab_size": 48})
     labels = batch_labels(batch, settings.loss_on, settings.num_heads)
     selected = (labels != IGNORE).any(0)
-    states = loss_module.head_states(batch["tokens"], batch["hidden"], selected)
+    states = loss_module.head_states(batch["tokens"], batch["hidden"], selected, batch["greedy"])
     logits = loss_module.project(states).float()  # [K, P, 48]
     h_next = next_hidden_states(batch["hidden"], selected, settings.num_heads)
     rows = loss_module.draft._target_lm_head[loss_module.draft.draft_to_target_ids]  # [48, d]

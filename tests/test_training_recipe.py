@@ -72,9 +72,9 @@ def _count_positions(loss_module, batch, monkeypatch):
     seen = []
     original = type(loss_module).head_states
 
-    def counting(self, tokens, hidden, selected):
+    def counting(self, tokens, hidden, selected, greedy):
         seen.append(selected.clone())
-        return original(self, tokens, hidden, selected)
+        return original(self, tokens, hidden, selected, greedy)
 
     monkeypatch.setattr(type(loss_module), "head_states", counting)
     _, stats = loss_module(batch)
@@ -97,7 +97,7 @@ def test_the_subset_feeds_a_quarter_of_the_labelled_positions_to_the_heads(loss_
     assert full_stats[:, 2].tolist() == (labels != IGNORE).sum((1, 2)).float().tolist()
     # The loss is the per-head mean over the chosen positions' labels.
     _, by_hand = full._loss_and_stats(
-        full.head_logits(batch["tokens"], batch["hidden"], chosen).float(), labels[:, chosen])
+        full.head_logits(batch["tokens"], batch["hidden"], chosen, batch["greedy"]).float(), labels[:, chosen])
     torch.testing.assert_close(stats, by_hand)
 
 
@@ -120,9 +120,9 @@ def test_a_training_step_feeds_fewer_positions_to_the_heads(tiny_setup, tmp_path
     counts = {"train": 0, "eval": 0}
     original = DraftLoss.head_states
 
-    def counting(self, tokens, hidden, selected):
+    def counting(self, tokens, hidden, selected, greedy):
         counts["train" if self.training else "eval"] += int(selected.sum())
-        return original(self, tokens, hidden, selected)
+        return original(self, tokens, hidden, selected, greedy)
 
     monkeypatch.setattr(DraftLoss, "head_states", counting)
     runs = {}

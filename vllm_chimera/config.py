@@ -52,6 +52,12 @@ class ChimeraConfig(PretrainedConfig):
             tokens, per device type: {"cpu": {"1": 0.031, "4": 0.033, ...}}.
         tree_schedules: measured tree size (nodes, 0 = a chain) per batch size, per device
             type, in the step-aside schedule's format: {"cpu": [[1, 1, 8], [2, 256, 0]]}.
+        sequential_heads: Hydra's lesson (arXiv 2402.05109), off in the paper's design: head
+            i's first layer also reads the target's embedding of the token before its own
+            target, x_{t+1} for head 0 and head i-1's draft for the others (teacher-forced in
+            training), so later heads know what the earlier ones drafted. Still one encoder
+            pass; the heads then run one after another. Training and the reference decoder
+            only so far (docs/design/sequential_heads.md); vLLM refuses such a draft.
     """
 
     model_type = "chimera"
@@ -81,6 +87,7 @@ class ChimeraConfig(PretrainedConfig):
         head_top_k_accuracies: list[list[float]] | None = None,
         tree_step_seconds: dict[str, dict[str, float]] | None = None,
         tree_schedules: dict[str, list[list[int]]] | None = None,
+        sequential_heads: bool = False,
         **kwargs,
     ):
         self.target_architecture = target_architecture
@@ -106,6 +113,7 @@ class ChimeraConfig(PretrainedConfig):
         self.head_top_k_accuracies = head_top_k_accuracies
         self.tree_step_seconds = tree_step_seconds
         self.tree_schedules = tree_schedules
+        self.sequential_heads = sequential_heads
         kwargs.setdefault("architectures", ["ChimeraDraftModel"])
         super().__init__(**kwargs)
         self.validate()
@@ -123,6 +131,9 @@ class ChimeraConfig(PretrainedConfig):
             problems.append(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})")
+        for name in ("use_trigram_encoder", "use_context_encoder", "sequential_heads"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("trigram_activation", "hidden_act"):
             if getattr(self, name) not in ACTIVATIONS:
                 problems.append(f"{name} must be one of {ACTIVATIONS}, got {getattr(self, name)!r}")

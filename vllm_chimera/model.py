@@ -149,16 +149,24 @@ class EncoderLayer(nn.Module):
 
 class ResidualHead(nn.Module):
     """R_i: [h; s] (2d) -> d. Its output layer starts at zero, so an untrained head
-    returns h itself and predicts what the target's LM head predicts from h."""
+    returns h itself and predicts what the target's LM head predicts from h.
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    A sequential head (config.sequential_heads) also reads e, the target's embedding of the
+    token before its own target: R_i = down(silu(up([h; s]) + token_up(e))).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, sequential: bool = False):
         super().__init__()
         self.up = nn.Linear(2 * hidden_size, intermediate_size, bias=False)
+        self.token_up = nn.Linear(hidden_size, intermediate_size, bias=False) if sequential else None
         self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
         nn.init.zeros_(self.down.weight)
 
-    def forward(self, hs: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.up(hs)))
+    def forward(self, hs: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.up(hs)
+        if self.token_up is not None:
+            x = x + self.token_up(token_embeds)
+        return self.down(F.silu(x))
 
 
 class ChimeraDraftModel(nn.Module):
@@ -176,7 +184,8 @@ class ChimeraDraftModel(nn.Module):
             self.layer = EncoderLayer(config)
             self.norm = RMSNorm(d, config.rms_norm_eps)
         self.heads = nn.ModuleList(
-            ResidualHead(d, config.head_intermediate_size) for _ in range(config.num_decoding_heads))
+            ResidualHead(d, config.head_intermediate_size, config.sequential_heads)
+            for _ in range(config.num_decoding_heads))
         if config.draft_vocab_size is not None:
             # Reduced draft vocabulary: a smaller LM head of its own (initialised from the
             # target's rows) and the map back to target ids.
@@ -261,20 +270,33 @@ class ChimeraDraftModel(nn.Module):
                             prefix_ids)  # [B * L, d]
         return self.trigram_w2(u).view(B, L, -1)
 
-    def head_logits(self, hidden_states: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def head_logits(self, hidden_states: torch.Tensor, s: torch.Tensor,
+                    previous_token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """logits_i = LMHead(h + R_i([h; s])) for every head.
 
         hidden_states, s: [..., d] -> [K, ..., V] (or [K, ..., draft_vocab_size])
         """
-        return self.lm_logits(self.head_states(hidden_states, s))
+        return self.lm_logits(self.head_states(hidden_states, s, previous_token_ids))
 
-    def head_states(self, hidden_states: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def head_states(self, hidden_states: torch.Tensor, s: torch.Tensor,
+                    previous_token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """What each head feeds its LM head, h + R_i([h; s]): [..., d] -> [K, ..., d] (the
-        counterpart of the target's h_{t+1+i}: training may regress it onto that)."""
+        counterpart of the target's h_{t+1+i}: training may regress it onto that).
+
+        Sequential heads also need previous_token_ids [K, ...]: for head i the target id of
+        x_{t+1+i}, the token before the one it predicts (x_{t+1} for head 0, then what head
+        i-1 drafted, or in training its label).
+        """
         self._require_target()
+        if self.config.sequential_heads != (previous_token_ids is not None):
+            raise ValueError("previous_token_ids are needed by sequential heads and only by them "
+                             f"(config.sequential_heads={self.config.sequential_heads})")
         hs = torch.cat([hidden_states, s], dim=-1)
         # h is already final-normed (it is what the target's LM head reads): no second norm.
-        return torch.stack([hidden_states + head(hs) for head in self.heads])
+        if previous_token_ids is None:
+            return torch.stack([hidden_states + head(hs) for head in self.heads])
+        embeds = self._target_embed[previous_token_ids].to(hidden_states.dtype)  # [K, ..., d]
+        return torch.stack([hidden_states + head(hs, embeds[i]) for i, head in enumerate(self.heads)])
 
     def lm_logits(self, states: torch.Tensor) -> torch.Tensor:
         """The draft's LM head: [..., d] -> [..., V] (or [..., draft_vocab_size])."""
@@ -288,10 +310,27 @@ class ChimeraDraftModel(nn.Module):
             return draft_ids
         return self.draft_to_target_ids[draft_ids]
 
-    def propose(self, hidden_states: torch.Tensor, s: torch.Tensor, top_k: int = 1) -> torch.Tensor:
-        """Top-k draft tokens per head as target ids: [..., d] -> [K, ..., top_k]."""
-        logits = self.head_logits(hidden_states, s)
-        return self.to_target_ids(logits.topk(top_k, dim=-1).indices)
+    def propose(self, hidden_states: torch.Tensor, s: torch.Tensor, top_k: int = 1,
+                next_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Top-k draft tokens per head as target ids: [..., d] -> [K, ..., top_k].
+
+        Sequential heads run one after another from next_token_ids [...] (x_{t+1}), each
+        fed the top-1 token of the head before it: a chain, and each head's other
+        candidates are its alternatives given that chain.
+        """
+        if not self.config.sequential_heads:
+            logits = self.head_logits(hidden_states, s)
+            return self.to_target_ids(logits.topk(top_k, dim=-1).indices)
+        if next_token_ids is None:
+            raise ValueError("sequential heads need next_token_ids (x_{t+1}) to propose")
+        hs = torch.cat([hidden_states, s], dim=-1)
+        previous, candidates = next_token_ids, []
+        for head in self.heads:
+            state = hidden_states + head(hs, self._target_embed[previous].to(hidden_states.dtype))
+            top = self.to_target_ids(self.lm_logits(state).topk(top_k, dim=-1).indices)  # [..., top_k]
+            candidates.append(top)
+            previous = top[..., 0]
+        return torch.stack(candidates)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -72,7 +72,8 @@ class ChimeraDrafter:
         positions = torch.arange(t0, n + 1, device=token_ids.device)
         s = self.model.encode(token_ids[t0 + 1: n + 2][None], new_hidden_states[None],
                               positions[None], prefix[None], self.kv_cache)
-        return self.model.propose(new_hidden_states[-1], s[0, -1], top_k)  # [K, top_k]
+        next_token_id = token_ids[n + 1] if self.model.config.sequential_heads else None
+        return self.model.propose(new_hidden_states[-1], s[0, -1], top_k, next_token_id)  # [K, top_k]
 
 
 class TargetOracleDrafter:

@@ -83,6 +83,10 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-trigram-encoder", action="store_true", help="ablation: no trigram encoder")
     g.add_argument("--no-context-encoder", action="store_true",
                    help="ablation: no full-context encoder (Medusa-style heads)")
+    g.add_argument("--sequential-heads", action="store_true",
+                   help="Chimera: head i also reads the embedding of the token before its own "
+                        "target (Hydra; x_{t+1} for head 0, head i-1's draft after it); "
+                        "piloted, vLLM cannot serve it yet")
     g.add_argument("--draft-vocab-size", type=int,
                    help="reduced draft vocabulary: the heads of Chimera or Medusa project onto "
                         "the N tokens the target predicts most often (Medusa in vLLM: with "
@@ -174,6 +178,8 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         overrides["num_layers"] = args.medusa_layers
     if args.medusa_shared_lm_head:
         overrides["shared_lm_head"] = True
+    if args.sequential_heads:  # Chimera only; the peers refuse it as an unknown override
+        overrides["sequential_heads"] = True
     try:
         return TrainingSettings(
             target=target, train_data=train_data, val_data=val_data, output_dir=args.output_dir,

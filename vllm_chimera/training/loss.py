@@ -122,10 +122,10 @@ class HeadsLoss(nn.Module):
         reduced draft vocabulary (logit j is target token draft_to_target_ids[j]), else None."""
         return None
 
-    def head_states(self, tokens: torch.Tensor, hidden: torch.Tensor,
-                    selected: torch.Tensor) -> torch.Tensor:
-        """tokens [B, L], hidden [B, L, d], selected [B, L-1] -> what each head feeds its LM
-        head at the selected positions t (P of them): [K, P, d]."""
+    def head_states(self, tokens: torch.Tensor, hidden: torch.Tensor, selected: torch.Tensor,
+                    greedy: torch.Tensor) -> torch.Tensor:
+        """tokens, greedy [B, L], hidden [B, L, d], selected [B, L-1] -> what each head feeds
+        its LM head at the selected positions t (P of them): [K, P, d]."""
         raise NotImplementedError
 
     def project(self, states: torch.Tensor) -> torch.Tensor:
@@ -136,10 +136,10 @@ class HeadsLoss(nn.Module):
         """The frozen target's LM head weight [V, d] (for kl_weight)."""
         raise NotImplementedError
 
-    def head_logits(self, tokens: torch.Tensor, hidden: torch.Tensor,
-                    selected: torch.Tensor) -> torch.Tensor:
-        """tokens [B, L], hidden [B, L, d], selected [B, L-1] -> logits [K, P, V']."""
-        return self.project(self.head_states(tokens, hidden, selected))
+    def head_logits(self, tokens: torch.Tensor, hidden: torch.Tensor, selected: torch.Tensor,
+                    greedy: torch.Tensor) -> torch.Tensor:
+        """tokens, greedy [B, L], hidden [B, L, d], selected [B, L-1] -> logits [K, P, V']."""
+        return self.project(self.head_states(tokens, hidden, selected, greedy))
 
     def train_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Target ids [K, P] -> the ids the logits index (a reduced vocabulary maps them)."""
@@ -161,7 +161,7 @@ class HeadsLoss(nn.Module):
         if self.training and self.positions_fraction is not None:
             selected = subsample_positions(selected, self.positions_fraction,
                                            batch["position_seeds"])  # [B, L-1]
-        states = self.head_states(batch["tokens"], batch["hidden"], selected)  # [K, P, d]
+        states = self.head_states(batch["tokens"], batch["hidden"], selected, batch["greedy"])  # [K, P, d]
         logits = self.project(states).float()  # [K, P, V']
         next_hidden = None
         if self.kl_weight or self.regression_weight:
@@ -243,6 +243,20 @@ def next_hidden_states(hidden: torch.Tensor, selected: torch.Tensor, num_heads: 
                         for i in range(num_heads)])
 
 
+def previous_tokens(tokens: torch.Tensor, greedy: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """What sequential heads read at positions t = 0 .. L-2, teacher-forced: the token before
+    each head's own target, x_{t+1} for head 0 and head i-1's label greedy[t+i] for head i.
+
+    tokens, greedy [B, L] -> [K, B, L-1] target ids; past the end (t+i > L-1, where head i
+    has no label either) the last position is repeated.
+    e.g. L = 5, t = 2: head 0 reads tokens[3], head 1 greedy[3], heads 2 and 3 greedy[4].
+    """
+    L = tokens.shape[1]
+    t = torch.arange(L - 1, device=tokens.device)  # [L-1]
+    rows = [tokens[:, t + 1]] + [greedy[:, (t + i).clamp(max=L - 1)] for i in range(1, num_heads)]
+    return torch.stack(rows).clamp(min=0)  # (padding ids are never negative ids of the embedding)
+
+
 class DraftLoss(HeadsLoss):
     """Chimera's heads: logits_i = LMHead(h_t + R_i([h_t; s_t])), s from the draft's encoders."""
 
@@ -254,14 +268,17 @@ class DraftLoss(HeadsLoss):
             return None
         return self.draft.draft_to_target_ids, config.vocab_size
 
-    def head_states(self, tokens, hidden, selected):
+    def head_states(self, tokens, hidden, selected, greedy):
         B, L = tokens.shape
         positions = torch.arange(L - 1, device=tokens.device).expand(B, L - 1)
         # Chunks start at t = 0: the trigram encoder repeats x_0 before the start.
         prefix = torch.stack([torch.full_like(tokens[:, 0], -1), tokens[:, 0]], dim=1)  # [B, 2]
         h = hidden[:, :-1]  # [B, L-1, d]: h_t for t = 0 .. L-2
         s = self.draft.encode(tokens[:, 1:], h, positions, prefix)  # [B, L-1, d]
-        return self.draft.head_states(h[selected], s[selected])  # [K, P, d]
+        previous = None
+        if self.draft.config.sequential_heads:
+            previous = previous_tokens(tokens, greedy, self.num_heads)[:, selected]  # [K, P]
+        return self.draft.head_states(h[selected], s[selected], previous)  # [K, P, d]
 
     def project(self, states):
         return self.draft.lm_logits(states)  # [K, P, V or V_draft]

@@ -252,7 +252,7 @@ class MedusaLoss(HeadsLoss):
             return None
         return self.draft.token_map, self.draft.vocab_size
 
-    def head_states(self, tokens, hidden, selected):
+    def head_states(self, tokens, hidden, selected, greedy):
         return self.draft.head_states(hidden[:, :-1][selected])  # [K, P, d]
 
     def project(self, states):
