@@ -9,8 +9,9 @@
 #   bash scripts/train_smollm2.sh more-data && DATA=self+more EPOCHS=1 bash scripts/train_smollm2.sh
 #                                                     # 2,048 more self-generated answers (MORE_PROMPTS)
 #   bash scripts/train_smollm2.sh ship-data           # keep the generated answers in results/training/data
-#   RECIPE=v2 DATA=self+more EPOCHS=7 THREADS=2 bash scripts/train_smollm2.sh cache chimera
-#                                                     # issue 14's recipe (below); runs named *-v2
+#   RECIPE=v2 DATA=self+more EPOCHS=3 THREADS=2 bash scripts/train_smollm2.sh cache chimera export
+#                                                     # issue 14's recipe (below); runs named
+#                                                     # *-v2-e3-more (the shipped draft)
 #   bash scripts/train_smollm2.sh varied-data && DATA=varied ... bash scripts/train_smollm2.sh cache ...
 #                                                     # + role-play/writing prompts (chimera-prepare
 #                                                     # prompts) and EXTRA_PROMPTS more ShareGPT ones
@@ -87,7 +88,7 @@ fi
 # results/training/README.md): a reduced draft vocabulary of the 8192 tokens the target
 # predicts most often makes a step 3.4x cheaper at equal accuracy (the full 49,152-token
 # LM-head projections were ~90% of a step); lr 1e-3 learned as fast as 3e-3.
-# bf16 where this CPU computes it natively (AMX / AVX-512-BF16; recipe-pilots/README.md): the
+# bf16 where this CPU computes it natively (AMX / AVX-512-BF16; recipe-pilots/bf16/README.md): the
 # target's forward over the training answers (labels 99.4% the same as fp32's; validation
 # stays fp32) and the draft's autocast. Elsewhere fp32, as before. PRECISION=fp32 forces it.
 if [ -z "${PRECISION:-}" ]; then
@@ -107,8 +108,8 @@ recipe="${RECIPE:-v1}"
 heads_flags=()
 case "$recipe" in
   v1) ;;
-  v2) heads_flags=(--loss-positions-fraction 0.25); suffix="-v2$suffix"
-      common+=(--eval-every 400) ;;  # (the last --eval-every wins)
+  v2) heads_flags=(--loss-positions-fraction 0.25); suffix="-v2${EPOCHS:+-e$EPOCHS}$suffix"
+      common+=(--eval-every 400) ;;  # (the last --eval-every wins; EPOCHS=7: *-v2-e7-*)
   *) echo "unknown RECIPE $recipe (v1, v2)" >&2; exit 2 ;;
 esac
 
