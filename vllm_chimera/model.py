@@ -293,10 +293,16 @@ class ChimeraDraftModel(nn.Module):
                              f"(config.sequential_heads={self.config.sequential_heads})")
         hs = torch.cat([hidden_states, s], dim=-1)
         # h is already final-normed (it is what the target's LM head reads): no second norm.
-        if previous_token_ids is None:
-            return torch.stack([hidden_states + head(hs) for head in self.heads])
-        embeds = self._target_embed[previous_token_ids].to(hidden_states.dtype)  # [K, ..., d]
-        return torch.stack([hidden_states + head(hs, embeds[i]) for i, head in enumerate(self.heads)])
+        return torch.stack([self._head_state(head, hidden_states, hs,
+                                             None if previous_token_ids is None else previous_token_ids[i])
+                            for i, head in enumerate(self.heads)])
+
+    def _head_state(self, head: ResidualHead, hidden_states: torch.Tensor, hs: torch.Tensor,
+                    previous_token_ids: torch.Tensor | None) -> torch.Tensor:
+        """h + R_i([h; s]) (+ the embedding of previous_token_ids for a sequential head): [..., d]."""
+        embeds = None if previous_token_ids is None else \
+            self._target_embed[previous_token_ids].to(hidden_states.dtype)  # [..., d]
+        return hidden_states + head(hs, embeds)
 
     def lm_logits(self, states: torch.Tensor) -> torch.Tensor:
         """The draft's LM head: [..., d] -> [..., V] (or [..., draft_vocab_size])."""
@@ -323,10 +329,11 @@ class ChimeraDraftModel(nn.Module):
             return self.to_target_ids(logits.topk(top_k, dim=-1).indices)
         if next_token_ids is None:
             raise ValueError("sequential heads need next_token_ids (x_{t+1}) to propose")
+        self._require_target()
         hs = torch.cat([hidden_states, s], dim=-1)
         previous, candidates = next_token_ids, []
         for head in self.heads:
-            state = hidden_states + head(hs, self._target_embed[previous].to(hidden_states.dtype))
+            state = self._head_state(head, hidden_states, hs, previous)
             top = self.to_target_ids(self.lm_logits(state).topk(top_k, dim=-1).indices)  # [..., top_k]
             candidates.append(top)
             previous = top[..., 0]
