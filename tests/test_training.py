@@ -286,3 +286,58 @@ def test_a_second_training_file_reuses_the_first_files_cache(tiny_setup, tmp_pat
                               train_data=f"{tiny_setup['train']},{more}"))
     assert [name.split("-")[0] for name in built] == ["more"]
     assert both["train_sequences"] == first["train_sequences"] + 16
+
+
+def test_init_from_starts_where_the_saved_draft_ended(tiny_setup, tmp_path):
+    """--init-from: the saved draft's weights and reduced vocabulary, not fresh ones (with
+    lr 0 the continued draft is the saved one, even on other data); measured fields dropped."""
+    from vllm_chimera.checkpoint import save_draft
+
+    vocab = {"draft_vocab_size": 32}
+    first = train(settings_for(tiny_setup, tmp_path / "first", epochs=2, draft_overrides=vocab))
+    saved = load_draft(tmp_path / "first" / "draft")
+    saved.config.step_aside_schedules = {"cpu": [[1, 2, 1]]}
+    save_draft(saved, tmp_path / "first" / "draft")
+    # Other data (whose most frequent tokens differ) and no learning: the draft must not move.
+    again = train(settings_for(tiny_setup, tmp_path / "again", epochs=1, lr=0.0,
+                               train_data=tiny_setup["val"], batch_size=4,
+                               draft_overrides=vocab, init_from=str(tmp_path / "first" / "draft")))
+    continued = load_draft(tmp_path / "again" / "draft")
+    for (name, x), y in zip(saved.state_dict().items(), continued.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert again["validation"]["head_accuracy"] == first["validation"]["head_accuracy"]
+    assert continued.config.step_aside_schedules is None  # measured for the other draft
+    # ... and with learning it starts from there: its first step is far better than a fresh one's.
+    fresh = train(settings_for(tiny_setup, tmp_path / "fresh", epochs=1, draft_overrides=vocab))
+    warm = train(settings_for(tiny_setup, tmp_path / "warm", epochs=1, draft_overrides=vocab,
+                              init_from=str(tmp_path / "first" / "draft")))
+    first_loss = [json.loads(line)["loss"] for name in ("fresh", "warm")
+                  for line in (tmp_path / name / "log.jsonl").read_text().splitlines()[:1]]
+    assert first_loss[1] < 0.5 * first_loss[0], first_loss
+    assert warm["validation"]["head_accuracy"][0] >= fresh["validation"]["head_accuracy"][0]
+
+
+def test_init_from_refuses_another_design(tiny_setup, tmp_path):
+    train(settings_for(tiny_setup, tmp_path / "first", epochs=1))
+    draft = str(tmp_path / "first" / "draft")
+    with pytest.raises(ValueError, match="not the draft these settings build: num_decoding_heads 3"):
+        train(settings_for(tiny_setup, tmp_path / "k2", epochs=1, num_heads=2, init_from=draft))
+    with pytest.raises(ValueError, match="draft_vocab_size None"):
+        train(settings_for(tiny_setup, tmp_path / "rv", epochs=1, init_from=draft,
+                           draft_overrides={"draft_vocab_size": 32}))
+    with pytest.raises(ValueError, match="init_from is for Chimera drafts"):
+        settings_for(tiny_setup, tmp_path / "m", draft_kind="medusa", init_from=draft)
+    with pytest.raises(SystemExit):
+        train_main(["--target", tiny_setup["target"], "--output-dir", str(tmp_path / "x"),
+                    "--train-data", tiny_setup["train"], "--init-from", str(tmp_path)])
+
+
+def test_a_token_budget_takes_several_files_in_order(tiny_setup, tmp_path):
+    """train_tokens over a,b: all of a (64 sequences of 40 tokens), then b until it is spent."""
+    metrics = train(settings_for(tiny_setup, tmp_path / "run", epochs=1,
+                                 train_data=f"{tiny_setup['train']},{tiny_setup['val']}",
+                                 train_tokens=64 * 40 + 5 * 40))
+    assert metrics["train_sequences"] == 64 + 5 and metrics["train_tokens"] == 69 * 40
+    only_a = train(settings_for(tiny_setup, tmp_path / "a", epochs=1, train_tokens=20 * 40,
+                                train_data=f"{tiny_setup['train']},{tiny_setup['val']}"))
+    assert only_a["train_sequences"] == 20  # the budget ran out within the first file

@@ -87,6 +87,10 @@ def train_parser() -> argparse.ArgumentParser:
                    help="Chimera: head i also reads the embedding of the token before its own "
                         "target (Hydra; x_{t+1} for head 0, head i-1's draft after it); "
                         "piloted, vLLM cannot serve it yet")
+    g.add_argument("--init-from", metavar="DRAFT_DIR",
+                   help="start from this saved Chimera draft's weights (a run's draft/ folder "
+                        "or a shipped draft) to train it on further; fresh optimizer and "
+                        "schedule; pass the options it was trained with")
     g.add_argument("--draft-vocab-size", type=int,
                    help="reduced draft vocabulary: the heads of Chimera or Medusa project onto "
                         "the N tokens the target predicts most often (Medusa in vLLM: with "
@@ -167,6 +171,8 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
             if not Path(path).is_file():
                 hint = " (run `chimera-prepare data`)" if str(sharegpt) in path else ""
                 parser.error(f"{name}: no such file {path}{hint}")
+    if args.init_from and not Path(args.init_from, "config.json").is_file():
+        parser.error(f"--init-from {args.init_from!r}: no config.json there (not a saved draft)")
     overrides = {}
     if args.draft_vocab_size is not None:  # Chimera and Medusa; refused for EAGLE
         if args.draft_vocab_size <= 0:
@@ -186,6 +192,7 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
             cache_dir=args.cache_dir, draft_kind=args.draft_kind, num_heads=args.num_heads,
             use_trigram_encoder=not args.no_trigram_encoder,
             use_context_encoder=not args.no_context_encoder, draft_overrides=overrides,
+            init_from=args.init_from,
             max_length=args.max_length, train_tokens=args.train_tokens, val_tokens=args.val_tokens,
             loss_on=args.loss_on, cache_precision=args.cache_precision, epochs=args.epochs,
             batch_size=args.batch_size,

@@ -30,9 +30,15 @@ class TrainingSettings:
     use_context_encoder: bool = True
     # Extra ChimeraConfig fields; for a peer, its options (peers.PEER_OPTIONS).
     draft_overrides: dict = field(default_factory=dict)
+    # Start from the weights of a saved Chimera draft (a finished run's draft/ folder, or the
+    # shipped one) instead of random ones: training continued on new data in a later
+    # session, as only the repository outlives a machine here. Fresh optimizer and schedule
+    # (a warm restart); the draft's config must be the one these settings would build.
+    init_from: str | None = None
     # -- data -----------------------------------------------------------------------------
     max_length: int = 512  # tokens per sequence (longer conversations are cut)
-    train_tokens: int | None = None  # take conversations until this many tokens (None: all)
+    # Take sequences until this many tokens (None: all); over several files, in file order.
+    train_tokens: int | None = None
     val_tokens: int | None = 20_000
     loss_on: str = "responses"  # "responses": assistant tokens only; "all": every token
     cache_batch_tokens: int = 4096  # tokens per target forward while caching
@@ -104,6 +110,8 @@ class TrainingSettings:
                                 "regression is draft_overrides['regression_weight']")
         if self.draft_kind != "chimera":
             problems += self._peer_problems()
+            if self.init_from:
+                problems.append(f"init_from is for Chimera drafts, not {self.draft_kind}")
         if problems:
             raise ValueError("Invalid TrainingSettings: " + "; ".join(problems))
 

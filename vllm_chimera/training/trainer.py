@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from vllm_chimera.checkpoint import target_embed_and_lm_head
+from vllm_chimera.checkpoint import load_draft, target_embed_and_lm_head
 from vllm_chimera.config import ChimeraConfig
 from vllm_chimera.model import ChimeraDraftModel
 from vllm_chimera.prepare import cache_dir
@@ -119,14 +119,21 @@ def load_target(target_dir: str, device: torch.device):
 def cached_data(settings: TrainingSettings, target, tokenizer, paths: str, max_tokens, rank: int,
                 world: int, precision: str = "fp32") -> CachedData | CachedDataList:
     """The target's cached outputs over `paths`: one file, or several separated by commas
-    (one cache each, read as one dataset in order), computed in `precision`."""
-    files = paths.split(",")
-    if len(files) == 1:
-        return _cached_file(settings, target, tokenizer, files[0], max_tokens, rank, world, precision)
-    if max_tokens is not None:
-        raise ValueError(f"a token limit ({max_tokens}) applies to one data file, not to {paths!r}")
-    return CachedDataList([_cached_file(settings, target, tokenizer, path, None, rank, world,
-                                        precision) for path in files])
+    (one cache each, read as one dataset in order), computed in `precision`.
+
+    A token limit takes the files in order until it is spent: e.g. files of 300k and 900k
+    tokens with max_tokens=500k give all of the first and the first ~200k of the second
+    (which the third, if any, then does not contribute to).
+    """
+    parts, remaining = [], max_tokens
+    for path in paths.split(","):
+        if remaining is not None and remaining <= 0:
+            break
+        parts.append(_cached_file(settings, target, tokenizer, path, remaining, rank, world,
+                                  precision))
+        if remaining is not None:
+            remaining -= parts[-1].num_tokens
+    return parts[0] if len(parts) == 1 else CachedDataList(parts)
 
 
 def _cached_file(settings: TrainingSettings, target, tokenizer, path: str, max_tokens, rank: int,
@@ -167,9 +174,35 @@ def build_draft(settings: TrainingSettings, target, train: CachedData) -> torch.
         target.config, num_decoding_heads=settings.num_heads,
         use_trigram_encoder=settings.use_trigram_encoder,
         use_context_encoder=settings.use_context_encoder, **settings.draft_overrides)
+    if settings.init_from:
+        return initial_draft(settings.init_from, config, target)
     draft = ChimeraDraftModel(config)
     frequent = frequent_token_ids(train, config.vocab_size, config.draft_vocab_size)
     return draft.bind_target(*target_embed_and_lm_head(target), frequent_token_ids=frequent)
+
+
+# Measurements of a draft, not its design: a draft trained on from another does not inherit them.
+MEASURED_CONFIG_FIELDS = ("step_aside_schedules", "head_top_k_accuracies", "tree_step_seconds",
+                          "tree_schedules")
+
+
+def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraftModel:
+    """settings.init_from: the saved draft at `draft_dir` (fp32, bound to `target`, its
+    reduced vocabulary kept), refused unless its design is `config`, the one the settings
+    build (else its weights would not mean what the run's options say)."""
+    draft = load_draft(draft_dir, target.config).float()
+    saved, wanted = draft.config.to_dict(), config.to_dict()
+    ignored = set(MEASURED_CONFIG_FIELDS) | {"transformers_version", "architectures"}
+    changed = sorted(k for k in set(saved) | set(wanted)
+                     if k not in ignored and saved.get(k) != wanted.get(k))
+    if changed:
+        raise ValueError(f"init_from {draft_dir} is not the draft these settings build: "
+                         + ", ".join(f"{k} {saved.get(k)!r} (settings: {wanted.get(k)!r})"
+                                     for k in changed)
+                         + " (pass the options it was trained with, e.g. --draft-vocab-size)")
+    for name in MEASURED_CONFIG_FIELDS:
+        setattr(draft.config, name, None)
+    return draft.bind_target(*target_embed_and_lm_head(target))
 
 
 def build_loss(settings: TrainingSettings, draft: torch.nn.Module) -> torch.nn.Module:
