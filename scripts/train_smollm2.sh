@@ -15,6 +15,12 @@
 #   bash scripts/train_smollm2.sh varied-data && DATA=varied ... bash scripts/train_smollm2.sh cache ...
 #                                                     # + role-play/writing prompts (chimera-prepare
 #                                                     # prompts) and EXTRA_PROMPTS more ShareGPT ones
+#   RECIPE=v2 DATA=new EPOCHS=2 TRAIN_TOKENS=900000 INIT=shipped bash scripts/train_smollm2.sh cache chimera
+#                                                     # train the shipped draft on further: only the
+#                                                     # repository outlives a machine here, so a
+#                                                     # session caches a slice of the data it has time
+#                                                     # for and continues the last draft on it (runs
+#                                                     # named *-new-from-shipped)
 #
 # DATA=self (default): ShareGPT first user turns answered by SmolLM2 itself (greedy, vLLM,
 #            scripts/generate_responses.py; generated once, about 20 min here, or restored
@@ -22,6 +28,8 @@
 # DATA=self+more: plus 2,048 more (stage more-data). DATA=varied: plus the target's answers to
 #            the role-play and writing prompts and to EXTRA_PROMPTS (4,096) further ShareGPT
 #            first turns (stage varied-data, about 90 min here; runs named *-varied).
+# DATA=new: only the answers of stage varied-data (role-play/writing first), for a draft
+#            that has seen self+more already (INIT=shipped); TRAIN_TOKENS caps the slice.
 # DATA=dataset: ShareGPT conversations with ShareGPT's answers.
 # Labels are the target's own greedy predictions either way (self-distillation).
 #
@@ -58,7 +66,7 @@ restore() {  # restore NAME: the shipped NAME.jsonl.gz into the cache, unless al
   fi
 }
 for name in "${answer_files[@]}"; do restore "$name"; done
-if [ "$data" = self ] || [ "$data" = self+more ] || [ "$data" = varied ]; then
+if [ "$data" = self ] || [ "$data" = self+more ] || [ "$data" = varied ] || [ "$data" = new ]; then
   for split in train:1100 validation:64; do
     name="${split%%:*}"; n="${split##*:}"; out="$sharegpt/$name.smollm2-self.jsonl"
     if [ ! -f "$out" ]; then
@@ -78,6 +86,10 @@ if [ "$data" = self ] || [ "$data" = self+more ] || [ "$data" = varied ]; then
     data_flags=(--train-data "$sharegpt/train.smollm2-self.jsonl,$sharegpt/train.smollm2-self-more.jsonl,$sharegpt/train.smollm2-self-actas.jsonl,$sharegpt/train.smollm2-self-extra.jsonl"
                 --val-data "$sharegpt/validation.smollm2-self.jsonl")
     suffix=-varied
+  elif [ "$data" = new ]; then
+    data_flags=(--train-data "$sharegpt/train.smollm2-self-actas.jsonl,$sharegpt/train.smollm2-self-extra.jsonl"
+                --val-data "$sharegpt/validation.smollm2-self.jsonl")
+    suffix=-new
   fi
 else
   data_flags=()
@@ -112,6 +124,14 @@ case "$recipe" in
       common+=(--eval-every 400) ;;  # (the last --eval-every wins; EPOCHS=7: *-v2-e7-*)
   *) echo "unknown RECIPE $recipe (v1, v2)" >&2; exit 2 ;;
 esac
+
+[ -z "${TRAIN_TOKENS:-}" ] || common+=(--train-tokens "$TRAIN_TOKENS")
+# INIT=shipped: start from the shipped draft (chimera only), INIT=DIR from that draft folder.
+init_flags=()
+if [ -n "${INIT:-}" ]; then
+  init_dir="$INIT"; [ "$INIT" != shipped ] || init_dir="$here/vllm_chimera/drafts/smollm2-chimera"
+  init_flags=(--init-from "$init_dir"); suffix="$suffix-from-$(basename "$INIT")"
+fi
 
 run() {  # run NAME [extra flags]: train, then copy the small outputs into results/training/NAME
   local name="$1$suffix"; shift
@@ -149,7 +169,7 @@ for stage in "${stages[@]}"; do
         [ ! -f "$sharegpt/$name.jsonl" ] || gzip -n -9 -c "$sharegpt/$name.jsonl" > "$shipped_data/$name.jsonl.gz"
       done
       ls -l "$shipped_data" ;;
-    chimera) run chimera-k4 --draft-vocab-size 8192 "${heads_flags[@]}" ;;
+    chimera) run chimera-k4 --draft-vocab-size 8192 "${heads_flags[@]}" "${init_flags[@]}" ;;
     no-trigram) run no-trigram-k4 --draft-vocab-size 8192 --no-trigram-encoder "${heads_flags[@]}" ;;
     no-context) run no-context-k4 --draft-vocab-size 8192 --no-context-encoder "${heads_flags[@]}" ;;
     # One reduced LM head shared by the 4 heads, as Chimera's (vLLM's Medusa loads a reduced
