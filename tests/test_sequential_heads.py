@@ -134,3 +134,29 @@ def test_vllm_refuses_a_sequential_draft(tiny_target, tmp_path):
     save_draft(build_random_draft(tiny_target, num_heads=2, sequential_heads=True), tmp_path / "d")
     with pytest.raises(ValueError, match="sequential_heads.*cannot serve"):
         resolve_chimera(str(tmp_path / "d"), None, str(tmp_path), tiny_target.config)
+
+
+def test_a_parallel_draft_continues_as_a_sequential_one(tiny_setup, tmp_path):  # noqa: F811
+    """init_from a parallel draft with sequential_heads: token_up starts at zero, so the run
+    starts from exactly the saved draft's predictions (lr 0: the same validation), and with
+    learning the token weights move."""
+    from vllm_chimera.checkpoint import load_draft
+    from vllm_chimera.training import train
+
+    first = train(settings_for(tiny_setup, tmp_path / "parallel", epochs=1))
+    init = str(tmp_path / "parallel" / "draft")
+    same = train(settings_for(tiny_setup, tmp_path / "same", epochs=1, lr=0.0, init_from=init,
+                              draft_overrides={"sequential_heads": True}))
+    assert same["validation"]["head_accuracy"] == first["validation"]["head_accuracy"]
+    saved, continued = load_draft(init).state_dict(), load_draft(tmp_path / "same" / "draft").state_dict()
+    for name, weight in continued.items():
+        want = torch.zeros_like(weight) if ".token_up." in name else saved[name]
+        assert torch.equal(weight, want), name
+    train(settings_for(tiny_setup, tmp_path / "seq", epochs=1, init_from=init,
+                       draft_overrides={"sequential_heads": True}))
+    draft = load_draft(tmp_path / "seq" / "draft")
+    assert draft.config.sequential_heads and all(head.token_up.weight.abs().sum() > 0
+                                                 for head in draft.heads)
+    with pytest.raises(ValueError, match="sequential_heads True"):  # not the other way round
+        train(settings_for(tiny_setup, tmp_path / "back", epochs=1,
+                           init_from=str(tmp_path / "seq" / "draft")))

@@ -189,10 +189,22 @@ MEASURED_CONFIG_FIELDS = ("step_aside_schedules", "head_top_k_accuracies", "tree
 def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraftModel:
     """settings.init_from: the saved draft at `draft_dir` (fp32, bound to `target`, its
     reduced vocabulary kept), refused unless its design is `config`, the one the settings
-    build (else its weights would not mean what the run's options say)."""
+    build (else its weights would not mean what the run's options say).
+
+    One change of design is allowed: parallel heads -> sequential heads (--sequential-heads),
+    with the new token_up weights at zero, which is exactly the saved parallel draft (the
+    heads then learn to read the previous token from there on).
+    """
     draft = load_draft(draft_dir, target.config).float()
     saved, wanted = draft.config.to_dict(), config.to_dict()
     ignored = set(MEASURED_CONFIG_FIELDS) | {"transformers_version", "architectures"}
+    if wanted.get("sequential_heads") and not saved.get("sequential_heads"):
+        ignored.add("sequential_heads")
+        parallel, draft = draft, ChimeraDraftModel(config)
+        missing, unexpected = draft.load_state_dict(parallel.state_dict(), strict=False)
+        assert not unexpected and all(".token_up." in name for name in missing), missing
+        for head in draft.heads:
+            torch.nn.init.zeros_(head.token_up.weight)
     changed = sorted(k for k in set(saved) | set(wanted)
                      if k not in ignored and saved.get(k) != wanted.get(k))
     if changed:
