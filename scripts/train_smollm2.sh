@@ -20,7 +20,8 @@
 #                                                     # repository outlives a machine here, so a
 #                                                     # session caches a slice of the data it has time
 #                                                     # for and continues the last draft on it (runs
-#                                                     # named *-new-from-shipped)
+#                                                     # named *-new-from-shipped; SEQUENTIAL=1: as
+#                                                     # sequential heads, *-seq-new-from-shipped)
 #
 # DATA=self (default): ShareGPT first user turns answered by SmolLM2 itself (greedy, vLLM,
 #            scripts/generate_responses.py; generated once, about 20 min here, or restored
@@ -169,7 +170,12 @@ for stage in "${stages[@]}"; do
         [ ! -f "$sharegpt/$name.jsonl" ] || gzip -n -9 -c "$sharegpt/$name.jsonl" > "$shipped_data/$name.jsonl.gz"
       done
       ls -l "$shipped_data" ;;
-    chimera) run chimera-k4 --draft-vocab-size 8192 "${heads_flags[@]}" "${init_flags[@]}" ;;
+    chimera)
+      if [ -n "${SEQUENTIAL:-}" ]; then  # Hydra-style sequential heads (chimera-train --sequential-heads)
+        run chimera-k4-seq --draft-vocab-size 8192 --sequential-heads "${heads_flags[@]}" "${init_flags[@]}"
+      else
+        run chimera-k4 --draft-vocab-size 8192 "${heads_flags[@]}" "${init_flags[@]}"
+      fi ;;
     no-trigram) run no-trigram-k4 --draft-vocab-size 8192 --no-trigram-encoder "${heads_flags[@]}" ;;
     no-context) run no-context-k4 --draft-vocab-size 8192 --no-context-encoder "${heads_flags[@]}" ;;
     # One reduced LM head shared by the 4 heads, as Chimera's (vLLM's Medusa loads a reduced
