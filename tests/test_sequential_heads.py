@@ -1,6 +1,6 @@
 """Sequential heads (config.sequential_heads, Hydra's lesson): head i also reads the
 embedding of the token before its own target. Training, the reference decoder and the
-checkpoint round trip; vLLM refuses such a draft until it can serve it."""
+checkpoint round trip, and vLLM serving them as the reference decoder does."""
 from __future__ import annotations
 
 import pytest
@@ -127,13 +127,33 @@ def test_the_cli_flag_is_for_chimera_only(tiny_setup, tmp_path, capsys):  # noqa
     assert "sequential_heads" in capsys.readouterr().err
 
 
-def test_vllm_refuses_a_sequential_draft(tiny_target, tmp_path):
-    from vllm_chimera.checkpoint import save_draft
-    from vllm_chimera.vllm.speculative import resolve_chimera
+@pytest.mark.parametrize("tree", [None, [[0], [1], [0, 0], [0, 1], [0, 0, 0], [0, 0, 0, 0]]])
+def test_vllm_serves_sequential_heads_as_the_reference_does(tmp_path, tree):
+    """Heads that know the target only through the token before their target: inside vLLM
+    they are right (and accepted) only if each is fed the head before it, and the accepted
+    count equals the reference decoder's, chain and tree; output = plain."""
+    pytest.importorskip("vllm")
+    import vllm_utils  # noqa: F401  (sets VLLM_ENABLE_V1_MULTIPROCESSING before vLLM loads)
+    from vllm import SamplingParams
 
-    save_draft(build_random_draft(tiny_target, num_heads=2, sequential_heads=True), tmp_path / "d")
-    with pytest.raises(ValueError, match="sequential_heads.*cannot serve"):
-        resolve_chimera(str(tmp_path / "d"), None, str(tmp_path), tiny_target.config)
+    from vllm_chimera.checkpoint import save_draft
+    from vllm_chimera.toy import build_permutation_pair
+    from vllm_utils import run_engine
+
+    target, draft, _ = build_permutation_pair(tmp_path, num_heads=4, num_wrong=32, sequential=True)
+    save_draft(draft, tmp_path / "draft")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (1, 3, 7, 12, 20, 5)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    plain = run_engine(tmp_path / "target", prompts, greedy)
+    spec = run_engine(tmp_path / "target", prompts, greedy, tmp_path / "draft", tree=tree)
+    assert spec.token_ids == plain.token_ids
+    chain = TokenTree.chain(4) if tree is None else TokenTree.from_paths(tree)
+    decoder = SpeculativeDecoder(target, ChimeraDrafter(draft), chain)
+    reference_accepted = sum(sum(n - 1 for n in decoder.generate(torch.tensor(p), 40).accept_lengths)
+                             for p in prompts)
+    assert reference_accepted > 2 * len(prompts) * 40 * 0.25  # the chained heads are mostly right
+    assert spec.counter("vllm:spec_decode_num_accepted_tokens") == reference_accepted
 
 
 def test_a_parallel_draft_continues_as_a_sequential_one(tiny_setup, tmp_path):  # noqa: F811

@@ -56,8 +56,9 @@ class ChimeraConfig(PretrainedConfig):
             i's first layer also reads the target's embedding of the token before its own
             target, x_{t+1} for head 0 and head i-1's draft for the others (teacher-forced in
             training), so later heads know what the earlier ones drafted. Still one encoder
-            pass; the heads then run one after another. Training and the reference decoder
-            only so far (docs/design/sequential_heads.md); vLLM refuses such a draft.
+            pass; the heads then run one after another (training, the reference decoder and
+            vLLM, chain and tree: a head's other candidates are its alternatives given the
+            top-1 chain; docs/design/sequential_heads.md).
     """
 
     model_type = "chimera"

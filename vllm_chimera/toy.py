@@ -67,7 +67,8 @@ def build_vllm_target(folder, vocab_size=256, seed=0):
     return target
 
 
-def build_permutation_pair(folder, num_heads=4, num_wrong=0, seed=0, logit_scale=1.0):
+def build_permutation_pair(folder, num_heads=4, num_wrong=0, seed=0, logit_scale=1.0,
+                           sequential=False):
     """A target whose greedy next token is a fixed random permutation pi of the current
     token, and a Chimera draft whose heads know pi: head i proposes pi^(i+2)(x_n), which is
     exactly what the target will produce, so its drafts are accepted (except for the
@@ -81,6 +82,9 @@ def build_permutation_pair(folder, num_heads=4, num_wrong=0, seed=0, logit_scale
     argmax is pi(pi^(i+1)(x)) = pi^(i+2)(x).
     `logit_scale` < 1 flattens the target's distribution for sampling tests (greedy and
     the draft are unchanged): with 0.34, p(pi(x)) is about 1/2 at temperature 0.8.
+    `sequential`: sequential heads that know pi only through the token before their target
+    (up = 0, token_up = 80 I, so R_i = 40 e_{y_i} and the argmax is pi(y_i)): their drafts
+    are right only if each head is fed the draft of the head before it (y_0 = x_{n+1}).
     """
     from pathlib import Path
 
@@ -108,11 +112,18 @@ def build_permutation_pair(folder, num_heads=4, num_wrong=0, seed=0, logit_scale
     target = AutoModelForCausalLM.from_pretrained(folder / "target", dtype=torch.float32).eval()
 
     draft = build_random_draft(target, num_heads=num_heads, seed=seed,
-                               head_intermediate_size=d)
+                               head_intermediate_size=d, sequential_heads=sequential)
     power = pi.clone()  # pi^(i+1), starting at pi^1
     wrong = torch.randperm(vocab, generator=g)[:num_wrong]
     with torch.no_grad():
         for head in draft.heads:
+            if sequential:  # E(y) = 0.5 e_y -> token_up: 40 e_y (40 e_{wrong neighbour})
+                token = torch.eye(d)
+                token[:, wrong] = token[:, wrong].roll(1, dims=0)
+                head.up.weight.zero_()
+                head.token_up.weight.copy_(80.0 * token)
+                head.down.weight.copy_(torch.eye(d))
+                continue
             P = torch.zeros(d, d)
             P[power, torch.arange(d)] = 1.0  # P e_x = e_{pi^(i+1)(x)}
             P[:, wrong] = P[:, wrong].roll(1, dims=0)  # deliberately wrong for these x

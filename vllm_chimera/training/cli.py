@@ -85,8 +85,7 @@ def train_parser() -> argparse.ArgumentParser:
                    help="ablation: no full-context encoder (Medusa-style heads)")
     g.add_argument("--sequential-heads", action="store_true",
                    help="Chimera: head i also reads the embedding of the token before its own "
-                        "target (Hydra; x_{t+1} for head 0, head i-1's draft after it); "
-                        "piloted, vLLM cannot serve it yet")
+                        "target (Hydra; x_{t+1} for head 0, head i-1's draft after it)")
     g.add_argument("--init-from", metavar="DRAFT_DIR",
                    help="start from this saved Chimera draft's weights (a run's draft/ folder "
                         "or a shipped draft) to train it on further; fresh optimizer and "

@@ -58,13 +58,19 @@ def _linear(in_features: int, out_features: int, prefix: str) -> ReplicatedLinea
 
 
 class _ResidualHead(nn.Module):
-    def __init__(self, d: int, intermediate_size: int, prefix: str):
+    """R_i([h; s]) (+ token_up(E(y_i)) inside the activation for a sequential head)."""
+
+    def __init__(self, d: int, intermediate_size: int, prefix: str, sequential: bool = False):
         super().__init__()
         self.up = _linear(2 * d, intermediate_size, f"{prefix}.up")
+        self.token_up = _linear(d, intermediate_size, f"{prefix}.token_up") if sequential else None
         self.down = _linear(intermediate_size, d, f"{prefix}.down")
 
-    def forward(self, hs: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.up(hs)))
+    def forward(self, hs: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.up(hs)
+        if self.token_up is not None:
+            x = x + self.token_up(token_embeds)
+        return self.down(F.silu(x))
 
 
 class ChimeraDraftForVLLM(nn.Module):
@@ -85,7 +91,8 @@ class ChimeraDraftForVLLM(nn.Module):
             self.layer = LlamaDecoderLayer(vllm_config, prefix=f"model.layers.{num_target_layers}",
                                            config=_encoder_layer_config(config))
             self.norm = RMSNorm(d, eps=config.rms_norm_eps)
-        self.heads = nn.ModuleList(_ResidualHead(d, config.head_intermediate_size, f"heads.{i}")
+        self.heads = nn.ModuleList(_ResidualHead(d, config.head_intermediate_size, f"heads.{i}",
+                                                 config.sequential_heads)
                                    for i in range(config.num_decoding_heads))
         if config.draft_vocab_size is not None:
             self.draft_lm_head = _linear(d, config.draft_vocab_size, "draft_lm_head")
@@ -132,16 +139,40 @@ class ChimeraDraftForVLLM(nn.Module):
 
     def head_logits(self, hidden_states: torch.Tensor, s: torch.Tensor,
                     num_heads: int) -> torch.Tensor:
-        """The first `num_heads` heads: [B, d], [B, d] -> [B, num_heads, V (or draft V)]."""
+        """The first `num_heads` (parallel) heads: [B, d], [B, d] -> [B, num_heads, V (or
+        draft V)], in one LM-head call."""
         hs = torch.cat([hidden_states, s], dim=-1)
         # h is already final-normed (it is what the target's LM head reads): no second norm.
         residual = torch.stack([hidden_states + self.heads[i](hs) for i in range(num_heads)], dim=1)
-        flat = residual.flatten(0, 1)  # [B * num_heads, d]
-        if self.config.draft_vocab_size is not None:
-            logits = self.draft_lm_head(flat)
-        else:
-            logits = self._target.compute_logits(flat)
+        logits = self._lm_logits(residual.flatten(0, 1))  # [B * num_heads, V']
         return logits.view(hidden_states.shape[0], num_heads, -1)
+
+    def head_top_k(self, hidden_states: torch.Tensor, s: torch.Tensor, num_heads: int,
+                   top_k: int, next_token_ids: torch.Tensor) -> torch.Tensor:
+        """The first `num_heads` heads' top-k drafts as target ids: [B, d] x 2, [B] ->
+        [B, num_heads, top_k] (vllm_chimera.model.ChimeraDraftModel.propose, the reference).
+
+        Sequential heads run one after another from next_token_ids (x_{t+1}), each fed the
+        embedding of the top-1 draft of the head before it; its other candidates are its
+        alternatives given that chain.
+        """
+        if not self.config.sequential_heads:
+            logits = self.head_logits(hidden_states, s, num_heads)
+            return self.to_target_ids(logits.topk(top_k, dim=-1).indices)
+        hs = torch.cat([hidden_states, s], dim=-1)
+        previous, candidates = next_token_ids.long(), []
+        for head in self.heads[:num_heads]:
+            embeds = self.embed_input_ids(previous).to(hidden_states.dtype)  # [B, d]
+            logits = self._lm_logits(hidden_states + head(hs, embeds))  # [B, V']
+            candidates.append(self.to_target_ids(logits.topk(top_k, dim=-1).indices))
+            previous = candidates[-1][:, 0]
+        return torch.stack(candidates, dim=1)
+
+    def _lm_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """[N, d] -> [N, V'] the reduced draft LM head, or the target's logits."""
+        if self.config.draft_vocab_size is not None:
+            return self.draft_lm_head(states)
+        return self._target.compute_logits(states)
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         if self.config.draft_vocab_size is None:

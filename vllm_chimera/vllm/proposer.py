@@ -201,12 +201,13 @@ class ChimeraProposer(EagleProposer):
         tree = (self.tree.tree_for_batch_size(num_reqs)
                 if self.tree is not None and num_head_tokens > 0 else None)
         if (self.lookup is None and tree is None) or num_head_tokens == 0:
-            return self._draft_tokens(h, s, num_head_tokens)
+            return self._draft_tokens(h, s, num_head_tokens, next_token_ids)
         matches = (self._lookup_drafts(num_reqs, next_token_ids, num_rejected_tokens,
                                        self._max_lookup_tokens(num_tokens))
                    if self.lookup is not None else [np.empty(0, dtype=np.int32)] * num_reqs)
         if self.use_async_scheduling:  # a [num_reqs, num_tokens] tensor: heads fill the rest
-            drafts = self._draft_tokens(h, s, min(num_tokens, len(self.model.heads)))
+            drafts = self._draft_tokens(h, s, min(num_tokens, len(self.model.heads)),
+                                        next_token_ids)
             drafts = torch.cat([drafts, drafts[:, -1:].expand(-1, num_tokens - drafts.shape[1])], 1)
             for i, match in enumerate(matches):
                 drafts[i, :len(match)] = torch.from_numpy(match).to(drafts)
@@ -218,8 +219,8 @@ class ChimeraProposer(EagleProposer):
         chain_rows = [i for i in missed if i not in set(tree_rows)]
         if chain_rows:
             rows = torch.tensor(chain_rows, device=h.device)
-            for i, tokens in zip(chain_rows, self._draft_tokens(h[rows], s[rows],
-                                                                num_head_tokens).tolist()):
+            for i, tokens in zip(chain_rows, self._draft_tokens(
+                    h[rows], s[rows], num_head_tokens, next_token_ids[rows]).tolist()):
                 drafts[i] = tokens
         if tree_rows:
             rows = torch.tensor(tree_rows, device=h.device)
@@ -245,8 +246,7 @@ class ChimeraProposer(EagleProposer):
     def _tree_tokens(self, h: torch.Tensor, s: torch.Tensor, root_tokens: torch.Tensor,
                      tree: TokenTree) -> torch.Tensor:
         """Every node's token: [num_rows, d] x 2, [num_rows] -> [num_rows, num_nodes]."""
-        logits = self.model.head_logits(h, s, tree.max_depth)  # [num_rows, depth, V']
-        top_k = self.model.to_target_ids(logits.topk(tree.top_k, dim=-1).indices)
+        top_k = self.model.head_top_k(h, s, tree.max_depth, tree.top_k, root_tokens)  # [num_rows, depth, k]
         return tree.candidate_tokens(root_tokens.long(), top_k.long())
 
     def take_tree_drafts(self) -> dict[str, tuple[TokenTree, list[int]]]:
@@ -294,14 +294,15 @@ class ChimeraProposer(EagleProposer):
         lookup.STATS.num_draft_tokens[lookup.LOOKUP] += sum(len(match) for match in matches)
         lookup.STATS.num_draft_tokens[lookup.HEADS] += sum(num_head_drafts)
 
-    def _draft_tokens(self, h: torch.Tensor, s: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """The first `num_tokens` heads' top-1 at each request's row: [num_reqs, d] x 2 ->
+    def _draft_tokens(self, h: torch.Tensor, s: torch.Tensor, num_tokens: int,
+                      next_token_ids: torch.Tensor) -> torch.Tensor:
+        """The first `num_tokens` heads' top-1 at each request's row: [num_reqs, d] x 2 and
+        the token just sampled [num_reqs] (sequential heads start from it) ->
         [num_reqs, num_tokens] target ids (an empty [num_reqs, 0] at K = 0, reached only
         when the encoder pass ran to keep the draft KV)."""
         if num_tokens == 0:
             return torch.empty(h.shape[0], 0, dtype=torch.int64, device=self.device)
-        logits = self.model.head_logits(h, s, num_tokens)
-        return self.model.to_target_ids(logits.argmax(dim=-1))
+        return self.model.head_top_k(h, s, num_tokens, 1, next_token_ids)[..., 0]
 
     @torch.inference_mode()
     def dummy_run(self, num_tokens, use_cudagraphs=True, is_graph_capturing=False,
@@ -316,4 +317,5 @@ class ChimeraProposer(EagleProposer):
             s = self.model(input_ids=self.input_ids[:num_input_tokens],
                            positions=self._get_positions(num_input_tokens),
                            hidden_states=self.hidden_states[:num_input_tokens])
-        self.model.head_logits(self.hidden_states[:1], s[:1], self.num_speculative_tokens)
+        self.model.head_top_k(self.hidden_states[:1], s[:1], self.num_speculative_tokens, 1,
+                              self.input_ids[:1])

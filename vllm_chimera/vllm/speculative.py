@@ -84,11 +84,6 @@ def resolve_chimera(model: str | None, num_speculative_tokens: int | None,
     """
     draft_dir = find_draft_for_target(target_model) if model in (None, METHOD) else Path(model)
     config: ChimeraConfig = load_draft(draft_dir, target_hf_config).config
-    if config.sequential_heads:
-        raise ValueError(
-            f"the Chimera draft {draft_dir} has sequential_heads, a training option being "
-            f"piloted (docs/design/sequential_heads.md) that vLLM cannot serve yet; train the "
-            f"draft without --sequential-heads to serve it")
     num_heads = config.num_decoding_heads
     schedule = None
     if num_speculative_tokens is None:
