@@ -341,3 +341,33 @@ def test_a_token_budget_takes_several_files_in_order(tiny_setup, tmp_path):
     only_a = train(settings_for(tiny_setup, tmp_path / "a", epochs=1, train_tokens=20 * 40,
                                 train_data=f"{tiny_setup['train']},{tiny_setup['val']}"))
     assert only_a["train_sequences"] == 20  # the budget ran out within the first file
+
+
+def test_conditional_accuracy_is_what_a_chain_accepts_at_each_depth():
+    """head_conditional_accuracy[i] = P(head i right | heads < i right), over positions where
+    every head has a label; est_accept_length = 1 + the sum of their running products."""
+    from vllm_chimera.training.trainer import evaluate
+
+    # 4 positions, 3 heads: hits per head (rows) at each position (columns).
+    hits = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, batch):
+            self.last_hits, self.last_valid = hits, torch.ones_like(hits)
+            return torch.zeros(()), torch.zeros(3, 5)
+
+        def summarize(self, totals):
+            return {}
+
+    class OneBatch:
+        def __len__(self):
+            return 1
+
+        def batch(self, indices, device):
+            return {}
+
+    settings = TrainingSettings(target="t", train_data="d", output_dir="o", autocast="off")
+    result = evaluate(Fixed(), OneBatch(), settings, torch.device("cpu"))
+    # head 0: 3 of 4; head 1: of those 3, 2 right; head 2: of those 2, 1 right.
+    assert result["head_conditional_accuracy"] == [0.75, 2 / 3, 0.5]
+    assert result["est_accept_length"] == 1 + (3 + 2 + 1) / 4

@@ -265,11 +265,16 @@ def evaluate(loss_module: torch.nn.Module, data: CachedData, settings: TrainingS
     all K heads have a label: the tokens per target step a chain of K would get if the
     teacher-forced sequence were the target's own greedy continuation. (For EAGLE the
     "heads" are its K draft steps, run in eval mode as vLLM runs them.)
+    head_conditional_accuracy[i] = P(head i right | heads 0..i-1 right), on the same
+    positions: what a chain accepts at depth i, and the fair comparison of sequential heads
+    (teacher-forced: after a miss their head_accuracy reads the right previous token, which
+    at inference they would not have) with parallel ones.
     """
     was_training = loss_module.training
     loss_module.eval()
     totals = 0
     run_sum, run_count = 0.0, 0
+    reached, right = 0, 0  # [K] positions where heads < i were all right, and i right too
     m = settings.micro_batch_size
     for start in range(0, len(data), m):
         batch = data.batch(list(range(start, min(start + m, len(data)))), device)
@@ -278,11 +283,15 @@ def evaluate(loss_module: torch.nn.Module, data: CachedData, settings: TrainingS
         totals += stats.double().cpu()
         hits, valid = loss_module.last_hits, loss_module.last_valid  # [K, P]
         full = valid.all(0)  # positions where every head has a label
-        leading = hits[:, full].int().cumprod(0).sum(0)  # [P_full]
-        run_sum += float(leading.sum())
+        chain = hits[:, full].int().cumprod(0)  # [K, P_full]: heads 0..i all right
+        run_sum += float(chain.sum())
         run_count += int(full.sum())
+        right = right + chain.sum(1).double()
+        reached = reached + torch.cat([torch.full_like(chain[:1], 1), chain[:-1]]).sum(1).double()
     loss_module.train(was_training)
-    return {**loss_module.summarize(totals), "est_accept_length": 1 + run_sum / max(run_count, 1)}
+    conditional = (right / reached.clamp(min=1)).tolist() if run_count else []
+    return {**loss_module.summarize(totals), "est_accept_length": 1 + run_sum / max(run_count, 1),
+            "head_conditional_accuracy": conditional}
 
 
 # -- one optimizer step ---------------------------------------------------------------------
@@ -530,6 +539,8 @@ def _finish(settings, draft, loss_module, train_data, val_data, state, device, t
     if validation is not None:
         print("validation top-1 accuracy per head: "
               + " ".join(f"{a:.3f}" for a in validation["head_accuracy"])
+              + " | given the heads before right: "
+              + " ".join(f"{a:.3f}" for a in validation["head_conditional_accuracy"])
               + f" | est. acceptance length {validation['est_accept_length']:.2f}", flush=True)
     print(f"wrote {out / 'metrics.json'}" + (f" and the draft {out / 'draft'}" if finished else
           f" (stopped at step {state.step}/{total_steps}; run again to resume)"), flush=True)
