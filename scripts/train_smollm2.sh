@@ -189,7 +189,7 @@ for stage in "${stages[@]}"; do
     export)  # the shipped draft: the chimera run's weights in fp16, inside the package. The
       # step-aside schedules measured for the draft it replaces are kept, and said so: with
       # none, vLLM would draft K=4 at every batch size (0.62x at batch 16 here).
-      "$py" - "$runs/smollm2-chimera-k4$suffix/draft" "$here/vllm_chimera/drafts/smollm2-chimera" <<'EOF'
+      "$py" - "$runs/smollm2-chimera-k4${SEQUENTIAL:+-seq}$suffix/draft" "$here/vllm_chimera/drafts/smollm2-chimera" <<'EOF'
 import sys
 from pathlib import Path
 from vllm_chimera.checkpoint import load_config
