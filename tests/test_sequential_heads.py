@@ -177,6 +177,9 @@ def test_a_parallel_draft_continues_as_a_sequential_one(tiny_setup, tmp_path):  
     draft = load_draft(tmp_path / "seq" / "draft")
     assert draft.config.sequential_heads and all(head.token_up.weight.abs().sum() > 0
                                                  for head in draft.heads)
+    with pytest.raises(ValueError, match="not the draft these settings build: num_decoding_heads"):
+        train(settings_for(tiny_setup, tmp_path / "k2", epochs=1, num_heads=2, init_from=init,
+                           draft_overrides={"sequential_heads": True}))  # checked before upgrading
     with pytest.raises(ValueError, match="sequential_heads True"):  # not the other way round
         train(settings_for(tiny_setup, tmp_path / "back", epochs=1,
                            init_from=str(tmp_path / "seq" / "draft")))

@@ -62,6 +62,10 @@ class ChimeraConfig(PretrainedConfig):
     """
 
     model_type = "chimera"
+    # Measurements of one trained draft (chimera-bench), not part of its design: a draft
+    # trained on from another (chimera-train --init-from) does not inherit them.
+    MEASURED_FIELDS = ("step_aside_schedules", "head_top_k_accuracies", "tree_step_seconds",
+                       "tree_schedules")
 
     def __init__(
         self,

@@ -181,11 +181,6 @@ def build_draft(settings: TrainingSettings, target, train: CachedData) -> torch.
     return draft.bind_target(*target_embed_and_lm_head(target), frequent_token_ids=frequent)
 
 
-# Measurements of a draft, not its design: a draft trained on from another does not inherit them.
-MEASURED_CONFIG_FIELDS = ("step_aside_schedules", "head_top_k_accuracies", "tree_step_seconds",
-                          "tree_schedules")
-
-
 def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraftModel:
     """settings.init_from: the saved draft at `draft_dir` (fp32, bound to `target`, its
     reduced vocabulary kept), refused unless its design is `config`, the one the settings
@@ -197,14 +192,9 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
     """
     draft = load_draft(draft_dir, target.config).float()
     saved, wanted = draft.config.to_dict(), config.to_dict()
-    ignored = set(MEASURED_CONFIG_FIELDS) | {"transformers_version", "architectures"}
-    if wanted.get("sequential_heads") and not saved.get("sequential_heads"):
-        ignored.add("sequential_heads")
-        parallel, draft = draft, ChimeraDraftModel(config)
-        missing, unexpected = draft.load_state_dict(parallel.state_dict(), strict=False)
-        assert not unexpected and all(".token_up." in name for name in missing), missing
-        for head in draft.heads:
-            torch.nn.init.zeros_(head.token_up.weight)
+    to_sequential = bool(wanted.get("sequential_heads") and not saved.get("sequential_heads"))
+    ignored = set(ChimeraConfig.MEASURED_FIELDS) | {"transformers_version", "architectures"}
+    ignored |= {"sequential_heads"} if to_sequential else set()
     changed = sorted(k for k in set(saved) | set(wanted)
                      if k not in ignored and saved.get(k) != wanted.get(k))
     if changed:
@@ -212,7 +202,12 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
                          + ", ".join(f"{k} {saved.get(k)!r} (settings: {wanted.get(k)!r})"
                                      for k in changed)
                          + " (pass the options it was trained with, e.g. --draft-vocab-size)")
-    for name in MEASURED_CONFIG_FIELDS:
+    if to_sequential:  # the same weights plus token_up = 0 (the only ones it lacks)
+        parallel, draft = draft, ChimeraDraftModel(config)
+        draft.load_state_dict(parallel.state_dict(), strict=False)
+        for head in draft.heads:
+            torch.nn.init.zeros_(head.token_up.weight)
+    for name in ChimeraConfig.MEASURED_FIELDS:
         setattr(draft.config, name, None)
     return draft.bind_target(*target_embed_and_lm_head(target))
 
