@@ -15,7 +15,7 @@
 #   bash scripts/train_smollm2.sh varied-data && DATA=varied ... bash scripts/train_smollm2.sh cache ...
 #                                                     # + role-play/writing prompts (chimera-prepare
 #                                                     # prompts) and EXTRA_PROMPTS more ShareGPT ones
-#   RECIPE=v2 DATA=new EPOCHS=2 TRAIN_TOKENS=900000 INIT=shipped bash scripts/train_smollm2.sh cache chimera
+#   RECIPE=v2 DATA=new EPOCHS=2 INIT=shipped bash scripts/train_smollm2.sh cache chimera  (TRAIN_TOKENS=N: a slice)
 #                                                     # train the shipped draft on further: only the
 #                                                     # repository outlives a machine here, so a
 #                                                     # session caches a slice of the data it has time
