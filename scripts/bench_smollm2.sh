@@ -6,6 +6,8 @@
 #   QUICK=1 bash scripts/bench_smollm2.sh          # a few minutes: 8 prompts x 32 tokens
 #   METHODS=plain,chimera NUM_PROMPTS=40 OUTPUT=results/bench/smollm2-step-aside \
 #       bash scripts/bench_smollm2.sh               # Chimera with its defaults (the schedule)
+#   ROUNDS=3 ...                                    # every method 3 times, round after round
+#       (the same method moves 10-25% between processes here: rows = the median round)
 #
 # Methods: plain, n-gram, vLLM's Medusa and EAGLE with the drafts scripts/train_smollm2.sh
 # trained on the same data and budget as Chimera (K=4; EAGLE also at K=1, its cheapest),
@@ -39,4 +41,4 @@ fi
 mkdir -p "$(dirname "$output")"
 "$py" -c "from vllm_chimera.cli import bench_main; raise SystemExit(bench_main())" --target smollm2 \
   --draft "$here/vllm_chimera/drafts/smollm2-chimera" "${peer_drafts[@]}" \
-  --methods "$methods" "${size[@]}" --output "$output" ${EXTRA:-} 2>&1 | tee -a "$output.log"
+  --methods "$methods" "${size[@]}" --rounds "${ROUNDS:-1}" --output "$output" ${EXTRA:-} 2>&1 | tee -a "$output.log"

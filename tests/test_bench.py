@@ -75,6 +75,16 @@ def test_quick_benchmark_writes_json_table_and_plot(tmp_path):
     forced = run_benchmark(settings, prompts, tmp_path / "out", rerun=("ngram",))
     assert forced["results"]["ngram"]["startup_seconds"] != report["results"]["ngram"]["startup_seconds"]
     assert forced["results"]["plain"]["startup_seconds"] == report["results"]["plain"]["startup_seconds"]
+    # Two rounds: the first round's runs are reused, the second runs each method again in a
+    # fresh process (runs/*-r2.json); rows carry both rounds, greedy outputs checked in both.
+    two = run_benchmark(dataclasses.replace(settings, methods=("plain", "chimera:2"), rounds=2),
+                        prompts, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out" / "runs").glob("*-r2.json")) == [
+        "chimera-k2-r2.json", "plain-r2.json"]
+    row = two["results"]["chimera:2"]["greedy"][0]
+    assert len(row["speedup_by_round"]) == 2 and row["greedy_equals_plain"]
+    assert row["speedup"] == min(row["speedup_by_round"])  # (the lower middle of two)
+    assert "2 rounds" in (tmp_path / "out" / "bench.md").read_text()
     # ... nor with other settings.
     changed = dataclasses.replace(settings, methods=("plain",), max_tokens=20)
     rerun = run_benchmark(changed, prompts, tmp_path / "out")
@@ -141,3 +151,47 @@ def test_tree_methods_and_options(capsys):
         with pytest.raises(SystemExit):
             bench_main(["--target", "x", *argv])
         assert message in capsys.readouterr().err, argv
+
+
+def _fake_run(tokens_per_second: list[float], token_ids: list[list[int]], sampled: float | None = None) -> dict:
+    run = {"method": "m", "greedy": [
+        {"batch_size": b, "tokens_per_second": tps, "time_per_output_token_ms": 1.0,
+         "mean_latency_s": 1.0, "mean_acceptance_length": 1.5, "acceptance_rate_per_position": [],
+         "output_tokens": 10, "token_ids": [list(ids) for ids in token_ids]}
+        for b, tps in zip((1, 4), tokens_per_second)]}
+    if sampled is not None:
+        run["sampled"] = {"batch_size": 4, "tokens_per_second": sampled, "mean_acceptance_length": 1.2}
+    return run
+
+
+def test_rounds_take_each_rounds_own_plain_and_the_median_round():
+    from vllm_chimera.vllm.bench import combine_rounds, markdown_table
+
+    ids = [[1, 2, 3], [4, 5]]
+    wrong = [[1, 2, 3], [4, 6]]
+    # Plain moves 20 -> 22 -> 18 tok/s between processes; chimera's ratios stay near 1.3.
+    rounds = [{"plain": _fake_run([20.0, 40.0], ids, 30.0), "chimera:1": _fake_run([26.0, 44.0], ids, 33.0)},
+              {"plain": _fake_run([22.0, 40.0], ids, 30.0), "chimera:1": _fake_run([27.5, 36.0], wrong, 36.0)},
+              {"plain": _fake_run([18.0, 40.0], ids, 30.0), "chimera:1": _fake_run([25.2, 48.0], ids, 30.0)}]
+    runs = combine_rounds(rounds)
+    row = runs["chimera:1"]["greedy"][0]
+    assert row["speedup_by_round"] == pytest.approx([1.3, 1.25, 1.4])
+    assert row["speedup"] == pytest.approx(1.3) and row["tokens_per_second"] == 26.0  # round 1's row
+    assert row["tokens_per_second_by_round"] == [26.0, 27.5, 25.2]
+    # Batch 4: speedups 1.1, 0.9, 1.2 -> round 1 again; round 2's second request differs from plain.
+    row4 = runs["chimera:1"]["greedy"][1]
+    assert row4["speedup"] == pytest.approx(1.1)
+    assert row4["mismatched_requests"] == [1] and not row4["greedy_equals_plain"]
+    plain = runs["plain"]["greedy"][0]
+    assert plain["tokens_per_second"] == 20.0 and plain["speedup"] == 1.0  # the median plain round
+    assert plain["greedy_equals_plain"] and "token_ids" not in plain
+    assert runs["chimera:1"]["sampled"]["speedup"] == pytest.approx(1.1)  # of 1.1, 1.2, 1.0
+    table = markdown_table({"settings": {"rounds": 3, "sampled_temperature": 0.7},
+                            "results": runs})
+    assert "| chimera:1 | 1 | 26.0 (25.2-27.5) | 1.30x (1.25-1.40) |" in table
+    assert "| plain | 1 | 20.0 (18.0-22.0) | 1.00x (1.00-1.00) |" in table
+    assert "3 rounds" in table
+    # One round: the plain ratio, no spread.
+    one = combine_rounds(rounds[:1])
+    assert one["chimera:1"]["greedy"][0]["speedup"] == pytest.approx(1.3)
+    assert "(" not in markdown_table({"settings": {"rounds": 1, "sampled_temperature": 0.7}, "results": one}).split("\n")[2]

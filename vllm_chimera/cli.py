@@ -171,7 +171,8 @@ def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
         batch_sizes=batch_sizes, max_tokens=args.max_tokens, num_speculative_tokens=args.num_tokens,
         sampled_temperature=args.temperature or None, sampled_batch_size=args.sampled_batch_size,
         step_times=not args.no_step_times, engine_kwargs=engine_kwargs,
-        lookup={"num_tokens": args.lookup_tokens} if args.lookup_tokens else None, tree=tree)
+        lookup={"num_tokens": args.lookup_tokens} if args.lookup_tokens else None, tree=tree,
+        rounds=args.rounds)
 
 
 def _rerun(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
@@ -273,8 +274,14 @@ def bench_main(argv=None) -> int:
                         help="comma-separated methods to run again although OUTPUT/runs/ holds a "
                              "finished run with the same settings, prompts and draft (after a code "
                              "change); 'all' for every method")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every method this many times, round after round, each in a fresh "
+                             "process; speedups against the same round's plain run, rows = the "
+                             "median round (these CPUs move 10-25%% between processes)")
     parser.add_argument("--output", default="results/bench")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     rerun = _rerun(parser, args)
     settings = _bench_settings(parser, args)
     if args.measure_tree:

@@ -8,6 +8,13 @@ setting. Every figure comes from
 wall-clock time around `LLM.generate` and from deltas of vLLM's own spec-decode counters.
 Greedy outputs of every method are compared with plain decoding's.
 
+Rounds (`rounds`, chimera-bench --rounds N): the same engine can run 10-25% faster or slower
+from one process to the next on these machines, more than the gap between two good methods.
+With N rounds every method runs N times, round after round (plain, ngram, chimera, plain,
+ngram, chimera, ...), each in a fresh process; each round's speedups are taken against that
+round's own plain run, and a method's row is its round with the median speedup (the lower
+middle one for an even N), with every round's speedup beside it.
+
 A method may carry its K: "chimera:2" runs Chimera with exactly 2 draft tokens, "eagle:1"
 EAGLE with one; "chimera" alone takes the draft's own defaults (its measured step-aside
 schedule for this device, else all heads). Each method's raw run (with its token ids) is
@@ -22,10 +29,12 @@ it once numba is loaded trips the kernel dispatcher, see above).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -56,6 +65,7 @@ class BenchSettings:
     sampled_batch_size: int | None = None  # (default: the largest batch size)
     step_times: bool = True  # time the target's forward, sampling and drafting per step
     engine_kwargs: dict = field(default_factory=dict)
+    rounds: int = 1  # every method this many times, round after round (module docstring)
 
 
 def parse_method(spec: str) -> tuple[str, int | None]:
@@ -269,7 +279,7 @@ def _fingerprint(spec: str, settings: BenchSettings, prompts) -> str:
     (but the list of methods and the other methods' drafts), the prompts, the target's
     config, and the content of the draft it runs (a retrained draft at the same path, or a
     schedule saved into its config, is a different run)."""
-    values = {**asdict(settings), "methods": None, "prompts": prompts}
+    values = {**asdict(settings), "methods": None, "rounds": None, "prompts": prompts}
     method, _ = parse_method(spec)
     for name, field_name in DRAFT_OPTIONS.items():
         if name != method:
@@ -285,15 +295,17 @@ def _fingerprint(spec: str, settings: BenchSettings, prompts) -> str:
 
 
 def _load_or_run(spec: str, settings: BenchSettings, prompts, runs_dir: Path, context,
-                 rerun: bool = False) -> dict:
-    path = runs_dir / (spec.replace(":", "-k") + ".json")
+                 rerun: bool = False, round_index: int = 0) -> dict:
+    # e.g. "chimera:4" in round 0 -> runs/chimera-k4.json, in round 2 -> runs/chimera-k4-r3.json
+    suffix = f"-r{round_index + 1}" if round_index else ""
+    path = runs_dir / (spec.replace(":", "-k") + suffix + ".json")
     fingerprint = _fingerprint(spec, settings, prompts)
     if path.is_file() and not rerun:
         saved = json.loads(path.read_text())
         if saved.get("fingerprint") == fingerprint:
-            print(f"chimera-bench: {spec}: reusing the finished run in {path}")
+            print(f"chimera-bench: {spec}{suffix}: reusing the finished run in {path}")
             return saved["run"]
-    print(f"chimera-bench: {spec}: running", flush=True)
+    print(f"chimera-bench: {spec}{suffix}: running", flush=True)
     with context.Pool(1) as pool:
         run = pool.apply(run_method, (spec, settings, prompts))
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -303,7 +315,8 @@ def _load_or_run(spec: str, settings: BenchSettings, prompts, runs_dir: Path, co
 
 def run_benchmark(settings: BenchSettings, prompts, output_dir: Path,
                   rerun: tuple[str, ...] = ()) -> dict:
-    """Run every method, compare greedy outputs with plain, write JSON, Markdown and plots.
+    """Run every method (`settings.rounds` times), compare greedy outputs with plain, write
+    JSON, Markdown and plots.
 
     A method's saved run is reused when its settings, prompts and draft are the same; the
     code is not part of that key, so after a change to vllm-chimera or vLLM name the
@@ -311,29 +324,18 @@ def run_benchmark(settings: BenchSettings, prompts, output_dir: Path,
     """
     if "plain" not in settings.methods:
         raise ValueError("the benchmark needs 'plain' (speedups are relative to it)")
+    if settings.rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {settings.rounds}")
     for spec in settings.methods:
         parse_method(spec)  # bad specs fail before the first engine starts
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    runs = {spec: _load_or_run(spec, settings, prompts, output_dir / "runs", context,
-                               rerun=spec in rerun or "all" in rerun)
-            for spec in settings.methods}
-    plain = runs["plain"]["greedy"]
-    for run in runs.values():
-        for row, plain_row in zip(run["greedy"], plain):
-            row["speedup"] = row["tokens_per_second"] / plain_row["tokens_per_second"]
-            mismatches = [i for i, (a, b) in enumerate(zip(row["token_ids"], plain_row["token_ids"]))
-                          if a != b]
-            row["greedy_equals_plain"] = not mismatches
-            row["mismatched_requests"] = mismatches
-    if "sampled" in runs["plain"]:
-        for run in runs.values():
-            run["sampled"]["speedup"] = (run["sampled"]["tokens_per_second"]
-                                         / runs["plain"]["sampled"]["tokens_per_second"])
-    for run in runs.values():
-        for row in run["greedy"]:
-            row.pop("token_ids")
+    rounds = [{spec: _load_or_run(spec, settings, prompts, output_dir / "runs", context,
+                                  rerun=spec in rerun or "all" in rerun, round_index=r)
+               for spec in settings.methods}
+              for r in range(settings.rounds)]
+    runs = combine_rounds(rounds)
     report = {"settings": {**asdict(settings), "num_prompts": len(prompts)},
               "environment": environment(settings), "results": runs}
     schedule = step_aside_schedule(report)
@@ -344,6 +346,51 @@ def run_benchmark(settings: BenchSettings, prompts, output_dir: Path,
     (output_dir / "bench.md").write_text(markdown_table(report))
     plot(report, output_dir / "bench.png")
     return report
+
+
+def combine_rounds(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """One run per method from R rounds of {method: run}: speedups, greedy checks, medians.
+
+    Each round's rows are divided by that round's plain rows (same batch size). A method's
+    row is then the one of its round with the median speedup (statistics.median_low), plus
+    "speedup_by_round" and "tokens_per_second_by_round"; greedy outputs of every round are
+    compared with the first round's plain ones (token_ids are dropped afterwards).
+    e.g. chimera 26.0, 27.3, 24.9 tok/s against plain 19.5, 21.0, 18.1 -> speedups 1.33,
+    1.30, 1.38 -> the row of round 1 (1.33x), speedup_by_round [1.33, 1.30, 1.38].
+    """
+    plain_ids = [row["token_ids"] for row in rounds[0]["plain"]["greedy"]]
+    combined = {}
+    for spec in rounds[0]:
+        runs = [copy.deepcopy(one_round[spec]) for one_round in rounds]
+        for run, one_round in zip(runs, rounds):
+            for row, plain_row, ids in zip(run["greedy"], one_round["plain"]["greedy"], plain_ids):
+                row["speedup"] = row["tokens_per_second"] / plain_row["tokens_per_second"]
+                row["mismatched_requests"] = [i for i, (a, b) in enumerate(zip(row.pop("token_ids"), ids))
+                                              if a != b]
+            if "sampled" in run and "sampled" in one_round["plain"]:
+                run["sampled"]["speedup"] = (run["sampled"]["tokens_per_second"]
+                                             / one_round["plain"]["sampled"]["tokens_per_second"])
+        result = copy.deepcopy(runs[0])
+        key = "tokens_per_second" if spec == "plain" else "speedup"  # (plain's are all 1.0)
+        result["greedy"] = [_median_row([run["greedy"][i] for run in runs], key)
+                            for i in range(len(runs[0]["greedy"]))]
+        if all("sampled" in run and "speedup" in run["sampled"] for run in runs):
+            result["sampled"] = _median_row([run["sampled"] for run in runs], key)
+        combined[spec] = result
+    return combined
+
+
+def _median_row(rows: list[dict], key: str) -> dict:
+    """The row with the median `key` among one batch size's rounds, with every round's
+    figures and the greedy check over all rounds."""
+    median = statistics.median_low(row[key] for row in rows)
+    row = dict(next(row for row in rows if row[key] == median))
+    row["speedup_by_round"] = [r["speedup"] for r in rows]
+    row["tokens_per_second_by_round"] = [r["tokens_per_second"] for r in rows]
+    if "mismatched_requests" in row:
+        row["mismatched_requests"] = sorted({i for r in rows for i in r["mismatched_requests"]})
+        row["greedy_equals_plain"] = not row["mismatched_requests"]
+    return row
 
 
 def step_aside_schedule(report: dict, method: str = "chimera") -> list[list[int]] | None:
@@ -395,8 +442,10 @@ def markdown_table(report: dict) -> str:
         for row in run["greedy"]:
             per_pos = " ".join(f"{r:.2f}" for r in row["acceptance_rate_per_position"]) or "-"
             lines.append(
-                f"| {method} | {row['batch_size']} | {row['tokens_per_second']:.1f} | "
-                f"{row['speedup']:.2f}x | {row['time_per_output_token_ms']:.1f} | "
+                f"| {method} | {row['batch_size']} | {row['tokens_per_second']:.1f}"
+                f"{_spread(row, 'tokens_per_second_by_round', '{:.1f}')} | "
+                f"{row['speedup']:.2f}x{_spread(row, 'speedup_by_round', '{:.2f}')} | "
+                f"{row['time_per_output_token_ms']:.1f} | "
                 f"{row['mean_latency_s']:.2f} | {row['mean_acceptance_length']:.2f} | "
                 f"{_tokens_per_step(row)} | {per_pos} | "
                 f"{_steps_cell(row)} | {'yes' if row['greedy_equals_plain'] else 'NO'} |")
@@ -405,7 +454,8 @@ def markdown_table(report: dict) -> str:
         temperature = report["settings"]["sampled_temperature"]
         lines += ["", f"Sampled (temperature {temperature}, batch {sampled[0][1]['batch_size']}):", "",
                   "| method | tok/s | speedup | accept len |", "|---|---|---|---|"]
-        lines += [f"| {m} | {r['tokens_per_second']:.1f} | {r.get('speedup', 1.0):.2f}x | "
+        lines += [f"| {m} | {r['tokens_per_second']:.1f}{_spread(r, 'tokens_per_second_by_round', '{:.1f}')} | "
+                  f"{r.get('speedup', 1.0):.2f}x{_spread(r, 'speedup_by_round', '{:.2f}')} | "
                   f"{r['mean_acceptance_length']:.2f} |" for m, r in sampled]
     lookup_rows = [(m, row) for m, r in report["results"].items() for row in r["greedy"]
                    if row.get("lookup")]
@@ -431,10 +481,21 @@ def markdown_table(report: dict) -> str:
             lines.append(f"| {m} | {row['batch_size']} | {tree['num_trees'] / steps:.2f} | "
                          f"{tree['num_nodes'] / tree['num_trees']:.1f} | "
                          f"{sum(tree['num_accepted_per_depth']) / tree['num_trees']:.2f} | {per_depth or '-'} |")
+    num_rounds = report["settings"].get("rounds", 1)
+    if num_rounds > 1:
+        lines += ["", f"{num_rounds} rounds, each method in a fresh process per round; each row is "
+                  "the method's round with the median speedup over that round's plain run, "
+                  "(min-max over the rounds) beside it."]
     if report.get("step_aside_schedule"):
         lines += ["", "Step-aside schedule from the chimera:K rows (batch from, to, K): "
                   + ", ".join(f"({a}, {b}, {k})" for a, b, k in report["step_aside_schedule"])]
     return "\n".join(lines) + "\n"
+
+
+def _spread(row: dict, key: str, fmt: str) -> str:
+    """" (min-max)" of a figure over the rounds, or nothing with one round."""
+    values = row.get(key) or []
+    return f" ({fmt.format(min(values))}-{fmt.format(max(values))})" if len(values) > 1 else ""
 
 
 def _lookup_line(method: str, row: dict) -> str:
