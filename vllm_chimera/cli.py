@@ -144,6 +144,14 @@ def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
         parser.error(str(error))
     if args.measure_tree and not args.draft:
         parser.error("--measure-tree needs --draft")
+    if any(name == "chimera-confident" for name, _ in methods) and args.min_confidence is None:
+        parser.error("method chimera-confident needs --min-confidence P (a number in (0, 1))")
+    from vllm_chimera.vllm.speculative import parse_min_confidence
+
+    try:
+        parse_min_confidence(args.min_confidence)
+    except ValueError as error:
+        parser.error(f"--min-confidence: {error}")
     if (args.save_schedule and not args.measure_tree
             and not any(name == "chimera" and k for name, k in methods)):
         parser.error("--save-schedule needs chimera:K methods to measure, e.g. chimera:1,chimera:4 "
@@ -172,7 +180,7 @@ def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
         sampled_temperature=args.temperature or None, sampled_batch_size=args.sampled_batch_size,
         step_times=not args.no_step_times, engine_kwargs=engine_kwargs,
         lookup={"num_tokens": args.lookup_tokens} if args.lookup_tokens else None, tree=tree,
-        rounds=args.rounds)
+        rounds=args.rounds, min_confidence=args.min_confidence)
 
 
 def _rerun(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
@@ -229,7 +237,8 @@ def bench_main(argv=None) -> int:
     parser.add_argument("--eagle-draft", help="EAGLE-1 draft folder (method eagle)")
     parser.add_argument("--methods", default="plain,ngram,chimera",
                         help="comma-separated: plain, ngram, chimera (with the context lookup), "
-                             "chimera-nolookup, medusa, eagle; METHOD:K fixes K (chimera:2); "
+                             "chimera-nolookup, chimera-confident (--min-confidence), medusa, "
+                             "eagle; METHOD:K fixes K (chimera:2); "
                              "chimera alone uses the draft's defaults")
     parser.add_argument("--batch-sizes", default="1,4,16")
     parser.add_argument("--num-prompts", type=int, default=80)
@@ -274,6 +283,9 @@ def bench_main(argv=None) -> int:
                         help="comma-separated methods to run again although OUTPUT/runs/ holds a "
                              "finished run with the same settings, prompts and draft (after a code "
                              "change); 'all' for every method")
+    parser.add_argument("--min-confidence", type=float, default=None,
+                        help="method chimera-confident: cut each chain of head drafts where the "
+                             "product of the heads' top-1 probabilities falls below this")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every method this many times, round after round, each in a fresh "
                              "process; speedups against the same round's plain run, rows = the "

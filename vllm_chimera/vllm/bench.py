@@ -61,6 +61,7 @@ class BenchSettings:
     ngram_tokens: int = 4
     lookup: dict | None = None  # chimera's lookup settings (default: the plugin's defaults)
     tree: str | list = "auto"  # the tree of the chimera-tree methods: "auto" or a list of paths
+    min_confidence: float | None = None  # method chimera-confident's (speculative.parse_min_confidence)
     sampled_temperature: float | None = 0.7  # one sampled setting
     sampled_batch_size: int | None = None  # (default: the largest batch size)
     step_times: bool = True  # time the target's forward, sampling and drafting per step
@@ -99,6 +100,10 @@ def method_config(spec: str, settings: BenchSettings) -> dict | None:
                           else (settings.lookup or True))
             if method.startswith("chimera-tree"):
                 config["tree"] = settings.tree
+            if method == "chimera-confident":
+                if settings.min_confidence is None:
+                    raise ValueError("method 'chimera-confident' needs a threshold (--min-confidence P)")
+                config["min_confidence"] = settings.min_confidence
         k = k or settings.num_speculative_tokens
         if k is None and not method.startswith("chimera"):  # (Chimera's: from its draft)
             k = _exported_num_tokens(draft)
@@ -111,6 +116,7 @@ def method_config(spec: str, settings: BenchSettings) -> dict | None:
 
 # The methods that need a draft, and the BenchSettings field that holds it.
 DRAFT_OPTIONS = {"chimera": "draft", "chimera-nolookup": "draft", "chimera-tree": "draft",
+                 "chimera-confident": "draft",
                  "chimera-tree-nolookup": "draft", "medusa": "medusa_draft", "eagle": "eagle_draft"}
 
 

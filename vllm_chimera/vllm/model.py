@@ -148,25 +148,38 @@ class ChimeraDraftForVLLM(nn.Module):
         return logits.view(hidden_states.shape[0], num_heads, -1)
 
     def head_top_k(self, hidden_states: torch.Tensor, s: torch.Tensor, num_heads: int,
-                   top_k: int, next_token_ids: torch.Tensor) -> torch.Tensor:
+                   top_k: int, next_token_ids: torch.Tensor, return_probs: bool = False):
         """The first `num_heads` heads' top-k drafts as target ids: [B, d] x 2, [B] ->
-        [B, num_heads, top_k] (vllm_chimera.model.ChimeraDraftModel.propose, the reference).
+        [B, num_heads, top_k] (vllm_chimera.model.ChimeraDraftModel.propose, the reference);
+        with return_probs also their probabilities under each head's softmax, same shape.
 
         Sequential heads run one after another from next_token_ids (x_{t+1}), each fed the
         embedding of the top-1 draft of the head before it; its other candidates are its
         alternatives given that chain.
         """
         if not self.config.sequential_heads:
-            logits = self.head_logits(hidden_states, s, num_heads)
-            return self.to_target_ids(logits.topk(top_k, dim=-1).indices)
+            ids, probs = self._top_k(self.head_logits(hidden_states, s, num_heads), top_k, return_probs)
+            ids = self.to_target_ids(ids)
+            return (ids, probs) if return_probs else ids
         hs = torch.cat([hidden_states, s], dim=-1)
-        previous, candidates = next_token_ids.long(), []
+        previous, candidates, candidate_probs = next_token_ids.long(), [], []
         for head in self.heads[:num_heads]:
             embeds = self.embed_input_ids(previous).to(hidden_states.dtype)  # [B, d]
-            logits = self._lm_logits(hidden_states + head(hs, embeds))  # [B, V']
-            candidates.append(self.to_target_ids(logits.topk(top_k, dim=-1).indices))
+            ids, probs = self._top_k(self._lm_logits(hidden_states + head(hs, embeds)), top_k,
+                                     return_probs)  # [B, top_k] each
+            candidates.append(self.to_target_ids(ids))
+            candidate_probs.append(probs)
             previous = candidates[-1][:, 0]
-        return torch.stack(candidates, dim=1)
+        ids = torch.stack(candidates, dim=1)
+        return (ids, torch.stack(candidate_probs, dim=1)) if return_probs else ids
+
+    @staticmethod
+    def _top_k(logits: torch.Tensor, top_k: int, return_probs: bool):
+        """[..., V'] -> (top-k indices, their softmax probabilities or None)."""
+        if not return_probs:  # (the softmax is not free over a full vocabulary)
+            return logits.topk(top_k, dim=-1).indices, None
+        top = logits.float().softmax(dim=-1).topk(top_k, dim=-1)
+        return top.indices, top.values
 
     def _lm_logits(self, states: torch.Tensor) -> torch.Tensor:
         """[N, d] -> [N, V'] the reduced draft LM head, or the target's logits."""

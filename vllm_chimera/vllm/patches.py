@@ -28,13 +28,15 @@ class SpeculativeConfigPatch(ClassPatch):
                          (speculative.LookupSettings); on by default
         tree             a token tree: a list of paths of top-k ranks, or "auto"
                          (speculative.TreeSettings; normalized to a dict); off by default
+        min_confidence   cut each chain of head drafts where the heads' confidence falls
+                         below it (speculative.parse_min_confidence); off by default
         num_head_tokens  the heads' K (set here from num_speculative_tokens, which then
                          also covers the lookup's longer drafts; not for users to set)
     """
 
     target = "vllm.config.speculative:SpeculativeConfig"
     replaces = ("__post_init__", "use_eagle")
-    NEW_FIELDS = ("lookup", "num_head_tokens", "tree")
+    NEW_FIELDS = ("lookup", "num_head_tokens", "tree", "min_confidence")
     _original_method_type = None
 
     @classmethod
@@ -85,6 +87,7 @@ class SpeculativeConfigPatch(ClassPatch):
                                      f"'{METHOD}' method, not of {self.method!r}")
             return original(self)
         lookup = speculative.LookupSettings.parse(self.lookup)  # ValueError if bad
+        self.min_confidence = speculative.parse_min_confidence(self.min_confidence)
         if self.target_model_config is None:
             raise ValueError("chimera needs the target model's config")
         if self.draft_sample_method != "greedy":

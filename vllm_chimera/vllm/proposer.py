@@ -30,6 +30,12 @@ list-of-lists draft format carries that (synchronous scheduling, always on CPU).
 asynchronous scheduling (GPU) the runner needs a [num_reqs, K] tensor: the lookup's
 tokens then come first and the heads' fill the rest.
 
+Confident chains (speculative_config["min_confidence"], speculative.parse_min_confidence):
+a request's chain of head drafts is cut where the product of the heads' top-1 probabilities
+falls below the threshold (head 0 always drafts), so requests draft 1..K tokens as the heads
+are sure of them. Synchronous scheduling only (the list-of-lists drafts above); with
+asynchronous scheduling every request drafts K.
+
 Token trees (speculative_config["tree"], tree_sampling.py): a request the lookup did not
 match, whose sampling options allow it (tree_sampling.tree_allowed), drafts the tree's
 nodes instead of a chain: the heads' top-k candidates placed by TokenTree, in node order
@@ -38,6 +44,7 @@ tree (`take_tree_drafts`), so that the runner verifies those drafts as a tree ne
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -54,6 +61,8 @@ from vllm_chimera.vllm import lookup, tree_sampling
 from vllm_chimera.vllm.cpu_workarounds import install_cpu_expand_kernel_fix
 from vllm_chimera.vllm.model import ChimeraDraftForVLLM
 from vllm_chimera.vllm.speculative import LookupSettings, TreeSettings
+
+logger = logging.getLogger(__name__)
 
 ASIDE_KEEPS_KV_ENV = "VLLM_CHIMERA_ASIDE_KEEPS_KV"  # a VLLM_ name: vLLM forwards it to workers
 
@@ -76,6 +85,11 @@ class ChimeraProposer(EagleProposer):
         # step's tokens are then in the history already (see lookup.py).
         self.drafts_after_bookkeeping = spec.disable_padded_drafter_batch
         self._last_sources: dict[str, str] = {}  # req_id -> who drafted its last drafts
+        self.min_confidence = spec.min_confidence  # None: every chain has K tokens
+        if self.min_confidence is not None and self.use_async_scheduling:
+            logger.warning("chimera: min_confidence needs synchronous scheduling (drafts of "
+                           "different lengths); with async scheduling every chain has K tokens")
+            self.min_confidence = None
         self.tree = TreeSettings.from_dict(spec.tree)  # None without a tree
         if self.tree is not None:
             tree_sampling.check_engine_supports_trees(vllm_config, self.tree)
@@ -200,7 +214,8 @@ class ChimeraProposer(EagleProposer):
         num_reqs = h.shape[0]
         tree = (self.tree.tree_for_batch_size(num_reqs)
                 if self.tree is not None and num_head_tokens > 0 else None)
-        if (self.lookup is None and tree is None) or num_head_tokens == 0:
+        if ((self.lookup is None and tree is None and self.min_confidence is None)
+                or num_head_tokens == 0):
             return self._draft_tokens(h, s, num_head_tokens, next_token_ids)
         matches = (self._lookup_drafts(num_reqs, next_token_ids, num_rejected_tokens,
                                        self._max_lookup_tokens(num_tokens))
@@ -219,8 +234,8 @@ class ChimeraProposer(EagleProposer):
         chain_rows = [i for i in missed if i not in set(tree_rows)]
         if chain_rows:
             rows = torch.tensor(chain_rows, device=h.device)
-            for i, tokens in zip(chain_rows, self._draft_tokens(
-                    h[rows], s[rows], num_head_tokens, next_token_ids[rows]).tolist()):
+            for i, tokens in zip(chain_rows, self._chain_drafts(
+                    h[rows], s[rows], num_head_tokens, next_token_ids[rows])):
                 drafts[i] = tokens
         if tree_rows:
             rows = torch.tensor(tree_rows, device=h.device)
@@ -304,6 +319,16 @@ class ChimeraProposer(EagleProposer):
             return torch.empty(h.shape[0], 0, dtype=torch.int64, device=self.device)
         return self.model.head_top_k(h, s, num_tokens, 1, next_token_ids)[..., 0]
 
+    def _chain_drafts(self, h: torch.Tensor, s: torch.Tensor, num_tokens: int,
+                      next_token_ids: torch.Tensor) -> list[list[int]]:
+        """Each row's chain of head drafts: K tokens, or with min_confidence the confident
+        prefix of them (confident_lengths)."""
+        if self.min_confidence is None:
+            return self._draft_tokens(h, s, num_tokens, next_token_ids).tolist()
+        ids, probs = self.model.head_top_k(h, s, num_tokens, 1, next_token_ids, return_probs=True)
+        lengths = confident_lengths(probs[..., 0], self.min_confidence)  # [num_rows]
+        return [row[:n] for row, n in zip(ids[..., 0].tolist(), lengths.tolist())]
+
     @torch.inference_mode()
     def dummy_run(self, num_tokens, use_cudagraphs=True, is_graph_capturing=False,
                   slot_mappings=None) -> None:
@@ -319,3 +344,15 @@ class ChimeraProposer(EagleProposer):
                            hidden_states=self.hidden_states[:num_input_tokens])
         self.model.head_top_k(self.hidden_states[:1], s[:1], self.num_speculative_tokens, 1,
                               self.input_ids[:1])
+
+
+def confident_lengths(top1_probs: torch.Tensor, min_confidence: float) -> torch.Tensor:
+    """How many leading heads to draft: [num_rows, K] top-1 probabilities -> [num_rows].
+
+    A chain keeps head i while the product of the heads' top-1 probabilities up to i is at
+    least min_confidence (the product only falls, so that is a count); head 0 always drafts.
+    e.g. probabilities [[0.9, 0.5, 0.8], [0.3, 0.9, 0.9]] at 0.4: products [[0.9, 0.45,
+    0.36], [0.3, 0.27, 0.24]] -> lengths [2, 1].
+    """
+    confident = top1_probs.float().cumprod(dim=1) >= min_confidence  # [num_rows, K]
+    return confident.sum(dim=1).clamp(min=1)
