@@ -16,7 +16,7 @@ from vllm_utils import TEST_ENGINE
 vllm = pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
 
-from vllm_chimera.vllm.proposer import confident_lengths  # noqa: E402
+from vllm_chimera.model import confident_lengths  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 

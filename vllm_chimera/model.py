@@ -342,3 +342,14 @@ class ChimeraDraftModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+
+def confident_lengths(top1_probs: torch.Tensor, min_confidence: float) -> torch.Tensor:
+    """How many leading heads to draft: [num_rows, K] top-1 probabilities -> [num_rows].
+
+    A chain keeps head i while the product of the heads' top-1 probabilities up to i is at
+    least min_confidence (the product only falls, so that is a count); head 0 always drafts.
+    e.g. probabilities [[0.9, 0.5, 0.8], [0.3, 0.9, 0.9]] at 0.4: products [[0.9, 0.45,
+    0.36], [0.3, 0.27, 0.24]] -> lengths [2, 1].
+    """
+    confident = top1_probs.float().cumprod(dim=1) >= min_confidence  # [num_rows, K]
+    return confident.sum(dim=1).clamp(min=1)

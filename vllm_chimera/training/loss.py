@@ -183,8 +183,10 @@ class HeadsLoss(nn.Module):
         with torch.no_grad():
             predictions = self.to_target_ids(logits.argmax(-1))  # [K, P] target ids
             hits = (predictions == labels) & valid  # [K, P]
-            # Kept for validation's acceptance-length estimate (needs per-position hits).
+            # Kept for validation's acceptance-length estimate (needs per-position hits) and
+            # its confidence curve (the heads' top-1 probabilities; not computed in training).
             self.last_hits, self.last_valid = hits, valid
+            self.last_top1_probs = None if self.training else logits.softmax(-1).amax(-1)  # [K, P]
             stats = torch.stack([ce.sum(-1), hits.sum(-1).float(), counts.float(), kl.sum(-1),
                                  regression.sum(-1)], dim=-1).detach()
         return loss, stats

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vllm_chimera.checkpoint import load_draft, target_embed_and_lm_head
 from vllm_chimera.config import ChimeraConfig
-from vllm_chimera.model import ChimeraDraftModel
+from vllm_chimera.model import ChimeraDraftModel, confident_lengths
 from vllm_chimera.prepare import cache_dir
 from vllm_chimera.training.checkpointing import (TrainState, has_checkpoint, load_checkpoint,
                                                  save_checkpoint, save_trained_draft)
@@ -264,12 +264,16 @@ def evaluate(loss_module: torch.nn.Module, data: CachedData, settings: TrainingS
     positions: what a chain accepts at depth i, and the fair comparison of sequential heads
     (teacher-forced: after a miss their head_accuracy reads the right previous token, which
     at inference they would not have) with parallel ones.
+    confidence_cut (Chimera drafts): for each min_confidence in CONFIDENCE_GRID, the drafted
+    and accepted tokens per step of chains cut where the heads' confidence falls below it
+    (vllm_chimera.model.confident_lengths, as vLLM's min_confidence cuts them).
     """
     was_training = loss_module.training
     loss_module.eval()
     totals = 0
     run_sum, run_count = 0.0, 0
     reached, right = 0, 0  # [K] positions where heads < i were all right, and i right too
+    cut_drafted = cut_accepted = 0  # [len(CONFIDENCE_GRID)] sums over the positions
     m = settings.micro_batch_size
     for start in range(0, len(data), m):
         batch = data.batch(list(range(start, min(start + m, len(data)))), device)
@@ -283,10 +287,41 @@ def evaluate(loss_module: torch.nn.Module, data: CachedData, settings: TrainingS
         run_count += int(full.sum())
         right = right + chain.sum(1).double()
         reached = reached + torch.cat([torch.full_like(chain[:1], 1), chain[:-1]]).sum(1).double()
+        probs = getattr(loss_module, "last_top1_probs", None)  # [K, P] (Chimera's loss only)
+        if probs is not None:
+            drafted, accepted = confidence_cut(chain, probs[:, full])
+            cut_drafted, cut_accepted = cut_drafted + drafted, cut_accepted + accepted
     loss_module.train(was_training)
     conditional = (right / reached.clamp(min=1)).tolist() if run_count else []
-    return {**loss_module.summarize(totals), "est_accept_length": 1 + run_sum / max(run_count, 1),
-            "head_conditional_accuracy": conditional}
+    metrics = {**loss_module.summarize(totals), "est_accept_length": 1 + run_sum / max(run_count, 1),
+               "head_conditional_accuracy": conditional}
+    if run_count and torch.is_tensor(cut_drafted):
+        metrics["confidence_cut"] = [
+            {"min_confidence": c, "drafted": float(d) / run_count, "accepted": float(a) / run_count}
+            for c, d, a in zip(CONFIDENCE_GRID, cut_drafted, cut_accepted)]
+    return metrics
+
+
+# min_confidence values validation reports a chain's drafted and accepted tokens at.
+CONFIDENCE_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
+
+
+def confidence_cut(chain: torch.Tensor, top1_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed drafted and accepted tokens of chains cut at each CONFIDENCE_GRID value.
+
+    chain [K, P] 1 where heads 0..i are all right, top1_probs [K, P] -> ([G], [G]): a chain
+    cut to n heads drafts n and is accepted up to min(n, its leading right heads).
+    e.g. one position, chain [1, 1, 0, 0], probabilities [0.9, 0.5, 0.8, 0.9]: products
+    0.9, 0.45, 0.36, 0.324; at 0.4 cut to 2 heads -> 2 drafted, 2 accepted; at 0.3 not cut
+    -> 4 drafted, 2 accepted.
+    """
+    run = chain.sum(0)  # [P] leading right heads
+    drafted, accepted = [], []
+    for min_confidence in CONFIDENCE_GRID:
+        lengths = confident_lengths(top1_probs.t(), min_confidence)  # [P]
+        drafted.append(lengths.sum())
+        accepted.append(torch.minimum(lengths, run).sum())
+    return torch.stack(drafted).double().cpu(), torch.stack(accepted).double().cpu()
 
 
 # -- one optimizer step ---------------------------------------------------------------------

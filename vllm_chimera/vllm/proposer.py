@@ -56,6 +56,7 @@ from vllm.forward_context import set_forward_context
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.v1.spec_decode.eagle import EagleProposer
 
+from vllm_chimera.model import confident_lengths
 from vllm_chimera.tree import TokenTree
 from vllm_chimera.vllm import lookup, tree_sampling
 from vllm_chimera.vllm.cpu_workarounds import install_cpu_expand_kernel_fix
@@ -345,14 +346,3 @@ class ChimeraProposer(EagleProposer):
         self.model.head_top_k(self.hidden_states[:1], s[:1], self.num_speculative_tokens, 1,
                               self.input_ids[:1])
 
-
-def confident_lengths(top1_probs: torch.Tensor, min_confidence: float) -> torch.Tensor:
-    """How many leading heads to draft: [num_rows, K] top-1 probabilities -> [num_rows].
-
-    A chain keeps head i while the product of the heads' top-1 probabilities up to i is at
-    least min_confidence (the product only falls, so that is a count); head 0 always drafts.
-    e.g. probabilities [[0.9, 0.5, 0.8], [0.3, 0.9, 0.9]] at 0.4: products [[0.9, 0.45,
-    0.36], [0.3, 0.27, 0.24]] -> lengths [2, 1].
-    """
-    confident = top1_probs.float().cumprod(dim=1) >= min_confidence  # [num_rows, K]
-    return confident.sum(dim=1).clamp(min=1)
