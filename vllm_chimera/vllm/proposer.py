@@ -345,4 +345,3 @@ class ChimeraProposer(EagleProposer):
                            hidden_states=self.hidden_states[:num_input_tokens])
         self.model.head_top_k(self.hidden_states[:1], s[:1], self.num_speculative_tokens, 1,
                               self.input_ids[:1])
-
