@@ -78,3 +78,26 @@ def test_min_confidence_is_chimeras_and_needs_a_threshold_in_the_bench():
     with pytest.raises(SystemExit):
         bench_main(["--target", "x", "--draft", "d", "--methods", "plain,chimera-confident",
                     "--min-confidence", "1.5"])
+
+
+def test_confident_chains_of_sequential_heads(tmp_path):
+    """Sequential heads that know the target only through the token before (toy), head 1
+    softened (its token_up x 0.3: top-1 probability 0.665, still right): at 0.9 the heads
+    stop after head 1 and every chain is head 0's token alone; at 0.5 none is cut."""
+    target, draft, pi = build_permutation_pair(tmp_path, num_heads=4, sequential=True)
+    with torch.no_grad():
+        draft.heads[1].token_up.weight.mul_(0.3)
+    save_draft(draft, tmp_path / "draft")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 128, (6,), generator=g).tolist() for _ in range(4)]
+    spec = {"method": "chimera", "model": str(tmp_path / "draft"), "lookup": False,
+            "num_speculative_tokens": 4}
+    plain = run_offline(tmp_path / "target", prompts, GREEDY, None, **TEST_ENGINE)
+    for min_confidence, num_tokens in ((0.9, 1), (0.5, 4)):
+        run = run_offline(tmp_path / "target", prompts, GREEDY,
+                          {**spec, "min_confidence": min_confidence}, **TEST_ENGINE)
+        assert run.token_ids == plain.token_ids
+        num_drafts = run.counter("vllm:spec_decode_num_drafts")
+        assert num_drafts > 0
+        assert run.counter("vllm:spec_decode_num_draft_tokens") == num_tokens * num_drafts
+        assert run.acceptance_rate == 1.0  # every head is right, softened or not
