@@ -106,6 +106,9 @@ def test_bench_cli_rejects_bad_batch_sizes(capsys):
     with pytest.raises(SystemExit):
         bench_main(["--target", "x", "--methods", "plain,chimera:0"])
     assert "K must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_main(["--target", "x", "--rounds", "0"])
+    assert "--rounds must be >= 1" in capsys.readouterr().err
 
 
 def test_method_specs():
