@@ -343,18 +343,16 @@ def test_a_token_budget_takes_several_files_in_order(tiny_setup, tmp_path):
     assert only_a["train_sequences"] == 20  # the budget ran out within the first file
 
 
-def test_conditional_accuracy_is_what_a_chain_accepts_at_each_depth():
-    """head_conditional_accuracy[i] = P(head i right | heads < i right), over positions where
-    every head has a label; est_accept_length = 1 + the sum of their running products."""
+def _evaluate_fixed(hits: torch.Tensor, top1_probs: torch.Tensor | None = None) -> dict:
+    """trainer.evaluate over one batch whose loss module reports these per-head hits [K, P]
+    (every position labelled) and, for the confidence curve, top-1 probabilities [K, P]."""
     from vllm_chimera.training.trainer import evaluate
-
-    # 4 positions, 3 heads: hits per head (rows) at each position (columns).
-    hits = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
 
     class Fixed(torch.nn.Module):
         def forward(self, batch):
             self.last_hits, self.last_valid = hits, torch.ones_like(hits)
-            return torch.zeros(()), torch.zeros(3, 5)
+            self.last_top1_probs = top1_probs
+            return torch.zeros(()), torch.zeros(hits.shape[0], 5)
 
         def summarize(self, totals):
             return {}
@@ -367,7 +365,15 @@ def test_conditional_accuracy_is_what_a_chain_accepts_at_each_depth():
             return {}
 
     settings = TrainingSettings(target="t", train_data="d", output_dir="o", autocast="off")
-    result = evaluate(Fixed(), OneBatch(), settings, torch.device("cpu"))
+    return evaluate(Fixed(), OneBatch(), settings, torch.device("cpu"))
+
+
+def test_conditional_accuracy_is_what_a_chain_accepts_at_each_depth():
+    """head_conditional_accuracy[i] = P(head i right | heads < i right), over positions where
+    every head has a label; est_accept_length = 1 + the sum of their running products."""
+    # 4 positions, 3 heads: hits per head (rows) at each position (columns).
+    hits = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    result = _evaluate_fixed(hits)
     # head 0: 3 of 4; head 1: of those 3, 2 right; head 2: of those 2, 1 right.
     assert result["head_conditional_accuracy"] == [0.75, 2 / 3, 0.5]
     assert result["est_accept_length"] == 1 + (3 + 2 + 1) / 4
@@ -377,31 +383,12 @@ def test_confidence_cut_counts_the_drafts_a_cut_chain_makes_and_keeps():
     """validation's confidence_cut: chains cut where the product of the heads' top-1
     probabilities falls below min_confidence (head 0 always drafts), accepted up to the
     leading right heads."""
-    from vllm_chimera.training.trainer import evaluate
-
     # 4 positions, 3 heads. Leading right heads per position: 2, 1, 3, 0.
     hits = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
     # Products per position: (0.9, 0.45, 0.36), (0.2, 0.18, 0.162), (1, 1, 1), (0.6, 0.36, 0.216).
     probs = torch.tensor([[0.9, 0.2, 1.0, 0.6], [0.5, 0.9, 1.0, 0.6], [0.8, 0.9, 1.0, 0.6]])
-
-    class Fixed(torch.nn.Module):
-        def forward(self, batch):
-            self.last_hits, self.last_valid, self.last_top1_probs = hits, torch.ones_like(hits), probs
-            return torch.zeros(()), torch.zeros(3, 5)
-
-        def summarize(self, totals):
-            return {}
-
-    class OneBatch:
-        def __len__(self):
-            return 1
-
-        def batch(self, indices, device):
-            return {}
-
-    settings = TrainingSettings(target="t", train_data="d", output_dir="o", autocast="off")
     cut = {row["min_confidence"]: (row["drafted"], row["accepted"])
-           for row in evaluate(Fixed(), OneBatch(), settings, torch.device("cpu"))["confidence_cut"]}
+           for row in _evaluate_fixed(hits, probs)["confidence_cut"]}
     assert cut[0.02] == (12 / 4, 6 / 4)  # nothing cut: 3 drafts each, 2 + 1 + 3 + 0 accepted
     assert cut[0.3] == (9 / 4, 6 / 4)  # lengths 3, 1, 3, 2: nothing accepted is lost
     assert cut[0.5] == (6 / 4, 5 / 4)  # lengths 1, 1, 3, 1: position 0 loses its second token

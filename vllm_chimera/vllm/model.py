@@ -148,18 +148,14 @@ class ChimeraDraftForVLLM(nn.Module):
         return logits.view(hidden_states.shape[0], num_heads, -1)
 
     def head_top_k(self, hidden_states: torch.Tensor, s: torch.Tensor, num_heads: int,
-                   top_k: int, next_token_ids: torch.Tensor, return_probs: bool = False,
-                   stop_below: float | None = None):
+                   top_k: int, next_token_ids: torch.Tensor, return_probs: bool = False):
         """The first `num_heads` heads' top-k drafts as target ids: [B, d] x 2, [B] ->
         [B, num_heads, top_k] (vllm_chimera.model.ChimeraDraftModel.propose, the reference);
         with return_probs also their probabilities under each head's softmax, same shape.
 
         Sequential heads run one after another from next_token_ids (x_{t+1}), each fed the
         embedding of the top-1 draft of the head before it; its other candidates are its
-        alternatives given that chain. With stop_below (and return_probs) they stop after
-        the head at which every row's product of top-1 probabilities fell below it: the
-        heads after it would be cut anyway (confident_lengths), so fewer than num_heads
-        may come back. Parallel heads run in one call and ignore it.
+        alternatives given that chain.
         """
         if not self.config.sequential_heads:
             ids, probs = self._top_k(self.head_logits(hidden_states, s, num_heads), top_k, return_probs)
@@ -167,7 +163,6 @@ class ChimeraDraftForVLLM(nn.Module):
             return (ids, probs) if return_probs else ids
         hs = torch.cat([hidden_states, s], dim=-1)
         previous, candidates, candidate_probs = next_token_ids.long(), [], []
-        confidence = None  # [B] product of the top-1 probabilities so far (stop_below)
         for head in self.heads[:num_heads]:
             embeds = self.embed_input_ids(previous).to(hidden_states.dtype)  # [B, d]
             ids, probs = self._top_k(self._lm_logits(hidden_states + head(hs, embeds)), top_k,
@@ -175,10 +170,6 @@ class ChimeraDraftForVLLM(nn.Module):
             candidates.append(self.to_target_ids(ids))
             candidate_probs.append(probs)
             previous = candidates[-1][:, 0]
-            if stop_below is not None and return_probs:
-                confidence = probs[:, 0] if confidence is None else confidence * probs[:, 0]
-                if bool((confidence < stop_below).all()):
-                    break
         ids = torch.stack(candidates, dim=1)
         return (ids, torch.stack(candidate_probs, dim=1)) if return_probs else ids
 

@@ -326,8 +326,8 @@ class ChimeraProposer(EagleProposer):
         prefix of them (confident_lengths)."""
         if self.min_confidence is None:
             return self._draft_tokens(h, s, num_tokens, next_token_ids).tolist()
-        ids, probs = self.model.head_top_k(h, s, num_tokens, 1, next_token_ids, return_probs=True,
-                                           stop_below=self.min_confidence)  # [rows, <= K, 1]
+        ids, probs = self.model.head_top_k(h, s, num_tokens, 1, next_token_ids,
+                                           return_probs=True)  # [num_rows, K, 1] each
         lengths = confident_lengths(probs[..., 0], self.min_confidence)  # [num_rows]
         return [row[:n] for row, n in zip(ids[..., 0].tolist(), lengths.tolist())]
 
