@@ -15,6 +15,9 @@
 #   bash scripts/train_smollm2.sh varied-data && DATA=varied ... bash scripts/train_smollm2.sh cache ...
 #                                                     # + role-play/writing prompts (chimera-prepare
 #                                                     # prompts) and EXTRA_PROMPTS more ShareGPT ones
+#   RECIPE=v2 DATA=varied EPOCHS=2 INIT=shipped SEQUENTIAL=1 LR=3e-4 THREADS=2 bash scripts/train_smollm2.sh cache chimera export
+#                                                     # continue the shipped draft on all varied
+#                                                     # answers at a lower peak lr (*-lr3e-4)
 #   RECIPE=v2 DATA=new EPOCHS=2 INIT=shipped bash scripts/train_smollm2.sh cache chimera  (TRAIN_TOKENS=N: a slice)
 #                                                     # train the shipped draft on further: only the
 #                                                     # repository outlives a machine here, so a
@@ -31,7 +34,8 @@
 #            first turns (stage varied-data; runs named *-varied). Measured 2026-12-03 on 2
 #            cores: 1,019 act-as answers in 33 min (152 tokens/s), ShareGPT ones at 191
 #            tokens/s (768 in 19 min; all 4,096 would take ~1.7 h). Resumable: rerunning
-#            the stage continues each file where it stopped (768 of 4,096 extra so far).
+#            the stage continues each file where it stopped (2,048 of 4,096 extra so far;
+#            the last 1,280 took 41 min, 147 tokens/s).
 # DATA=new: only the answers of stage varied-data (role-play/writing first), for a draft
 #            that has seen self+more already (INIT=shipped); TRAIN_TOKENS caps the slice.
 # DATA=dataset: ShareGPT conversations with ShareGPT's answers.
@@ -113,7 +117,7 @@ fi
 precision_flags=(--cache-precision "$PRECISION")
 [ "$PRECISION" = fp32 ] || precision_flags+=(--autocast bf16)
 common=(--target smollm2 --num-heads 4 --max-length 512 --val-tokens 20000 "${precision_flags[@]}"
-        --epochs "${EPOCHS:-3}" --batch-size 4 --micro-batch-size 2 --lr 1e-3 --warmup-ratio 0.05
+        --epochs "${EPOCHS:-3}" --batch-size 4 --micro-batch-size 2 --lr "${LR:-1e-3}" --warmup-ratio 0.05
         --save-every 25 --eval-every 200 --seed 0 "${data_flags[@]}")
 threads="${THREADS:-1}"  # torch threads per run; run two stages side by side on two cores
 # RECIPE=v2 (issue 14, results/training/recipe-pilots): the parallel heads' loss on a random
@@ -136,6 +140,10 @@ if [ -n "${INIT:-}" ]; then
   init_dir="$INIT"; [ "$INIT" != shipped ] || init_dir="$here/vllm_chimera/drafts/smollm2-chimera"
   init_flags=(--init-from "$init_dir"); suffix="$suffix-from-$(basename "$INIT")"
 fi
+# LR=3e-4: another peak learning rate (runs named *-lr3e-4). For a continuation (INIT=...):
+# restarting the shipped draft at the default 1e-3 cost it ~1,500 steps of held-out accuracy
+# (results/training/README.md, "All the answers").
+[ -z "${LR:-}" ] || suffix="$suffix-lr$LR"
 
 run() {  # run NAME [extra flags]: train, then copy the small outputs into results/training/NAME
   local name="$1$suffix"; shift
