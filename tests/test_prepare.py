@@ -238,3 +238,25 @@ def test_preparations_side_by_side_relink_without_tripping(tmp_path):
             list(pool.map(lambda _: prepare.link_shipped_draft("smollm2", folder), range(4)))
             assert link.resolve() == SHIPPED_DRAFTS["smollm2"].resolve()
     assert [p.name for p in folder.iterdir()] == ["chimera"]  # no private link left behind
+
+
+def test_spread_sample_takes_every_category_of_mtbench():
+    categories = [name for name in ("writing", "roleplay", "reasoning", "math", "coding",
+                                    "extraction", "stem", "humanities") for _ in range(10)]
+    sixteen = prepare.spread_sample(categories, 16)
+    assert all(sixteen.count(name) == 2 for name in set(categories))
+    assert prepare.spread_sample(list(range(80)), 8) == [0, 10, 20, 30, 40, 50, 60, 70]
+    assert prepare.spread_sample(list(range(5)), 80) == [0, 1, 2, 3, 4]
+    assert prepare.spread_sample(list(range(5)), 0) == []
+    with pytest.raises(ValueError):
+        prepare.spread_sample(categories, -1)
+
+
+def test_mtbench_questions_spread_over_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv(prepare.CACHE_ENV, str(tmp_path))
+    (tmp_path / "data" / "mtbench").mkdir(parents=True)
+    (tmp_path / "data" / "mtbench" / "question.jsonl").write_text("".join(
+        json.dumps({"question_id": 81 + i, "turns": [f"question {i}", "again"]}) + "\n"
+        for i in range(80)))
+    assert prepare.mtbench_questions(4) == ["question 0", "question 20", "question 40", "question 60"]
+    assert len(prepare.mtbench_questions(80)) == 80
