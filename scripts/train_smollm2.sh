@@ -34,8 +34,8 @@
 #            first turns (stage varied-data; runs named *-varied). Measured 2026-12-03 on 2
 #            cores: 1,019 act-as answers in 33 min (152 tokens/s), ShareGPT ones at 191
 #            tokens/s (768 in 19 min; all 4,096 would take ~1.7 h). Resumable: rerunning
-#            the stage continues each file where it stopped (2,048 of 4,096 extra so far;
-#            the last 1,280 took 41 min, 147 tokens/s).
+#            the stage continues each file where it stopped (3,840 of 4,096 extra so far;
+#            the last 1,792 took 96 min at 89 tokens/s on 2026-12-04's slower machine).
 # DATA=new: only the answers of stage varied-data (role-play/writing first), for a draft
 #            that has seen self+more already (INIT=shipped); TRAIN_TOKENS caps the slice.
 # DATA=dataset: ShareGPT conversations with ShareGPT's answers.
