@@ -38,6 +38,10 @@
 #            the last 1,792 took 96 min at 89 tokens/s on 2026-12-04's slower machine).
 # DATA=new: only the answers of stage varied-data (role-play/writing first), for a draft
 #            that has seen self+more already (INIT=shipped); TRAIN_TOKENS caps the slice.
+# DATA=unseen: only the extra answers after the first UNSEEN_FROM (768: the shipped draft,
+#            *-varied-from-shipped, saw the extra file's first 768), copied once into a file of
+#            their own so that its cache holds only them; for continuing the shipped draft
+#            (INIT=shipped LR=3e-4). Runs named *-unseen768.
 # DATA=dataset: ShareGPT conversations with ShareGPT's answers.
 # Labels are the target's own greedy predictions either way (self-distillation).
 #
@@ -74,7 +78,8 @@ restore() {  # restore NAME: the shipped NAME.jsonl.gz into the cache, unless al
   fi
 }
 for name in "${answer_files[@]}"; do restore "$name"; done
-if [ "$data" = self ] || [ "$data" = self+more ] || [ "$data" = varied ] || [ "$data" = new ]; then
+if [ "$data" = self ] || [ "$data" = self+more ] || [ "$data" = varied ] || [ "$data" = new ] \
+   || [ "$data" = unseen ]; then
   for split in train:1100 validation:64; do
     name="${split%%:*}"; n="${split##*:}"; out="$sharegpt/$name.smollm2-self.jsonl"
     if [ ! -f "$out" ]; then
@@ -94,6 +99,14 @@ if [ "$data" = self ] || [ "$data" = self+more ] || [ "$data" = varied ] || [ "$
     data_flags=(--train-data "$sharegpt/train.smollm2-self.jsonl,$sharegpt/train.smollm2-self-more.jsonl,$sharegpt/train.smollm2-self-actas.jsonl,$sharegpt/train.smollm2-self-extra.jsonl"
                 --val-data "$sharegpt/validation.smollm2-self.jsonl")
     suffix=-varied
+  elif [ "$data" = unseen ]; then  # the extra answers after the first UNSEEN_FROM (a file of their own)
+    unseen_from="${UNSEEN_FROM:-768}"
+    unseen="$sharegpt/train.smollm2-self-extra-from$unseen_from.jsonl"
+    [ -f "$unseen" ] || { tail -n "+$((unseen_from + 1))" "$sharegpt/train.smollm2-self-extra.jsonl" > "$unseen.tmp" \
+                          && mv "$unseen.tmp" "$unseen"; }
+    echo "DATA=unseen: $(wc -l < "$unseen") answers in $unseen"
+    data_flags=(--train-data "$unseen" --val-data "$sharegpt/validation.smollm2-self.jsonl")
+    suffix=-unseen$unseen_from
   elif [ "$data" = new ]; then
     data_flags=(--train-data "$sharegpt/train.smollm2-self-actas.jsonl,$sharegpt/train.smollm2-self-extra.jsonl"
                 --val-data "$sharegpt/validation.smollm2-self.jsonl")
