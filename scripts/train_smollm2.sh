@@ -5,6 +5,8 @@
 #
 #   bash scripts/train_smollm2.sh                     # chimera, no-trigram, no-context, medusa, eagle
 #   bash scripts/train_smollm2.sh chimera export      # one run, then ship it (fp16, in the package)
+#   bash scripts/train_smollm2.sh chimera candidate   # ... or export it to RUNS/candidate-NAME, to
+#                                                     # measure beside the shipped draft first
 #   DATA=dataset bash scripts/train_smollm2.sh chimera  # on ShareGPT's own answers instead
 #   bash scripts/train_smollm2.sh more-data && DATA=self+more EPOCHS=1 bash scripts/train_smollm2.sh
 #                                                     # 2,048 more self-generated answers (MORE_PROMPTS)
@@ -207,22 +209,28 @@ for stage in "${stages[@]}"; do
     medusa) run medusa-k4 --draft-kind medusa --medusa-shared-lm-head --draft-vocab-size 8192 \
               "${heads_flags[@]}" ;;
     eagle) run eagle-k4 --draft-kind eagle ;;
-    export)  # the shipped draft: the chimera run's weights in fp16, inside the package. The
-      # step-aside schedules measured for the draft it replaces are kept, and said so: with
+    candidate|export)
+      # export: the shipped draft, the chimera run's weights in fp16 inside the package.
+      # candidate: the same export to $runs/candidate-NAME instead, to measure it beside the
+      # shipped draft (measure_acceptance.py, chimera-bench) before shipping it.
+      # Both keep the step-aside schedules measured for the shipped draft, and say so: with
       # none, vLLM would draft K=4 at every batch size (0.62x at batch 16 here).
-      "$py" - "$runs/smollm2-chimera-k4${SEQUENTIAL:+-seq}$suffix/draft" "$here/vllm_chimera/drafts/smollm2-chimera" <<'EOF'
+      src="$runs/smollm2-chimera-k4${SEQUENTIAL:+-seq}$suffix/draft"
+      shipped="$here/vllm_chimera/drafts/smollm2-chimera"
+      dst="$shipped"; [ "$stage" = export ] || dst="$runs/candidate-chimera-k4${SEQUENTIAL:+-seq}$suffix"
+      "$py" - "$src" "$dst" "$shipped" <<'EOF'
 import sys
 from pathlib import Path
 from vllm_chimera.checkpoint import load_config
 from vllm_chimera.training.checkpointing import export_draft
-src, dst = sys.argv[1:]
-kept = load_config(dst).step_aside_schedules if Path(dst, "config.json").is_file() else None
+src, dst, shipped = sys.argv[1:]
+kept = load_config(shipped).step_aside_schedules if Path(shipped, "config.json").is_file() else None
 export_draft(src, dst, step_aside_schedules=kept)
-print(f"exported {src} -> {dst}" + (f"; kept the step-aside schedules of the draft it replaces, "
+print(f"exported {src} -> {dst}" + (f"; kept the step-aside schedules of the shipped draft, "
       f"{kept}: re-measure them for this draft with chimera-bench --save-schedule" if kept else ""))
 EOF
       ;;
-    *) echo "unknown stage $stage (more-data, varied-data, ship-data, cache, chimera, no-trigram, no-context, medusa, eagle, export)" >&2
+    *) echo "unknown stage $stage (more-data, varied-data, ship-data, cache, chimera, no-trigram, no-context, medusa, eagle, candidate, export)" >&2
        exit 2 ;;
   esac
 done
