@@ -209,6 +209,8 @@ for stage in "${stages[@]}"; do
     medusa) run medusa-k4 --draft-kind medusa --medusa-shared-lm-head --draft-vocab-size 8192 \
               "${heads_flags[@]}" ;;
     eagle) run eagle-k4 --draft-kind eagle ;;
+    run-suffix)  # what this DATA/RECIPE/EPOCHS/INIT/LR names its runs: RUNS/smollm2-STAGE-kK$suffix
+      echo "run-suffix: $suffix" ;;
     candidate|export)
       # export: the shipped draft, the chimera run's weights in fp16 inside the package.
       # candidate: the same export to $runs/candidate-NAME instead, to measure it beside the
@@ -230,7 +232,7 @@ print(f"exported {src} -> {dst}" + (f"; kept the step-aside schedules of the shi
       f"{kept}: re-measure them for this draft with chimera-bench --save-schedule" if kept else ""))
 EOF
       ;;
-    *) echo "unknown stage $stage (more-data, varied-data, ship-data, cache, chimera, no-trigram, no-context, medusa, eagle, candidate, export)" >&2
+    *) echo "unknown stage $stage (more-data, varied-data, ship-data, cache, chimera, no-trigram, no-context, medusa, eagle, candidate, export, run-suffix)" >&2
        exit 2 ;;
   esac
 done
