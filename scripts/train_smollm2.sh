@@ -20,6 +20,10 @@
 #   RECIPE=v2 DATA=varied EPOCHS=2 INIT=shipped SEQUENTIAL=1 LR=3e-4 THREADS=2 bash scripts/train_smollm2.sh cache chimera export
 #                                                     # continue the shipped draft on all varied
 #                                                     # answers at a lower peak lr (*-lr3e-4)
+#   RECIPE=v2 DATA=unseen EPOCHS=2 INIT=shipped SEQUENTIAL=1 LR=3e-4 MLP_WIDTH=3072 HEAD_WIDTH=1728 \
+#     THREADS=2 bash scripts/train_smollm2.sh cache chimera candidate
+#                                                     # the shipped draft grown wider, continued on the
+#                                                     # answers it has not seen (*-mlp3072-head1728)
 #   RECIPE=v2 DATA=new EPOCHS=2 INIT=shipped bash scripts/train_smollm2.sh cache chimera  (TRAIN_TOKENS=N: a slice)
 #                                                     # train the shipped draft on further: only the
 #                                                     # repository outlives a machine here, so a
@@ -149,6 +153,12 @@ case "$recipe" in
 esac
 
 [ -z "${TRAIN_TOKENS:-}" ] || common+=(--train-tokens "$TRAIN_TOKENS")
+# MLP_WIDTH=N / HEAD_WIDTH=N: the encoder layer's MLP width and the heads' hidden width
+# (chimera; defaults 1536 and 576 for SmolLM2). With INIT, wider than the saved draft's
+# grows it, starting from exactly its function (runs named *-mlpN, *-headN).
+width_flags=()
+[ -z "${MLP_WIDTH:-}" ] || { width_flags+=(--draft-intermediate-size "$MLP_WIDTH"); suffix="$suffix-mlp$MLP_WIDTH"; }
+[ -z "${HEAD_WIDTH:-}" ] || { width_flags+=(--head-intermediate-size "$HEAD_WIDTH"); suffix="$suffix-head$HEAD_WIDTH"; }
 # INIT=shipped: start from the shipped draft (chimera only), INIT=DIR from that draft folder.
 init_flags=()
 if [ -n "${INIT:-}" ]; then
@@ -198,9 +208,10 @@ for stage in "${stages[@]}"; do
       ls -l "$shipped_data" ;;
     chimera)
       if [ -n "${SEQUENTIAL:-}" ]; then  # Hydra-style sequential heads (chimera-train --sequential-heads)
-        run chimera-k4-seq --draft-vocab-size 8192 --sequential-heads "${heads_flags[@]}" "${init_flags[@]}"
+        run chimera-k4-seq --draft-vocab-size 8192 --sequential-heads "${heads_flags[@]}" "${init_flags[@]}" \
+          "${width_flags[@]}"
       else
-        run chimera-k4 --draft-vocab-size 8192 "${heads_flags[@]}" "${init_flags[@]}"
+        run chimera-k4 --draft-vocab-size 8192 "${heads_flags[@]}" "${init_flags[@]}" "${width_flags[@]}"
       fi ;;
     no-trigram) run no-trigram-k4 --draft-vocab-size 8192 --no-trigram-encoder "${heads_flags[@]}" ;;
     no-context) run no-context-k4 --draft-vocab-size 8192 --no-context-encoder "${heads_flags[@]}" ;;

@@ -332,6 +332,72 @@ def test_init_from_refuses_another_design(tiny_setup, tmp_path):
                     "--train-data", tiny_setup["train"], "--init-from", str(tmp_path)])
 
 
+def test_widen_into_worked_example():
+    """A head 4 -> 6 wide: up keeps its rows and gains fresh ones, down keeps its columns
+    and gains zero ones, so the grown head computes what the saved one does."""
+    from vllm_chimera.model import ResidualHead
+    from vllm_chimera.training.trainer import widen_into
+
+    torch.manual_seed(0)
+    saved, grown = torch.nn.Module(), torch.nn.Module()
+    saved.head, grown.head = ResidualHead(3, 4), ResidualHead(3, 6)
+    torch.nn.init.normal_(saved.head.down.weight)  # (trained heads: not the zero start)
+    torch.nn.init.normal_(grown.head.down.weight)
+    fresh_up = grown.head.up.weight.detach().clone()  # [6, 6]
+    widen_into(saved, grown)
+    assert torch.equal(grown.head.up.weight[:4], saved.head.up.weight)
+    assert torch.equal(grown.head.up.weight[4:], fresh_up[4:])  # the new units' inputs
+    assert torch.equal(grown.head.down.weight[:, :4], saved.head.down.weight)
+    assert not grown.head.down.weight[:, 4:].any()  # ... read by nothing yet
+    hs = torch.randn(5, 6)
+    torch.testing.assert_close(grown.head(hs), saved.head(hs), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):  # narrower: refused
+        widen_into(grown, saved)
+
+
+def test_init_from_a_narrower_draft_grows_it(tiny_setup, tmp_path):
+    """--init-from with wider encoder MLP and heads: the run starts from exactly the saved
+    draft's predictions (lr 0: the same validation) and with learning the new units move;
+    narrower is refused. (Breaking widen_into's zero columns fails the lr-0 check.)"""
+    train(settings_for(tiny_setup, tmp_path / "first", epochs=1))
+    init = str(tmp_path / "first" / "draft")
+    saved = load_draft(init)
+    wider = {"intermediate_size": 2 * saved.config.intermediate_size,
+             "head_intermediate_size": 2 * saved.config.head_intermediate_size}
+    first = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    same = train(settings_for(tiny_setup, tmp_path / "same", epochs=1, lr=0.0, init_from=init,
+                              draft_overrides=wider))
+    assert same["validation"]["head_accuracy"] == first["validation"]["head_accuracy"]
+    assert same["validation"]["loss"] == pytest.approx(first["validation"]["loss"], rel=1e-7)
+    grown = load_draft(tmp_path / "same" / "draft")
+    assert grown.config.intermediate_size == wider["intermediate_size"]
+    i = saved.config.head_intermediate_size
+    assert not grown.heads[0].down.weight[:, i:].any()
+    moved = train(settings_for(tiny_setup, tmp_path / "moved", epochs=1, init_from=init,
+                               draft_overrides=wider))
+    assert load_draft(tmp_path / "moved" / "draft").heads[0].down.weight[:, i:].abs().sum() > 0
+    assert moved["validation"]["loss"] < first["validation"]["loss"]
+    with pytest.raises(ValueError, match="not the draft these settings build: head_intermediate_size"):
+        train(settings_for(tiny_setup, tmp_path / "narrow", epochs=1, init_from=init,
+                           draft_overrides={"head_intermediate_size": i // 2}))
+
+
+def test_the_width_flags_reach_the_settings(tiny_setup, tmp_path):
+    from vllm_chimera.training.cli import settings_from_args, train_parser
+
+    parser = train_parser()
+    argv = ["--target", tiny_setup["target"], "--output-dir", str(tmp_path),
+            "--train-data", tiny_setup["train"]]
+    settings = settings_from_args(parser.parse_args(argv + ["--head-intermediate-size", "96",
+                                                            "--draft-intermediate-size", "128"]), parser)
+    assert settings.draft_overrides == {"head_intermediate_size": 96, "intermediate_size": 128}
+    with pytest.raises(SystemExit):
+        settings_from_args(parser.parse_args(argv + ["--head-intermediate-size", "0"]), parser)
+    with pytest.raises(SystemExit):  # a Chimera option: the peers refuse it
+        settings_from_args(parser.parse_args(argv + ["--head-intermediate-size", "96",
+                                                     "--draft-kind", "medusa"]), parser)
+
+
 def test_a_token_budget_takes_several_files_in_order(tiny_setup, tmp_path):
     """train_tokens over a,b: all of a (64 sequences of 40 tokens), then b until it is spent."""
     metrics = train(settings_for(tiny_setup, tmp_path / "run", epochs=1,

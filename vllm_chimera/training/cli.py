@@ -95,7 +95,11 @@ def train_parser() -> argparse.ArgumentParser:
                         "the N tokens the target predicts most often (Medusa in vLLM: with "
                         "--medusa-shared-lm-head); not for EAGLE, which reads the target's LM head")
     g.add_argument("--draft-intermediate-size", type=int,
-                   help="encoder-layer MLP width (Chimera; EAGLE: its layer's)")
+                   help="encoder-layer MLP width (Chimera; EAGLE: its layer's); with "
+                        "--init-from, wider than the saved draft's grows it (same function at step 0)")
+    g.add_argument("--head-intermediate-size", type=int,
+                   help="Chimera: hidden width of each residual head R_i (default: the hidden "
+                        "size); with --init-from, wider than the saved draft's grows it")
     g.add_argument("--medusa-layers", type=int, help="ResidualBlock layers per Medusa head (default 1)")
     g.add_argument("--medusa-shared-lm-head", action="store_true",
                    help="Medusa heads share the target's frozen LM head (vLLM's original_lm_head) "
@@ -177,8 +181,13 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         if args.draft_vocab_size <= 0:
             parser.error(f"--draft-vocab-size must be positive, got {args.draft_vocab_size}")
         overrides["draft_vocab_size"] = args.draft_vocab_size
-    if args.draft_intermediate_size:
-        overrides["intermediate_size"] = args.draft_intermediate_size
+    for flag, key in (("draft_intermediate_size", "intermediate_size"),
+                      ("head_intermediate_size", "head_intermediate_size")):
+        width = getattr(args, flag)
+        if width is not None:
+            if width <= 0:
+                parser.error(f"--{flag.replace('_', '-')} must be positive, got {width}")
+            overrides[key] = width  # (the peers refuse head_intermediate_size as unknown)
     if args.medusa_layers:
         overrides["num_layers"] = args.medusa_layers
     if args.medusa_shared_lm_head:

@@ -186,15 +186,21 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
     reduced vocabulary kept), refused unless its design is `config`, the one the settings
     build (else its weights would not mean what the run's options say).
 
-    One change of design is allowed: parallel heads -> sequential heads (--sequential-heads),
-    with the new token_up weights at zero, which is exactly the saved parallel draft (the
-    heads then learn to read the previous token from there on).
+    Two changes of design are allowed, each starting from exactly the saved draft's function:
+    - parallel heads -> sequential heads (--sequential-heads): the new token_up weights at
+      zero (the heads then learn to read the previous token from there on);
+    - wider hidden layers (--draft-intermediate-size for the encoder layer's MLP,
+      --head-intermediate-size for the heads' R_i): `widen_into` (more capacity, the same
+      function at the first step).
     """
     draft = load_draft(draft_dir, target.config).float()
     saved, wanted = draft.config.to_dict(), config.to_dict()
     to_sequential = bool(wanted.get("sequential_heads") and not saved.get("sequential_heads"))
     ignored = set(ChimeraConfig.MEASURED_FIELDS) | {"transformers_version", "architectures"}
     ignored |= {"sequential_heads"} if to_sequential else set()
+    widened = {k for k in ("intermediate_size", "head_intermediate_size")
+               if wanted.get(k) is not None and saved.get(k) is not None and wanted[k] > saved[k]}
+    ignored |= widened
     changed = sorted(k for k in set(saved) | set(wanted)
                      if k not in ignored and saved.get(k) != wanted.get(k))
     if changed:
@@ -202,14 +208,45 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
                          + ", ".join(f"{k} {saved.get(k)!r} (settings: {wanted.get(k)!r})"
                                      for k in changed)
                          + " (pass the options it was trained with, e.g. --draft-vocab-size)")
-    if to_sequential:  # the same weights plus token_up = 0 (the only ones it lacks)
-        parallel, draft = draft, ChimeraDraftModel(config)
-        draft.load_state_dict(parallel.state_dict(), strict=False)
-        for head in draft.heads:
-            torch.nn.init.zeros_(head.token_up.weight)
+    if to_sequential or widened:
+        grown = ChimeraDraftModel(config)  # (seeded by build_draft: the new rows' init)
+        widen_into(draft, grown)
+        if to_sequential:  # the same weights plus token_up = 0 (the only ones it lacks)
+            for head in grown.heads:
+                torch.nn.init.zeros_(head.token_up.weight)
+        draft = grown
     for name in ChimeraConfig.MEASURED_FIELDS:
         setattr(draft.config, name, None)
     return draft.bind_target(*target_embed_and_lm_head(target))
+
+
+# Weights that read a hidden layer a wider draft grows (their input dimension): the
+# encoder MLP's down_proj and each head's down. Their new columns start at zero, so the new
+# hidden units add nothing until trained; every other grown weight (gate/up rows: the new
+# units' inputs) keeps the fresh draft's initialisation.
+_READS_HIDDEN_LAYER = ("layer.mlp.down_proj.weight", ".down.weight")
+
+
+def widen_into(saved: torch.nn.Module, grown: torch.nn.Module) -> None:
+    """Copy `saved`'s weights into `grown`, a draft of the same design whose hidden layers
+    may be wider, so that `grown` computes exactly what `saved` does.
+
+    e.g. a head 576 -> 1152 wide: up [576, 1152] -> [1152, 1152] keeps rows 0..575 and
+    its 576 freshly initialised new rows; down [576, 576] -> [576, 1152] keeps columns
+    0..575 and zeros columns 576..1151, so down(silu(up(x))) is unchanged.
+    Weights `grown` lacks or has smaller are an error; weights `saved` lacks (token_up of a
+    parallel draft) keep `grown`'s own values.
+    """
+    new_state = grown.state_dict()
+    for name, value in saved.state_dict().items():
+        target = new_state.get(name)
+        if target is None or any(a < b for a, b in zip(target.shape, value.shape)):
+            raise ValueError(f"widen_into: {name} {tuple(value.shape)} does not fit in "
+                             f"{None if target is None else tuple(target.shape)}")
+        if target.shape != value.shape and name.endswith(_READS_HIDDEN_LAYER):
+            target.zero_()
+        target[tuple(slice(0, n) for n in value.shape)] = value
+    grown.load_state_dict(new_state)
 
 
 def build_loss(settings: TrainingSettings, draft: torch.nn.Module) -> torch.nn.Module:
