@@ -6,7 +6,8 @@
 #
 #   RECIPE=v2 DATA=unseen EPOCHS=1 THREADS=2 bash scripts/compare_same_budget.sh
 #   ... train      only the six runs (each resumes from its checkpoint if interrupted)
-#   ... measure    only the vLLM measurement (OUTPUT=results/training/acceptance-same-budget-...)
+#   ... measure    only the vLLM measurement (OUTPUT=results/training/acceptance-same-budget-...;
+#                  SKIP="eagle" leaves named drafts out, e.g. a run not trained yet)
 #
 # The six runs (train_smollm2.sh stages, so the same settings and names as there):
 # chimera (the paper's parallel heads), chimera with sequential heads (SEQUENTIAL=1, the
@@ -33,17 +34,18 @@ for stage in "${stages[@]}"; do
       RECIPE="$recipe" bash "$train" cache chimera no-trigram no-context medusa eagle
       RECIPE="$recipe" SEQUENTIAL=1 bash "$train" chimera ;;
     measure)
-      draft() { echo "$runs/smollm2-$1$suffix/draft"; }
-      for name in chimera-k4 chimera-k4-seq no-trigram-k4 no-context-k4 medusa-k4 eagle-k4; do
-        [ -f "$(draft "$name")/config.json" ] || { echo "missing $(draft "$name"): run stage train" >&2; exit 2; }
+      # name=method:run; SKIP="eagle ..." leaves those out (said in the output, never silently)
+      drafts=(chimera=chimera-nolookup:chimera-k4 chimera-seq=chimera-nolookup:chimera-k4-seq
+              no-trigram=chimera-nolookup:no-trigram-k4 no-context=chimera-nolookup:no-context-k4
+              medusa=medusa:medusa-k4 eagle=eagle:eagle-k4)
+      flags=()
+      for entry in "${drafts[@]}"; do
+        name="${entry%%=*}"; method_run="${entry#*=}"; dir="$runs/smollm2-${method_run#*:}$suffix/draft"
+        if [[ " ${SKIP:-} " == *" $name "* ]]; then echo "SKIP: $name not measured"; continue; fi
+        [ -f "$dir/config.json" ] || { echo "missing $dir: run stage train (or SKIP=\"$name\")" >&2; exit 2; }
+        flags+=(--draft "$name=${method_run%%:*}:$dir")
       done
-      "$py" "$here/scripts/measure_acceptance.py" --target smollm2 --num-tokens 4 \
-        --draft "chimera=chimera-nolookup:$(draft chimera-k4)" \
-        --draft "chimera-seq=chimera-nolookup:$(draft chimera-k4-seq)" \
-        --draft "no-trigram=chimera-nolookup:$(draft no-trigram-k4)" \
-        --draft "no-context=chimera-nolookup:$(draft no-context-k4)" \
-        --draft "medusa=medusa:$(draft medusa-k4)" \
-        --draft "eagle=eagle:$(draft eagle-k4)" \
+      "$py" "$here/scripts/measure_acceptance.py" --target smollm2 --num-tokens 4 "${flags[@]}" \
         --output "$output" ;;
     *) echo "unknown stage $stage (train, measure)" >&2; exit 2 ;;
   esac
