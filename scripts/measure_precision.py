@@ -39,11 +39,11 @@ def label_agreement(target, tokenizer, answers: Path, max_sequences: int) -> dic
             input_ids = torch.tensor([ids])  # [1, num_tokens]
             attention = torch.ones_like(input_ids)
             start = time.perf_counter()
-            hidden, greedy = target_outputs(target, input_ids, attention)
+            hidden, greedy, _ = target_outputs(target, input_ids, attention)
             seconds["fp32"] += time.perf_counter() - start
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 start = time.perf_counter()
-                hidden_bf16, greedy_bf16 = target_outputs(target, input_ids, attention)
+                hidden_bf16, greedy_bf16, _ = target_outputs(target, input_ids, attention)
                 seconds["bf16"] += time.perf_counter() - start
             agree = (greedy == greedy_bf16)[0]  # [num_tokens]
             answer = torch.tensor(mask, dtype=torch.bool)
@@ -63,7 +63,7 @@ def step_seconds(target, target_dir: Path, repeats: int) -> dict:
     batch_size, length = 2, 380
     input_ids = torch.randint(0, target.config.vocab_size, (batch_size, length), generator=generator)
     with torch.no_grad():
-        hidden, greedy = target_outputs(target, input_ids, torch.ones_like(input_ids))
+        hidden, greedy, _ = target_outputs(target, input_ids, torch.ones_like(input_ids))
 
     class Labels:  # build_draft maps the draft vocabulary from the labels' frequencies
         greedy = greedy.flatten().numpy()

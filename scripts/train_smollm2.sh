@@ -24,6 +24,11 @@
 #     THREADS=2 bash scripts/train_smollm2.sh cache chimera candidate
 #                                                     # the shipped draft grown wider, continued on the
 #                                                     # answers it has not seen (*-mlp3072-head1728)
+#   RECIPE=v2 DATA=unseen EPOCHS=2 INIT=shipped SEQUENTIAL=1 LR=3e-4 LAYERS=2,15,27 THREADS=2 \
+#     bash scripts/train_smollm2.sh cache chimera candidate
+#                                                     # the shipped draft reading the target's layers
+#                                                     # 2, 15 and 27 too (EAGLE-3), continued on the
+#                                                     # answers it has not seen (*-layers2-15-27)
 #   RECIPE=v2 DATA=new EPOCHS=2 INIT=shipped bash scripts/train_smollm2.sh cache chimera  (TRAIN_TOKENS=N: a slice)
 #                                                     # train the shipped draft on further: only the
 #                                                     # repository outlives a machine here, so a
@@ -159,6 +164,13 @@ esac
 width_flags=()
 [ -z "${MLP_WIDTH:-}" ] || { width_flags+=(--draft-intermediate-size "$MLP_WIDTH"); suffix="$suffix-mlp$MLP_WIDTH"; }
 [ -z "${HEAD_WIDTH:-}" ] || { width_flags+=(--head-intermediate-size "$HEAD_WIDTH"); suffix="$suffix-head$HEAD_WIDTH"; }
+# LAYERS=2,15,27 (or default): the draft also reads the target's residual stream at these
+# layers (EAGLE-3's lesson; chimera-train --target-layer-ids); the cache stage then stores
+# them too, in caches of their own (runs named *-layers2-15-27). With INIT, the saved draft
+# starts reading them from exactly its own function.
+if [ -n "${LAYERS:-}" ]; then
+  common+=(--target-layer-ids "$LAYERS"); suffix="$suffix-layers${LAYERS//,/-}"
+fi
 # INIT=shipped: start from the shipped draft (chimera only), INIT=DIR from that draft folder.
 init_flags=()
 if [ -n "${INIT:-}" ]; then

@@ -10,6 +10,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from chimera_kernels import ACTIVATION_FUNCTIONS
+from vllm_chimera.target_layers import target_layer_ids_problem
 
 ACTIVATIONS = tuple(ACTIVATION_FUNCTIONS)
 
@@ -59,6 +60,13 @@ class ChimeraConfig(PretrainedConfig):
             pass; the heads then run one after another (training, the reference decoder and
             vLLM, chain and tree: a head's other candidates are its alternatives given the
             top-1 chain; docs/design/sequential_heads.md).
+        target_layer_ids: EAGLE-3's lesson, off in the paper's design: the draft also reads
+            the target's residual stream at these layers (target_layers.py; e.g. [2, 15, 27]
+            of 30), fused into h_t wherever the draft reads it: h_t + W_l [norm(l_1); ..].
+            Inside vLLM they arrive as EAGLE-3's aux hidden states
+            (`eagle_aux_hidden_state_layer_ids`).
+        target_num_hidden_layers: the target's number of decoder layers (recorded so that
+            target_layer_ids can be checked against the target and vLLM asked for them).
     """
 
     model_type = "chimera"
@@ -93,6 +101,8 @@ class ChimeraConfig(PretrainedConfig):
         tree_step_seconds: dict[str, dict[str, float]] | None = None,
         tree_schedules: dict[str, list[list[int]]] | None = None,
         sequential_heads: bool = False,
+        target_layer_ids: list[int] | None = None,
+        target_num_hidden_layers: int | None = None,
         **kwargs,
     ):
         self.target_architecture = target_architecture
@@ -119,6 +129,8 @@ class ChimeraConfig(PretrainedConfig):
         self.tree_step_seconds = tree_step_seconds
         self.tree_schedules = tree_schedules
         self.sequential_heads = sequential_heads
+        self.target_layer_ids = list(target_layer_ids) if target_layer_ids else None
+        self.target_num_hidden_layers = target_num_hidden_layers
         kwargs.setdefault("architectures", ["ChimeraDraftModel"])
         super().__init__(**kwargs)
         self.validate()
@@ -153,6 +165,13 @@ class ChimeraConfig(PretrainedConfig):
             problem = schedule_problem(schedule, 1 << 30)
             if problem:
                 problems.append(f"tree_schedules[{device!r}]: {problem}")
+        if self.target_layer_ids is not None:
+            if not isinstance(self.target_num_hidden_layers, int):
+                problems.append("target_layer_ids need target_num_hidden_layers (the target's "
+                                f"layer count), got {self.target_num_hidden_layers!r}")
+            problem = target_layer_ids_problem(self.target_layer_ids, self.target_num_hidden_layers)
+            if problem:
+                problems.append(f"target_layer_ids {problem}")
         accuracies = self.head_top_k_accuracies
         if accuracies is not None and not (
                 isinstance(accuracies, list) and 0 < len(accuracies) <= self.num_decoding_heads
@@ -187,9 +206,19 @@ class ChimeraConfig(PretrainedConfig):
             rms_norm_eps=getattr(text_config, "rms_norm_eps", 1e-5),
             rope_theta=float(rope_theta),
             max_position_embeddings=getattr(text_config, "max_position_embeddings", 8192),
+            target_num_hidden_layers=getattr(text_config, "num_hidden_layers", None),
         )
         values.update(overrides)
         return cls(**values)
+
+    @property
+    def eagle_aux_hidden_state_layer_ids(self) -> list[int] | None:
+        """The layers vLLM's runner hands the proposer as aux hidden states (it reads this
+        name from the draft's config): target_layer_ids, then the last layer's output,
+        from which the proposer recomputes h_t (the runner then passes nothing else)."""
+        if not self.target_layer_ids:
+            return None
+        return [*self.target_layer_ids, self.target_num_hidden_layers]
 
     def target_mismatches(self, target_config: PretrainedConfig) -> list[str]:
         """What differs between the target this draft was trained for and `target_config`."""
@@ -205,6 +234,9 @@ class ChimeraConfig(PretrainedConfig):
             "hidden size": self.hidden_size,
             "vocabulary size": self.vocab_size,
         }
+        if self.target_layer_ids:  # it reads layers by number
+            found["number of layers"] = getattr(text_config, "num_hidden_layers", None)
+            expected["number of layers"] = self.target_num_hidden_layers
         return [
             f"{what}: draft trained for {expected[what]!r}, target has {found[what]!r}"
             for what in expected

@@ -4,6 +4,8 @@ Reading order, bottom to top of the draft (CHIMERA.md, "The draft model"):
 
     x_{t-1}, x_t, x_{t+1} --TrigramEncoder--> u_{t+1}                 short-range context
     z_t = W_f [u_{t+1}; h_t]                                            h_t: target's final hidden state
+                                     (with target_layer_ids, h_t is first enriched by the target's
+                                      intermediate layers: `fuse_target_layers`)
     s_t = norm(EncoderLayer(z_0..z_t))                                  long-range context (causal)
     logits_i = LMHead(h_t + R_i([h_t; s_t]))   for i in 0..K-1          predicts x_{t+2+i}
 
@@ -186,6 +188,14 @@ class ChimeraDraftModel(nn.Module):
         self.heads = nn.ModuleList(
             ResidualHead(d, config.head_intermediate_size, config.sequential_heads)
             for _ in range(config.num_decoding_heads))
+        if config.target_layer_ids:
+            # EAGLE-3's richer inputs: each layer's residual stream normed (their scales
+            # differ by orders of magnitude), then projected; W_l starts at zero, so the
+            # draft starts as the design without them (and a saved draft grows into one).
+            num_layers = len(config.target_layer_ids)
+            self.target_layer_norms = nn.ModuleList(
+                RMSNorm(d, config.rms_norm_eps) for _ in range(num_layers))
+            self.target_layer_fuse = nn.Linear(num_layers * d, d, bias=False)
         if config.draft_vocab_size is not None:
             # Reduced draft vocabulary: a smaller LM head of its own (initialised from the
             # target's rows) and the map back to target ids.
@@ -203,6 +213,8 @@ class ChimeraDraftModel(nn.Module):
                 nn.init.normal_(module.weight, std=std)
         for head in self.heads:  # undo the normal init above for the zero-start output layers
             nn.init.zeros_(head.down.weight)
+        if self.config.target_layer_ids:
+            nn.init.zeros_(self.target_layer_fuse.weight)
 
     # -- the target's shared, frozen parts ---------------------------------------------
     def bind_target(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
@@ -234,6 +246,26 @@ class ChimeraDraftModel(nn.Module):
             raise RuntimeError("ChimeraDraftModel.bind_target(...) must be called before use")
 
     # -- the forward pieces ------------------------------------------------------------
+    def fuse_target_layers(self, hidden_states: torch.Tensor,
+                           layer_states: torch.Tensor | None) -> torch.Tensor:
+        """h_t as the draft reads it: with config.target_layer_ids, enriched by the target's
+        residual stream at those layers, h_t + W_l [norm_1(l_1); ..; norm_n(l_n)]; without,
+        h_t itself. Everything downstream (z_t, the heads' [h; s] and residual) reads this.
+
+        hidden_states [..., d], layer_states [..., n * d] (None without layers) -> [..., d]
+        """
+        if not self.config.target_layer_ids:
+            if layer_states is not None:
+                raise ValueError("layer_states given to a draft without target_layer_ids")
+            return hidden_states
+        if layer_states is None:
+            raise ValueError(f"this draft reads the target's layers {self.config.target_layer_ids}: "
+                             "pass their states (layer_states)")
+        chunks = layer_states.split(self.config.hidden_size, dim=-1)  # n x [..., d]
+        normed = torch.cat([norm(chunk.to(hidden_states.dtype))
+                            for norm, chunk in zip(self.target_layer_norms, chunks)], dim=-1)
+        return hidden_states + self.target_layer_fuse(normed)
+
     def encode(self, next_token_ids: torch.Tensor, hidden_states: torch.Tensor,
                positions: torch.Tensor, prefix_ids: torch.Tensor,
                kv_cache: DraftKVCache | None = None) -> torch.Tensor:

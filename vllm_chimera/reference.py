@@ -14,6 +14,7 @@ distribution (tests/test_reference_decoder.py checks both).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,6 +24,7 @@ from transformers.cache_utils import DynamicLayer
 
 from chimera_kernels import tree_attention_mask
 from vllm_chimera.model import ChimeraDraftModel, DraftKVCache
+from vllm_chimera.target_layers import capture_layer_inputs
 from vllm_chimera.tree import TokenTree
 from vllm_chimera.verify import accept_greedy, accept_sampling
 
@@ -44,7 +46,9 @@ class Drafter(Protocol):
                 top_k: int) -> torch.Tensor:
         """token_ids: [n + 2] all tokens so far (x_0 .. x_{n+1}); new_hidden_states: [M, d]
         the target's h for positions n-M+1 .. n, not seen by the drafter before.
-        Returns [num_heads, top_k] candidate target ids, best first."""
+        Returns [num_heads, top_k] candidate target ids, best first.
+        A drafter with a `target_layer_ids` attribute (not None) is also passed
+        new_layer_states=[M, n * d]: the target's layer inputs at those positions."""
         ...
 
 
@@ -54,12 +58,13 @@ class ChimeraDrafter:
     def __init__(self, model: ChimeraDraftModel):
         self.model = model
         self.kv_cache = DraftKVCache()
+        self.target_layer_ids = model.config.target_layer_ids  # None: h_t alone
 
     def reset(self) -> None:
         self.kv_cache = DraftKVCache()
 
     @torch.no_grad()
-    def propose(self, token_ids, new_hidden_states, top_k):
+    def propose(self, token_ids, new_hidden_states, top_k, new_layer_states=None):
         n = token_ids.shape[0] - 2  # the newest position with a hidden state
         num_new = new_hidden_states.shape[0]
         t0 = n - num_new + 1
@@ -70,10 +75,11 @@ class ChimeraDrafter:
         prefix = torch.stack([token_ids[t0 - 1] if t0 >= 1 else token_ids.new_tensor(-1),
                               token_ids[t0]])
         positions = torch.arange(t0, n + 1, device=token_ids.device)
-        s = self.model.encode(token_ids[t0 + 1: n + 2][None], new_hidden_states[None],
+        h = self.model.fuse_target_layers(new_hidden_states, new_layer_states)  # [M, d]
+        s = self.model.encode(token_ids[t0 + 1: n + 2][None], h[None],
                               positions[None], prefix[None], self.kv_cache)
         next_token_id = token_ids[n + 1] if self.model.config.sequential_heads else None
-        return self.model.propose(new_hidden_states[-1], s[0, -1], top_k, next_token_id)  # [K, top_k]
+        return self.model.propose(h[-1], s[0, -1], top_k, next_token_id)  # [K, top_k]
 
 
 class TargetOracleDrafter:
@@ -123,12 +129,17 @@ class SpeculativeDecoder:
         self.target, self.drafter, self.tree = target, drafter, tree
         self.decoder = target.base_model  # returns final-normed hidden states
         self.lm_head = target.get_output_embeddings()
+        self.layer_ids = getattr(drafter, "target_layer_ids", None)  # the layers it reads
 
     def _forward(self, input_ids, cache, position_ids=None, attention_mask=None):
-        out = self.decoder(input_ids=input_ids[None], position_ids=position_ids,
-                           attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        """-> h [L, d], logits [L, V], and the drafter's layer inputs [L, n * d] (or None)."""
+        with (capture_layer_inputs(self.target, self.layer_ids) if self.layer_ids
+              else contextlib.nullcontext([None])) as captured:
+            out = self.decoder(input_ids=input_ids[None], position_ids=position_ids,
+                               attention_mask=attention_mask, past_key_values=cache, use_cache=True)
         hidden = out.last_hidden_state[0]  # [L, d]
-        return hidden, self.lm_head(hidden)  # [L, d], [L, V]
+        layers = None if captured[-1] is None else captured[-1][0]
+        return hidden, self.lm_head(hidden), layers
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -137,19 +148,20 @@ class SpeculativeDecoder:
         tree, device = self.tree, prompt_ids.device
         self.drafter.reset()
         cache = DynamicCache()
-        hidden, logits = self._forward(prompt_ids, cache)
+        hidden, logits, layers = self._forward(prompt_ids, cache)
         tokens = torch.cat([prompt_ids, prompt_ids.new_tensor([_choose_token(logits[-1], temperature, generator)])])
         result = GenerationResult([int(tokens[-1])])
-        new_hidden = hidden  # the drafter has not seen any position yet
+        new_hidden, new_layers = hidden, layers  # the drafter has not seen any position yet
         while len(result.token_ids) < max_new_tokens and eos_token_id not in result.token_ids:
-            candidates = self.drafter.propose(tokens, new_hidden, tree.top_k)  # [K, top_k]
+            reads_layers = {} if self.layer_ids is None else {"new_layer_states": new_layers}
+            candidates = self.drafter.propose(tokens, new_hidden, tree.top_k, **reads_layers)  # [K, top_k]
             node_tokens = tree.candidate_tokens(tokens[-1], candidates.to(device))  # [T]
             prefix_len = tokens.shape[0] - 1  # x_0 .. x_n are cached; the root is x_{n+1}
             allowed = tree_attention_mask(tree.parents.to(device),
                                           torch.tensor([prefix_len], device=device))
             mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=device)
             mask.masked_fill_(~allowed, torch.finfo(hidden.dtype).min)  # [1, T, prefix + T]
-            hidden, logits = self._forward(node_tokens, cache,
+            hidden, logits, layers = self._forward(node_tokens, cache,
                                            position_ids=(prefix_len + tree.depths.to(device))[None],
                                            attention_mask=mask[:, None])
             if temperature == 0.0:
@@ -163,6 +175,7 @@ class SpeculativeDecoder:
             new_tokens = node_tokens[nodes[1:]].tolist() + [acceptance.bonus_token]
             tokens = torch.cat([tokens, tokens.new_tensor(new_tokens)])
             new_hidden = hidden[nodes]  # positions n+1 .. n+1+num_accepted
+            new_layers = None if layers is None else layers[nodes]
             result.accept_lengths.append(len(new_tokens))
             result.token_ids.extend(new_tokens)
         return _truncate(result, max_new_tokens, eos_token_id)

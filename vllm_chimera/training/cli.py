@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from vllm_chimera import prepare
+from vllm_chimera.target_layers import default_target_layer_ids, target_layer_ids_problem
 from vllm_chimera.training.settings import TrainingSettings
 
 
@@ -100,6 +101,11 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-intermediate-size", type=int,
                    help="Chimera: hidden width of each residual head R_i (default: the hidden "
                         "size); with --init-from, wider than the saved draft's grows it")
+    g.add_argument("--target-layer-ids", metavar="IDS",
+                   help="Chimera: also read the target's residual stream at these layers "
+                        "(EAGLE-3's lesson), comma-separated (e.g. 2,15,27) or 'default' (vLLM's "
+                        "EAGLE-3 choice: 2, L/2, L-3 of L layers); with --init-from, a draft "
+                        "that read none starts from exactly its function")
     g.add_argument("--medusa-layers", type=int, help="ResidualBlock layers per Medusa head (default 1)")
     g.add_argument("--medusa-shared-lm-head", action="store_true",
                    help="Medusa heads share the target's frozen LM head (vLLM's original_lm_head) "
@@ -188,6 +194,8 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
             if width <= 0:
                 parser.error(f"--{flag.replace('_', '-')} must be positive, got {width}")
             overrides[key] = width  # (the peers refuse head_intermediate_size as unknown)
+    if args.target_layer_ids:  # Chimera only; the peers refuse it as an unknown override
+        overrides["target_layer_ids"] = parse_target_layer_ids(args.target_layer_ids, target, parser)
     if args.medusa_layers:
         overrides["num_layers"] = args.medusa_layers
     if args.medusa_shared_lm_head:
@@ -214,6 +222,24 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
             progress=not args.no_progress)
     except ValueError as e:
         parser.error(str(e))
+
+
+def parse_target_layer_ids(value: str, target: str, parser: argparse.ArgumentParser) -> list[int]:
+    """--target-layer-ids: "2,15,27" or "default", checked against the target's layers."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(target)
+    num_layers = (getattr(config, "text_config", None) or config).num_hidden_layers
+    if value == "default":
+        return list(default_target_layer_ids(num_layers))
+    try:
+        layer_ids = [int(x) for x in value.split(",")]
+    except ValueError:
+        parser.error(f"--target-layer-ids {value!r}: comma-separated layer numbers or 'default'")
+    problem = target_layer_ids_problem(layer_ids, num_layers)
+    if problem:
+        parser.error(f"--target-layer-ids {problem}")
+    return layer_ids
 
 
 def train_main(argv: list[str] | None = None) -> int:

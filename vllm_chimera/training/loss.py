@@ -128,6 +128,11 @@ class HeadsLoss(nn.Module):
         its LM head at the selected positions t (P of them): [K, P, d]."""
         raise NotImplementedError
 
+    def draft_inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The hidden states the draft reads, [B, L, d]: the target's h_t (the labels and
+        the regression targets always read the target's own)."""
+        return batch["hidden"]
+
     def project(self, states: torch.Tensor) -> torch.Tensor:
         """The heads' LM heads: states [K, P, d] -> logits [K, P, V']."""
         raise NotImplementedError
@@ -161,7 +166,8 @@ class HeadsLoss(nn.Module):
         if self.training and self.positions_fraction is not None:
             selected = subsample_positions(selected, self.positions_fraction,
                                            batch["position_seeds"])  # [B, L-1]
-        states = self.head_states(batch["tokens"], batch["hidden"], selected, batch["greedy"])  # [K, P, d]
+        states = self.head_states(batch["tokens"], self.draft_inputs(batch), selected,
+                                  batch["greedy"])  # [K, P, d]
         logits = self.project(states).float()  # [K, P, V']
         next_hidden = None
         if self.kl_weight or self.regression_weight:
@@ -269,6 +275,13 @@ class DraftLoss(HeadsLoss):
         if config.draft_vocab_size is None:
             return None
         return self.draft.draft_to_target_ids, config.vocab_size
+
+    def draft_inputs(self, batch):
+        if self.draft.config.target_layer_ids and "layers" not in batch:
+            raise ValueError("this draft reads the target's layers "
+                             f"{self.draft.config.target_layer_ids}, the data cache has none")
+        layers = batch["layers"] if self.draft.config.target_layer_ids else None
+        return self.draft.fuse_target_layers(batch["hidden"], layers)  # [B, L, d]
 
     def head_states(self, tokens, hidden, selected, greedy):
         B, L = tokens.shape

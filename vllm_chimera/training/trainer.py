@@ -139,14 +139,15 @@ def cached_data(settings: TrainingSettings, target, tokenizer, paths: str, max_t
 def _cached_file(settings: TrainingSettings, target, tokenizer, path: str, max_tokens, rank: int,
                  world: int, precision: str) -> CachedData:
     """The target's cached outputs over `path` (process 0 builds them; the others wait)."""
-    key = cache_key(settings.target, path, settings.max_length, max_tokens, precision)
+    layer_ids = settings.draft_overrides.get("target_layer_ids") if settings.draft_kind == "chimera" else None
+    key = cache_key(settings.target, path, settings.max_length, max_tokens, precision, layer_ids)
     folder = cache_dir(settings.cache_dir) / "hidden" / f"{Path(path).stem}-{key}"
     if rank == 0 and not (folder / "meta.json").is_file():
         sequences = load_sequences(path, tokenizer, settings.max_length, max_tokens)
         print(f"caching the target's outputs over {len(sequences)} sequences of {path} "
-              f"in {folder}", flush=True)
+              f"in {folder}" + (f" (with layers {layer_ids})" if layer_ids else ""), flush=True)
         build_cache(target, sequences, folder, settings.cache_batch_tokens, settings.progress,
-                    precision)
+                    precision, layer_ids)
     barrier(world)
     return CachedData.open(folder)
 
@@ -186,9 +187,11 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
     reduced vocabulary kept), refused unless its design is `config`, the one the settings
     build (else its weights would not mean what the run's options say).
 
-    Two changes of design are allowed, each starting from exactly the saved draft's function:
+    Three changes of design are allowed, each starting from exactly the saved draft's function:
     - parallel heads -> sequential heads (--sequential-heads): the new token_up weights at
       zero (the heads then learn to read the previous token from there on);
+    - reading the target's layers (--target-layer-ids), where the saved draft read none: the
+      new target_layer_fuse at zero;
     - wider hidden layers (--draft-intermediate-size for the encoder layer's MLP,
       --head-intermediate-size for the heads' R_i): `widen_into` (more capacity, the same
       function at the first step).
@@ -198,6 +201,9 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
     to_sequential = bool(wanted.get("sequential_heads") and not saved.get("sequential_heads"))
     ignored = set(ChimeraConfig.MEASURED_FIELDS) | {"transformers_version", "architectures"}
     ignored |= {"sequential_heads"} if to_sequential else set()
+    add_layers = bool(wanted.get("target_layer_ids") and not saved.get("target_layer_ids"))
+    # (target_num_hidden_layers: drafts saved before it was recorded lack it)
+    ignored |= {"target_layer_ids", "target_num_hidden_layers"} if add_layers else set()
     widened = {k for k in ("intermediate_size", "head_intermediate_size")
                if wanted.get(k) is not None and saved.get(k) is not None and wanted[k] > saved[k]}
     ignored |= widened
@@ -208,12 +214,14 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
                          + ", ".join(f"{k} {saved.get(k)!r} (settings: {wanted.get(k)!r})"
                                      for k in changed)
                          + " (pass the options it was trained with, e.g. --draft-vocab-size)")
-    if to_sequential or widened:
+    if to_sequential or widened or add_layers:
         grown = ChimeraDraftModel(config)  # (seeded by build_draft: the new rows' init)
         widen_into(draft, grown)
         if to_sequential:  # the same weights plus token_up = 0 (the only ones it lacks)
             for head in grown.heads:
                 torch.nn.init.zeros_(head.token_up.weight)
+        if add_layers:  # (ChimeraDraftModel starts it at zero; said again where it matters)
+            torch.nn.init.zeros_(grown.target_layer_fuse.weight)
         draft = grown
     for name in ChimeraConfig.MEASURED_FIELDS:
         setattr(draft.config, name, None)

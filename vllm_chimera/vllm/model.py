@@ -9,7 +9,9 @@ the proposer after loading; they are not part of this module's weights.
 One call of `forward` is one encoder pass over a packed batch of new positions:
     input_ids      [num_tokens]           x_{t+1} (shifted by one, as EAGLE's first pass)
     positions      [num_tokens]           t
-    hidden_states  [num_tokens, d]        h_t, the target's final-normed hidden states
+    hidden_states  [num_tokens, d]        h_t, the target's final-normed hidden states (for a
+                                          draft with target_layer_ids: `fuse_target_layers`'
+                                          output, h_t enriched by the target's layers)
     cu_seqlens     [num_seqs + 1]         where each request's rows start
     prefix_ids     [num_seqs, 2]          (x_{t0-1}, x_{t0}) before each request's first row
 and returns s [num_tokens, d]. `head_logits` then gives the K heads' logits for the rows
@@ -91,6 +93,10 @@ class ChimeraDraftForVLLM(nn.Module):
             self.layer = LlamaDecoderLayer(vllm_config, prefix=f"model.layers.{num_target_layers}",
                                            config=_encoder_layer_config(config))
             self.norm = RMSNorm(d, eps=config.rms_norm_eps)
+        if config.target_layer_ids:  # (vllm_chimera.model.ChimeraDraftModel.fuse_target_layers)
+            self.target_layer_norms = nn.ModuleList(
+                RMSNorm(d, eps=config.rms_norm_eps) for _ in config.target_layer_ids)
+            self.target_layer_fuse = _linear(len(config.target_layer_ids) * d, d, "target_layer_fuse")
         self.heads = nn.ModuleList(_ResidualHead(d, config.head_intermediate_size, f"heads.{i}",
                                                  config.sequential_heads)
                                    for i in range(config.num_decoding_heads))
@@ -103,6 +109,22 @@ class ChimeraDraftForVLLM(nn.Module):
     def bind_target(self, target: nn.Module) -> None:
         """Share the target's embedding table and logits (LM head + logits processor)."""
         self.__dict__["_target"] = target  # a plain attribute: not in named_parameters()
+
+    def fuse_target_layers(self, aux_hidden_states: torch.Tensor) -> torch.Tensor:
+        """h_t as a draft with target_layer_ids reads it, from what vLLM's runner hands an
+        EAGLE-3-style proposer: the target's residual stream at the layers
+        config.eagle_aux_hidden_state_layer_ids (target_layer_ids, then the last layer),
+        concatenated: [N, (n + 1) * d] -> [N, d].
+
+        e.g. SmolLM2 (30 layers, d = 576) with target_layer_ids [2, 15, 27]: columns
+        0..575 are layer 2's input, .. 1152..1727 layer 27's, 1728..2303 the last layer's
+        output before the final norm; h_t = the target's final norm of those.
+        """
+        *layers, last = aux_hidden_states.split(self.config.hidden_size, dim=-1)
+        h = self._target.model.norm(last)  # [N, d]: what the target's LM head read
+        normed = torch.cat([norm(layer) for norm, layer in zip(self.target_layer_norms, layers)],
+                           dim=-1)  # [N, n * d]
+        return h + self.target_layer_fuse(normed)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._target.embed_input_ids(input_ids)

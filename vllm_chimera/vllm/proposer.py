@@ -36,6 +36,13 @@ falls below the threshold (head 0 always drafts), so requests draft 1..K tokens 
 are sure of them. Synchronous scheduling only (the list-of-lists drafts above); with
 asynchronous scheduling every request drafts K.
 
+The target's layers (a draft with target_layer_ids, EAGLE-3's lesson): the proposer asks
+the runner for EAGLE-3's aux hidden states (its use_aux_hidden_state_outputs; the layers
+come from the draft config's eagle_aux_hidden_state_layer_ids, which end with the target's
+last layer), so `target_hidden_states` arrives as those layers' residual streams side by
+side; the draft's `fuse_target_layers` turns them into the h_t it reads, before anything
+else reads them.
+
 Token trees (speculative_config["tree"], tree_sampling.py): a request the lookup did not
 match, whose sampling options allow it (tree_sampling.tree_allowed), drafts the tree's
 nodes instead of a chain: the heads' top-k candidates placed by TokenTree, in node order
@@ -91,6 +98,10 @@ class ChimeraProposer(EagleProposer):
             logger.warning("chimera: min_confidence needs synchronous scheduling (drafts of "
                            "different lengths); with async scheduling every chain has K tokens")
             self.min_confidence = None
+        self.reads_target_layers = bool(spec.draft_model_config.hf_config.target_layer_ids)
+        if self.reads_target_layers and runner is not None:
+            # What vLLM's runner does for an EAGLE-3 drafter (it checks method == "eagle3").
+            runner.use_aux_hidden_state_outputs = True
         self.tree = TreeSettings.from_dict(spec.tree)  # None without a tree
         if self.tree is not None:
             tree_sampling.check_engine_supports_trees(vllm_config, self.tree)
@@ -108,6 +119,15 @@ class ChimeraProposer(EagleProposer):
             if all_layers[name].get_kv_cache_spec(self.vllm_config) is not None}
         language_model = (target_model.get_language_model()
                           if hasattr(target_model, "get_language_model") else target_model)
+        if self.reads_target_layers:
+            from vllm.model_executor.models.interfaces import supports_eagle3
+
+            if not supports_eagle3(target_model):
+                raise ValueError(
+                    f"this chimera draft reads the target's layers "
+                    f"{self.model.config.target_layer_ids}, but vLLM's "
+                    f"{type(target_model).__name__} does not hand them out (it lacks vLLM's "
+                    "EAGLE-3 aux hidden states); use a draft trained without target_layer_ids")
         self.model.bind_target(language_model)
         self.supports_mm_inputs = False  # a text-only draft
         if self.tree is not None:
@@ -174,6 +194,8 @@ class ChimeraProposer(EagleProposer):
         self._last_draft_probs = None
         self._tree_drafts = {}  # (taken by the runner already, or stale)
         has_kv = bool(self._draft_attn_layer_names)  # False without the context layer
+        if self.reads_target_layers:  # [num_tokens, (n + 1) * d] -> h_t as the draft reads it
+            target_hidden_states = self.model.fuse_target_layers(target_hidden_states)
         if num_speculative_tokens == 0 and not (self.aside_keeps_kv and has_kv):  # aside
             return torch.empty(common_attn_metadata.num_reqs, 0, dtype=torch.int64,
                                device=self.device)

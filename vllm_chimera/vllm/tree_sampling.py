@@ -166,6 +166,8 @@ class _StepState:
     def __init__(self, requests: list[_TreeRequest], step: TreeStep):
         self.requests, self.step = requests, step
         self.hidden_states: torch.Tensor | None = None  # [num_tokens, d], from execute_model
+        # EAGLE-3-style aux hidden states (a draft with target_layer_ids reads these instead)
+        self.aux_hidden_states: list[torch.Tensor] = []  # each [num_tokens, d]
         self.slot_mappings: dict[str, torch.Tensor] = {}  # target layer -> [num_tokens]
 
 
@@ -255,7 +257,8 @@ def _compact(runner, state: _StepState, rows: TreeRows, path: list[int],
     span = slice(first, first + num_nodes)
     runner.input_ids.gpu[span] = runner.input_ids.gpu[order]
     runner.positions[span] = runner.positions[order.to(runner.positions.device)]
-    state.hidden_states[span] = state.hidden_states[order.to(state.hidden_states.device)]
+    for states in [state.hidden_states, *state.aux_hidden_states]:  # [num_tokens, d] each
+        states[span] = states[order.to(states.device)]
     # The history the drafter's lookup reads (bookkeeping writes the same tokens later).
     n = rows.num_computed
     runner.input_batch.token_ids_cpu[rows.req_index, n + 1: n + len(path)] = (
@@ -310,6 +313,7 @@ class TreeRunnerPatch(ClassPatch):
         state = getattr(self, "_chimera_tree_state", None)
         if state is not None and self.execute_model_state is not None:
             state.hidden_states = self.execute_model_state.hidden_states
+            state.aux_hidden_states = list(self.execute_model_state.aux_hidden_states or [])
         return result
 
     @staticmethod
