@@ -148,6 +148,16 @@ def test_init_from_a_draft_without_layers_starts_from_its_function(tiny_setup, t
     assert grown.config.target_layer_ids == [0] and grown.config.target_num_hidden_layers == 1
     assert grown.target_layer_fuse.weight.abs().sum() > 0
     assert moved["validation"]["loss"] < first["validation"]["loss"]
+    # A draft saved before target_num_hidden_layers was recorded (the shipped one) still
+    # continues, with or without layers.
+    config_path = tmp_path / "first" / "draft" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["target_num_hidden_layers"]
+    config_path.write_text(json.dumps(config))
+    for overrides in ({}, layers):
+        old = train(settings_for(tiny_setup, tmp_path / f"old{len(overrides)}", epochs=1, lr=0.0,
+                                 init_from=init, draft_overrides=overrides))
+        assert old["validation"]["head_accuracy"] == first["validation"]["head_accuracy"]
     # The other way round (dropping the layers a draft reads) is refused.
     with pytest.raises(ValueError, match="not the draft these settings build: target_layer_ids"):
         train(settings_for(tiny_setup, tmp_path / "drop", epochs=1,

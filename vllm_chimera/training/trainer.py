@@ -202,8 +202,9 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
     ignored = set(ChimeraConfig.MEASURED_FIELDS) | {"transformers_version", "architectures"}
     ignored |= {"sequential_heads"} if to_sequential else set()
     add_layers = bool(wanted.get("target_layer_ids") and not saved.get("target_layer_ids"))
-    # (target_num_hidden_layers: drafts saved before it was recorded lack it)
-    ignored |= {"target_layer_ids", "target_num_hidden_layers"} if add_layers else set()
+    ignored |= {"target_layer_ids"} if add_layers else set()
+    if saved.get("target_num_hidden_layers") is None:  # saved before it was recorded
+        ignored.add("target_num_hidden_layers")
     widened = {k for k in ("intermediate_size", "head_intermediate_size")
                if wanted.get(k) is not None and saved.get(k) is not None and wanted[k] > saved[k]}
     ignored |= widened
