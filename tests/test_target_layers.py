@@ -14,7 +14,7 @@ from vllm_chimera.reference import ChimeraDrafter, SpeculativeDecoder, generate_
 from vllm_chimera.target_layers import capture_layer_inputs, default_target_layer_ids
 from vllm_chimera.training.data import CachedData, build_cache, cache_key, target_outputs
 from vllm_chimera.training.loss import DraftLoss
-from vllm_chimera.training.trainer import train
+from vllm_chimera.training.trainer import evaluate_draft, train
 from vllm_chimera.tree import TokenTree
 
 from conftest import build_random_draft, build_tiny_target
@@ -148,6 +148,9 @@ def test_init_from_a_draft_without_layers_starts_from_its_function(tiny_setup, t
     assert grown.config.target_layer_ids == [0] and grown.config.target_num_hidden_layers == 1
     assert grown.target_layer_fuse.weight.abs().sum() > 0
     assert moved["validation"]["loss"] < first["validation"]["loss"]
+    # chimera-train --evaluate reads the layers a saved draft needs, unasked.
+    evaluated = evaluate_draft(settings_for(tiny_setup, tmp_path / "eval"), str(tmp_path / "moved" / "draft"))
+    assert evaluated["validation"]["head_accuracy"] == moved["validation"]["head_accuracy"]
     # A draft saved before target_num_hidden_layers was recorded (the shipped one) still
     # continues, with or without layers.
     config_path = tmp_path / "first" / "draft" / "config.json"

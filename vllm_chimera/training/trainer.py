@@ -636,15 +636,17 @@ def evaluate_draft(settings: TrainingSettings, draft_dir: str) -> dict:
         raise ValueError("evaluation needs validation data")
     _, _, device = setup_process(settings)
     target, tokenizer = load_target(settings.target, device)
-    val_data = cached_data(settings, target, tokenizer, settings.val_data, settings.val_tokens, 0, 1)
     kind = peer_kind(draft_dir) or "chimera"
     if kind == "chimera":
         draft = load_draft_for_target(draft_dir, target)
         settings.num_heads = draft.config.num_decoding_heads
+        if draft.config.target_layer_ids:  # its cache must hold the layers it reads
+            settings.draft_overrides["target_layer_ids"] = draft.config.target_layer_ids
     else:
         draft = load_peer(draft_dir, target)
         settings.num_heads = draft.num_heads if kind == "medusa" else draft.num_steps
     settings.draft_kind, settings.head_weights = kind, [1.0] * settings.num_heads
+    val_data = cached_data(settings, target, tokenizer, settings.val_data, settings.val_tokens, 0, 1)
     loss_module = build_loss(settings, draft).to(device)
     metrics = {"draft": str(draft_dir), "draft_kind": kind, "val_data": settings.val_data,
                "val_tokens": val_data.num_tokens,
