@@ -38,10 +38,12 @@ def test_layer_i_is_the_input_of_decoder_layer_i(tmp_path):
     assert default_target_layer_ids(30) == (2, 15, 27)  # vLLM's EAGLE-3 default
 
 
-@pytest.mark.parametrize("layer_ids", [[1, 0], [], [0, 0], [-1], [True]])
+@pytest.mark.parametrize("layer_ids", [[1, 0], [5], [0, 0], [-1], [True]])
 def test_bad_layer_ids_are_refused(tiny_target, layer_ids):
+    """(An empty list means no layers: the config stores None.)"""
     with pytest.raises(ValueError, match="target_layer_ids"):
-        ChimeraConfig.for_target(tiny_target.config, target_layer_ids=layer_ids or [5])
+        ChimeraConfig.for_target(tiny_target.config, target_layer_ids=layer_ids)
+    assert ChimeraConfig.for_target(tiny_target.config, target_layer_ids=[]).target_layer_ids is None
 
 
 def test_the_cache_stores_the_layers(tmp_path):
@@ -64,7 +66,7 @@ def test_the_cache_stores_the_layers(tmp_path):
     plain = cache_key(tmp_path / "saved", data_file, 64, None)
     assert plain == cache_key(tmp_path / "saved", data_file, 64, None, "fp32", None)  # old keys hold
     assert plain != cache_key(tmp_path / "saved", data_file, 64, None, "fp32", [1, 2])
-    assert len(data) == 4
+    assert len(data) == 4 and data.layers.shape == (sum(5 + i for i in range(4)), 2 * 64)
 
 
 def test_a_zero_fuse_is_the_draft_without_layers(tiny_target):

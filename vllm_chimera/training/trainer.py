@@ -191,7 +191,7 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
     - parallel heads -> sequential heads (--sequential-heads): the new token_up weights at
       zero (the heads then learn to read the previous token from there on);
     - reading the target's layers (--target-layer-ids), where the saved draft read none: the
-      new target_layer_fuse at zero;
+      new target_layer_fuse keeps ChimeraDraftModel's zero start (the saved draft lacks it);
     - wider hidden layers (--draft-intermediate-size for the encoder layer's MLP,
       --head-intermediate-size for the heads' R_i): `widen_into` (more capacity, the same
       function at the first step).
@@ -221,8 +221,6 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
         if to_sequential:  # the same weights plus token_up = 0 (the only ones it lacks)
             for head in grown.heads:
                 torch.nn.init.zeros_(head.token_up.weight)
-        if add_layers:  # (ChimeraDraftModel starts it at zero; said again where it matters)
-            torch.nn.init.zeros_(grown.target_layer_fuse.weight)
         draft = grown
     for name in ChimeraConfig.MEASURED_FIELDS:
         setattr(draft.config, name, None)

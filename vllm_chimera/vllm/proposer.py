@@ -194,11 +194,11 @@ class ChimeraProposer(EagleProposer):
         self._last_draft_probs = None
         self._tree_drafts = {}  # (taken by the runner already, or stale)
         has_kv = bool(self._draft_attn_layer_names)  # False without the context layer
-        if self.reads_target_layers:  # [num_tokens, (n + 1) * d] -> h_t as the draft reads it
-            target_hidden_states = self.model.fuse_target_layers(target_hidden_states)
         if num_speculative_tokens == 0 and not (self.aside_keeps_kv and has_kv):  # aside
             return torch.empty(common_attn_metadata.num_reqs, 0, dtype=torch.int64,
                                device=self.device)
+        if self.reads_target_layers:  # [num_tokens, (n + 1) * d] -> h_t as the draft reads it
+            target_hidden_states = self.model.fuse_target_layers(target_hidden_states)
         if not has_kv:  # no context layer: heads on h_n alone
             if token_indices_to_sample is None:  # each request's last row
                 token_indices_to_sample = common_attn_metadata.query_start_loc[1:] - 1
