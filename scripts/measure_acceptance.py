@@ -28,6 +28,12 @@ def parse_args():
     p.add_argument("--target", required=True, help="target folder, or 'smollm2' (prepared)")
     p.add_argument("--draft", action="append", required=True, metavar="NAME=METHOD:DIR",
                    help="a draft to measure (METHOD: chimera, medusa or eagle); repeatable")
+    p.add_argument("--lookup", action="append", default=[], metavar="NAME=JSON",
+                   help="the context lookup's settings for the Chimera draft NAME, e.g. "
+                        "'mm3={\"min_match\": 3}' (default: the plugin's); repeatable")
+    p.add_argument("--prompts", choices=("mtbench", "heldout"), default="mtbench",
+                   help="MT-bench first turns (the benchmark's), or the held-out ShareGPT first "
+                        "turns, on which settings are chosen so that MT-bench stays unseen")
     p.add_argument("--num-prompts", type=int, default=80)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
@@ -44,17 +50,28 @@ def parse_args():
         if not Path(folder, "config.json").is_file():
             p.error(f"--draft {entry!r}: {folder} has no config.json")
         drafts.append((name, method, folder))
+    lookups = {}
+    for entry in args.lookup:
+        name, sep, value = entry.partition("=")
+        if not sep or name not in {d[0] for d in drafts}:
+            p.error(f"--lookup {entry!r}: expected NAME=JSON for a --draft NAME")
+        try:
+            lookups[name] = json.loads(value)
+        except ValueError as e:
+            p.error(f"--lookup {entry!r}: {e}")
+    args.lookups = lookups
     return args, drafts
 
 
 def main():
     args, drafts = parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm_chimera.prepare import mtbench_prompts, prepare_target
+    from vllm_chimera.prepare import heldout_prompts, mtbench_prompts, prepare_target
     from vllm_chimera.vllm.bench import DRAFT_OPTIONS, BenchSettings, run_method
 
     target = str(prepare_target("smollm2")) if args.target == "smollm2" else args.target
-    prompts = mtbench_prompts(target, args.num_prompts)
+    prompts = (mtbench_prompts if args.prompts == "mtbench" else heldout_prompts)(
+        target, args.num_prompts)
     engine = {"kv_cache_memory_bytes": int(args.kv_cache_gib * (1 << 30))}
     runs = [("plain", "plain", None)] + drafts
     context = multiprocessing.get_context("spawn")
@@ -64,6 +81,7 @@ def main():
         settings = BenchSettings(target=target, methods=(method,), batch_sizes=(args.batch_size,),
                                  max_tokens=args.max_tokens, sampled_temperature=None,
                                  num_speculative_tokens=args.num_tokens, engine_kwargs=engine,
+                                 lookup=args.lookups.get(name),
                                  **({DRAFT_OPTIONS[method]: folder} if folder else {}))
         try:
             with context.Pool(1) as pool:

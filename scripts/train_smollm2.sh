@@ -24,6 +24,9 @@
 #     THREADS=2 bash scripts/train_smollm2.sh cache chimera candidate
 #                                                     # the shipped draft grown wider, continued on the
 #                                                     # answers it has not seen (*-mlp3072-head1728)
+#   RECIPE=v2 DATA=unseen EPOCHS=2 INIT=shipped SEQUENTIAL=1 LR=3e-4 SKIP_LOOKUP=2 THREADS=2 \
+#     bash scripts/train_smollm2.sh cache chimera candidate
+#                                                     # the same, no loss where the lookup drafts
 #   RECIPE=v2 DATA=unseen EPOCHS=2 INIT=shipped SEQUENTIAL=1 LR=3e-4 LAYERS=2,15,27 THREADS=2 \
 #     bash scripts/train_smollm2.sh cache chimera candidate
 #                                                     # the shipped draft reading the target's layers
@@ -171,6 +174,10 @@ width_flags=()
 if [ -n "${LAYERS:-}" ]; then
   common+=(--target-layer-ids "$LAYERS"); suffix="$suffix-layers${LAYERS//,/-}"
 fi
+# SKIP_LOOKUP=2: no loss where the context lookup (min_match 2, its default) would draft,
+# the only positions the heads draft at inside vLLM with the lookup on (chimera-train
+# --skip-lookup-matches; runs named *-skiplookup2).
+[ -z "${SKIP_LOOKUP:-}" ] || { common+=(--skip-lookup-matches "$SKIP_LOOKUP"); suffix="$suffix-skiplookup$SKIP_LOOKUP"; }
 # INIT=shipped: start from the shipped draft (chimera only), INIT=DIR from that draft folder.
 init_flags=()
 if [ -n "${INIT:-}" ]; then

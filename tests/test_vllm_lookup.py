@@ -177,3 +177,30 @@ def test_lookup_settings_reach_the_engine(pair):
         assert spec.lookup == {"min_match": 3, "max_match": 4, "num_tokens": 6}
     finally:
         del llm
+
+
+@pytest.mark.parametrize("min_match", [1, 2, 3])
+def test_training_knows_where_the_lookup_drafts(min_match):
+    """vllm_chimera.context_lookup.lookup_matches (what training and validation use to tell
+    the lookup's positions from the heads') agrees with the proposer's ContextLookup, i.e.
+    vLLM's n-gram matcher, at every position of random sequences with many repeats."""
+    from vllm_chimera.context_lookup import lookup_matches
+
+    settings = LookupSettings(min_match=min_match, max_match=max(min_match, 4))
+    context_lookup = lookup.ContextLookup(settings, max_model_len=256)
+    generator = torch.Generator().manual_seed(min_match)
+    tokens = torch.randint(0, 4, (6, 60), generator=generator)  # 4 ids: repeats everywhere
+    lengths = torch.tensor([60, 59, 31, 7, 3, 1])
+    matches = lookup_matches(tokens, lengths, min_match)  # [6, 59]
+    num_matched = 0
+    for b, n in enumerate(lengths.tolist()):
+        row = tokens[b].numpy().astype("int32")
+        for t in range(59):
+            if t + 2 > n:  # past the row: no draft runs there
+                assert not matches[b, t]
+                continue
+            # The draft at t: the context is x_0 .. x_{t+1}, the last of them just sampled.
+            proposed = context_lookup.propose(row, t + 1, int(row[t + 1]), max_tokens=4)
+            assert bool(matches[b, t]) == (len(proposed) > 0), (b, t, row[:t + 2])
+            num_matched += len(proposed) > 0
+    assert 0 < num_matched < int((lengths - 1).clamp(min=0).sum())  # both kinds occur

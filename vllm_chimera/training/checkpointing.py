@@ -31,7 +31,7 @@ RESUMABLE_CHANGES = {"stop_at_step", "resume", "progress", "num_threads", "devic
 SETTINGS_ADDED_LATER = {"draft_kind": "chimera",  # setting -> the value older runs had
                         "loss_positions_fraction": None, "autocast": "auto",
                         "cache_precision": "fp32", "kl_weight": 0.0, "regression_weight": 0.0,
-                        "init_from": None}
+                        "init_from": None, "skip_lookup_matches": None}
 
 
 @dataclass

@@ -133,6 +133,10 @@ def train_parser() -> argparse.ArgumentParser:
                    help="cheaper steps: take the heads' loss on a random share F of each "
                         "sequence's labelled positions, drawn anew each step (default: all; "
                         "validation always scores all); chimera and medusa")
+    g.add_argument("--skip-lookup-matches", type=int, metavar="MIN_MATCH",
+                   help="train the heads only where vLLM's context lookup with this min_match "
+                        "(its default: 2) finds no match, the only positions where they draft "
+                        "when the lookup is on (default: every position); chimera and medusa")
     g.add_argument("--kl-weight", type=float, default=default("kl_weight"),
                    help="weight of KL from the target's next-token distribution per head "
                         "(Medusa-2's self-distillation; default 0: off)")
@@ -214,7 +218,8 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
             batch_size=args.batch_size,
             micro_batch_size=args.micro_batch_size, lr=args.lr, weight_decay=args.weight_decay,
             warmup_ratio=args.warmup_ratio, head_weights=args.head_weights,
-            loss_positions_fraction=args.loss_positions_fraction, kl_weight=args.kl_weight,
+            loss_positions_fraction=args.loss_positions_fraction,
+            skip_lookup_matches=args.skip_lookup_matches, kl_weight=args.kl_weight,
             regression_weight=args.regression_weight, autocast=args.autocast,
             seed=args.seed,
             save_every=args.save_every, eval_every=args.eval_every, stop_at_step=args.stop_at_step,

@@ -16,6 +16,10 @@ and the sequence: `position_seeds`), so a resumed run draws exactly the subsets 
 uninterrupted one would, whatever the micro-batching or the number of processes. Validation
 (eval mode) always scores every position.
 
+Where the lookup drafts (`skip_lookup_matches`): inside vLLM the context lookup drafts
+wherever the context's last min_match tokens occurred before, and the heads only elsewhere
+(vllm_chimera/context_lookup.py); with it set, training takes no loss at the lookup's positions.
+
 Distillation beyond the argmax label (both off by default; the cached h_{t+1+i} gives both for
 free, as the frozen target's LM head reads it):
 - kl_weight: KL(p || q_i) from the target's full next-token distribution
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vllm_chimera.context_lookup import lookup_matches
 from vllm_chimera.model import ChimeraDraftModel
 
 IGNORE = -100
@@ -98,7 +103,7 @@ class HeadsLoss(nn.Module):
 
     def __init__(self, draft: nn.Module, head_weights: list[float], loss_on: str = "responses",
                  positions_fraction: float | None = None, kl_weight: float = 0.0,
-                 regression_weight: float = 0.0):
+                 regression_weight: float = 0.0, skip_lookup_matches: int | None = None):
         super().__init__()
         self.draft = draft
         self.num_heads = len(head_weights)
@@ -108,6 +113,8 @@ class HeadsLoss(nn.Module):
         # In training, the share of each sequence's labelled positions the heads are run on
         # (None: all of them); needs batch["position_seeds"] (module docstring).
         self.positions_fraction = positions_fraction
+        # In training, the lookup's min_match: no loss where the lookup drafts (None: off).
+        self.skip_lookup_matches = skip_lookup_matches
         self.kl_weight, self.regression_weight = kl_weight, regression_weight
         self.target_to_draft = None  # [V] draft id of each target id (-1: none), reduced vocab only
         vocabulary = self.draft_vocabulary()
@@ -163,9 +170,13 @@ class HeadsLoss(nn.Module):
         labels = batch_labels(batch, self.loss_on, self.num_heads)  # [K, B, L-1]
         # The LM-head projections dominate the cost: run the heads only where some head has a label.
         selected = (labels != IGNORE).any(0)  # [B, L-1]
+        if self.training and self.skip_lookup_matches is not None:
+            selected = selected & ~lookup_matches(batch["tokens"], batch["lengths"],
+                                                  self.skip_lookup_matches)  # [B, L-1]
         if self.training and self.positions_fraction is not None:
             selected = subsample_positions(selected, self.positions_fraction,
                                            batch["position_seeds"])  # [B, L-1]
+        self.last_selected = selected  # validation splits its figures by position
         states = self.head_states(batch["tokens"], self.draft_inputs(batch), selected,
                                   batch["greedy"])  # [K, P, d]
         logits = self.project(states).float()  # [K, P, V']

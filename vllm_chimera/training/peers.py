@@ -423,6 +423,7 @@ class EagleLoss(nn.Module):
         B, L = tokens.shape
         labels = batch_labels(batch, self.loss_on, self.num_steps)  # [K, B, L-1]; step j = row j-1
         selected = (labels != IGNORE).any(0)  # [B, L-1]
+        self.last_selected = selected  # validation splits its figures by position
         positions = torch.arange(L - 1, device=tokens.device).expand(B, L - 1)
         steps = 1 if self.training else self.num_steps  # EAGLE-1 trains its first step only
         inputs = hidden[:, :-1]  # [B, L-1, d]: h_t
@@ -496,13 +497,15 @@ def build_peer(kind: str, target: nn.Module, num_heads: int, overrides: dict | N
 
 def peer_loss(draft: PeerDraft, head_weights: list[float], loss_on: str,
               overrides: dict | None = None, positions_fraction: float | None = None,
-              kl_weight: float = 0.0, regression_weight: float = 0.0) -> nn.Module:
+              kl_weight: float = 0.0, regression_weight: float = 0.0,
+              skip_lookup_matches: int | None = None) -> nn.Module:
     """The training loss of a peer (head_weights: Medusa's per-head weights; its length is K;
-    positions_fraction, kl_weight, regression_weight: Medusa's, as HeadsLoss's; EAGLE has its
-    own regression in `overrides`, and TrainingSettings refuses the others for it)."""
+    positions_fraction, kl_weight, regression_weight, skip_lookup_matches: Medusa's, as
+    HeadsLoss's; EAGLE has its own regression in `overrides`, and TrainingSettings refuses the
+    others for it)."""
     if isinstance(draft, MedusaHeads):
         return MedusaLoss(draft, head_weights, loss_on, positions_fraction, kl_weight,
-                          regression_weight)
+                          regression_weight, skip_lookup_matches)
     options = {**PEER_OPTIONS["eagle"], **(overrides or {})}
     return EagleLoss(draft, len(head_weights), loss_on, options["regression_weight"],
                      options["classification_weight"], options["feature_noise"])

@@ -58,6 +58,11 @@ class TrainingSettings:
     # sequence's labelled positions, drawn anew each step (None: all; validation always
     # scores all). The LM-head projections are most of a step; neighbours teach alike.
     loss_positions_fraction: float | None = None
+    # Train the heads only where the context lookup (min_match as speculative_config
+    # ["lookup"]["min_match"]) finds no match: inside vLLM it drafts everywhere else, so the
+    # heads never do (vllm_chimera/context_lookup.py). None: every position. Validation
+    # scores every position and, separately, these.
+    skip_lookup_matches: int | None = None
     # Distillation beyond the argmax label, from the cached h_{t+1+i} (loss.py; chimera and
     # medusa: EAGLE's own regression is a draft_overrides option): KL from the target's
     # next-token distribution (Medusa-2), smooth-L1 of each head's state onto h_{t+1+i} (EAGLE).
@@ -102,6 +107,13 @@ class TrainingSettings:
             if self.draft_kind == "eagle":  # its rollout and regression span every position
                 problems.append("loss_positions_fraction is for parallel heads (chimera, "
                                 "medusa), not eagle")
+        if self.skip_lookup_matches is not None:
+            if self.skip_lookup_matches < 1:
+                problems.append("skip_lookup_matches (the lookup's min_match) must be >= 1, "
+                                f"got {self.skip_lookup_matches}")
+            if self.draft_kind == "eagle":  # its rollout and regression span every position
+                problems.append("skip_lookup_matches is for parallel heads (chimera, medusa), "
+                                "not eagle")
         for name in ("kl_weight", "regression_weight"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")

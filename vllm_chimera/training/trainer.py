@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vllm_chimera.checkpoint import load_draft, target_embed_and_lm_head
 from vllm_chimera.config import ChimeraConfig
+from vllm_chimera.context_lookup import DEFAULT_MIN_MATCH, lookup_matches
 from vllm_chimera.model import ChimeraDraftModel, confident_lengths
 from vllm_chimera.prepare import cache_dir
 from vllm_chimera.training.checkpointing import (TrainState, has_checkpoint, load_checkpoint,
@@ -261,10 +262,10 @@ def build_loss(settings: TrainingSettings, draft: torch.nn.Module) -> torch.nn.M
     if settings.draft_kind == "chimera":
         return DraftLoss(draft, settings.weights(), settings.loss_on,
                          settings.loss_positions_fraction, settings.kl_weight,
-                         settings.regression_weight)
+                         settings.regression_weight, settings.skip_lookup_matches)
     return peer_loss(draft, settings.weights(), settings.loss_on, settings.draft_overrides,
                      settings.loss_positions_fraction, settings.kl_weight,
-                     settings.regression_weight)
+                     settings.regression_weight, settings.skip_lookup_matches)
 
 
 # -- schedule and data order ----------------------------------------------------------------
@@ -308,6 +309,10 @@ def evaluate(loss_module: torch.nn.Module, data: CachedData, settings: TrainingS
     positions: what a chain accepts at depth i, and the fair comparison of sequential heads
     (teacher-forced: after a miss their head_accuracy reads the right previous token, which
     at inference they would not have) with parallel ones.
+    lookup_misses: the same figures (head_accuracy, est_accept_length) on the positions
+    where the context lookup finds no match (min_match: settings.skip_lookup_matches, else
+    the lookup's default), the only ones where the heads draft inside vLLM with the lookup
+    on; share: their part of the positions head 0 is scored at.
     confidence_cut (Chimera drafts): for each min_confidence in CONFIDENCE_GRID, the drafted
     and accepted tokens per step of chains cut where the heads' confidence falls below it
     (vllm_chimera.model.confident_lengths, as vLLM's min_confidence cuts them).
@@ -318,6 +323,9 @@ def evaluate(loss_module: torch.nn.Module, data: CachedData, settings: TrainingS
     run_sum, run_count = 0.0, 0
     reached, right = 0, 0  # [K] positions where heads < i were all right, and i right too
     cut_drafted = cut_accepted = 0  # [len(CONFIDENCE_GRID)] sums over the positions
+    min_match = settings.skip_lookup_matches or DEFAULT_MIN_MATCH
+    miss_hits = miss_counts = 0  # [K] at the positions without a lookup match
+    miss_run_sum, miss_run_count, num_scored = 0.0, 0, 0
     m = settings.micro_batch_size
     for start in range(0, len(data), m):
         batch = data.batch(list(range(start, min(start + m, len(data)))), device)
@@ -329,6 +337,13 @@ def evaluate(loss_module: torch.nn.Module, data: CachedData, settings: TrainingS
         chain = hits[:, full].int().cumprod(0)  # [K, P_full]: heads 0..i all right
         run_sum += float(chain.sum())
         run_count += int(full.sum())
+        misses = ~lookup_matches(batch["tokens"], batch["lengths"],
+                                 min_match)[loss_module.last_selected]  # [P]
+        miss_hits = miss_hits + hits[:, misses].sum(1).double().cpu()
+        miss_counts = miss_counts + valid[:, misses].sum(1).double().cpu()
+        miss_run_sum += float(hits[:, full & misses].int().cumprod(0).sum())
+        miss_run_count += int((full & misses).sum())
+        num_scored += int(valid[0].sum())
         right = right + chain.sum(1).double()
         reached = reached + torch.cat([torch.full_like(chain[:1], 1), chain[:-1]]).sum(1).double()
         probs = getattr(loss_module, "last_top1_probs", None)  # [K, P] (Chimera's loss only)
@@ -339,6 +354,11 @@ def evaluate(loss_module: torch.nn.Module, data: CachedData, settings: TrainingS
     conditional = (right / reached.clamp(min=1)).tolist() if run_count else []
     metrics = {**loss_module.summarize(totals), "est_accept_length": 1 + run_sum / max(run_count, 1),
                "head_conditional_accuracy": conditional}
+    if num_scored:
+        metrics["lookup_misses"] = {
+            "min_match": min_match, "share": float(miss_counts[0]) / num_scored,
+            "head_accuracy": (miss_hits / miss_counts.clamp(min=1)).tolist(),
+            "est_accept_length": 1 + miss_run_sum / max(miss_run_count, 1)}
     if run_count and torch.is_tensor(cut_drafted):
         metrics["confidence_cut"] = [
             {"min_confidence": c, "drafted": float(d) / run_count, "accepted": float(a) / run_count}
@@ -616,6 +636,12 @@ def _finish(settings, draft, loss_module, train_data, val_data, state, device, t
               + " | given the heads before right: "
               + " ".join(f"{a:.3f}" for a in validation["head_conditional_accuracy"])
               + f" | est. acceptance length {validation['est_accept_length']:.2f}", flush=True)
+        if "lookup_misses" in validation:
+            misses = validation["lookup_misses"]
+            print(f"where the lookup (min_match {misses['min_match']}) has no match "
+                  f"({misses['share']:.0%} of the positions): "
+                  + " ".join(f"{a:.3f}" for a in misses["head_accuracy"])
+                  + f" | est. acceptance length {misses['est_accept_length']:.2f}", flush=True)
     print(f"wrote {out / 'metrics.json'}" + (f" and the draft {out / 'draft'}" if finished else
           f" (stopped at step {state.step}/{total_steps}; run again to resume)"), flush=True)
     return metrics

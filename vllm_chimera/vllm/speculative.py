@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vllm_chimera.checkpoint import DRAFT_SUBDIR, ChimeraCheckpointError, load_draft
 from vllm_chimera.config import ChimeraConfig
+from vllm_chimera.context_lookup import DEFAULT_MIN_MATCH
 
 METHOD = "chimera"
 DRAFT_ENV = "VLLM_CHIMERA_DRAFT"  # a VLLM_ name, so vLLM forwards it to its workers
@@ -140,7 +141,7 @@ class LookupSettings:
     such match). Where there is no match the heads draft as without the lookup.
     """
 
-    min_match: int = 2
+    min_match: int = DEFAULT_MIN_MATCH
     max_match: int = 4
     num_tokens: int = 4  # tokens drafted from a match (the heads' K applies elsewhere)
 
