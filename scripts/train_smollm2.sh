@@ -32,6 +32,12 @@
 #                                                     # the shipped draft reading the target's layers
 #                                                     # 2, 15 and 27 too (EAGLE-3), continued on the
 #                                                     # answers it has not seen (*-layers2-15-27)
+#   RECIPE=v2 DATA=unseen EPOCHS=2 INIT=shipped SEQUENTIAL=1 LR=3e-4 LAYERS=2,15,27 SKIP_LOOKUP=2 \
+#     THREADS=2 bash scripts/train_smollm2.sh cache chimera export
+#                                                     # both: the shipped draft since 2026-12-06
+#                                                     # (INIT=shipped then meant the draft before it;
+#                                                     # continuing today's needs LAYERS=2,15,27, it
+#                                                     # reads those layers)
 #   RECIPE=v2 DATA=new EPOCHS=2 INIT=shipped bash scripts/train_smollm2.sh cache chimera  (TRAIN_TOKENS=N: a slice)
 #                                                     # train the shipped draft on further: only the
 #                                                     # repository outlives a machine here, so a
