@@ -414,9 +414,12 @@ def _evaluate_fixed(hits: torch.Tensor, top1_probs: torch.Tensor | None = None) 
     (every position labelled) and, for the confidence curve, top-1 probabilities [K, P]."""
     from vllm_chimera.training.trainer import evaluate
 
+    num_positions = hits.shape[1]
+
     class Fixed(torch.nn.Module):
         def forward(self, batch):
             self.last_hits, self.last_valid = hits, torch.ones_like(hits)
+            self.last_selected = torch.ones(1, num_positions, dtype=torch.bool)  # one row
             self.last_top1_probs = top1_probs
             return torch.zeros(()), torch.zeros(hits.shape[0], 5)
 
@@ -427,8 +430,9 @@ def _evaluate_fixed(hits: torch.Tensor, top1_probs: torch.Tensor | None = None) 
         def __len__(self):
             return 1
 
-        def batch(self, indices, device):
-            return {}
+        def batch(self, indices, device):  # distinct tokens: the lookup never matches
+            return {"tokens": torch.arange(num_positions + 1)[None],
+                    "lengths": torch.tensor([num_positions + 1])}
 
     settings = TrainingSettings(target="t", train_data="d", output_dir="o", autocast="off")
     return evaluate(Fixed(), OneBatch(), settings, torch.device("cpu"))
@@ -443,6 +447,9 @@ def test_conditional_accuracy_is_what_a_chain_accepts_at_each_depth():
     # head 0: 3 of 4; head 1: of those 3, 2 right; head 2: of those 2, 1 right.
     assert result["head_conditional_accuracy"] == [0.75, 2 / 3, 0.5]
     assert result["est_accept_length"] == 1 + (3 + 2 + 1) / 4
+    # No position repeats an earlier token: the heads draft everywhere.
+    assert result["lookup_misses"]["share"] == 1.0
+    assert result["lookup_misses"]["est_accept_length"] == result["est_accept_length"]
 
 
 def test_confidence_cut_counts_the_drafts_a_cut_chain_makes_and_keeps():
