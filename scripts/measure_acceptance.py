@@ -53,8 +53,9 @@ def parse_args():
     lookups = {}
     for entry in args.lookup:
         name, sep, value = entry.partition("=")
-        if not sep or name not in {d[0] for d in drafts}:
-            p.error(f"--lookup {entry!r}: expected NAME=JSON for a --draft NAME")
+        chimera_names = {d[0] for d in drafts if d[1] == "chimera"}
+        if not sep or name not in chimera_names:
+            p.error(f"--lookup {entry!r}: expected NAME=JSON for a --draft NAME=chimera:DIR")
         try:
             lookups[name] = json.loads(value)
         except ValueError as e:

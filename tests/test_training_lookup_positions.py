@@ -11,7 +11,6 @@ from test_training_recipe import _count_positions
 from vllm_chimera.checkpoint import load_draft
 from vllm_chimera.context_lookup import lookup_matches
 from vllm_chimera.training import TrainingSettings, train
-from vllm_chimera.training.cli import settings_from_args, train_parser
 from vllm_chimera.training.loss import IGNORE, DraftLoss, batch_labels, position_seeds
 from vllm_chimera.training.trainer import build_draft, build_loss, evaluate, load_target_and_data
 
@@ -105,21 +104,3 @@ def test_a_run_skipping_the_lookups_positions_resumes_exactly(tiny_setup, tmp_pa
     plain = train(settings_for(tiny_setup, tmp_path / "plain", epochs=2, save_every=3,
                                loss_positions_fraction=0.5, eval_every=4))
     assert plain["validation"]["head_accuracy"] != whole["validation"]["head_accuracy"]
-
-
-@pytest.mark.parametrize("overrides, message", [
-    (dict(skip_lookup_matches=0), "must be >= 1"),
-    (dict(skip_lookup_matches=2, draft_kind="eagle"), "not eagle"),
-])
-def test_bad_lookup_skips_are_refused(overrides, message):
-    with pytest.raises(ValueError, match=message):
-        TrainingSettings(target="t", train_data="d", output_dir="o", **overrides)
-
-
-def test_the_cli_flag_reaches_the_settings(tiny_setup, tmp_path):  # noqa: F811
-    parser = train_parser()
-    argv = ["--target", tiny_setup["target"], "--train-data", tiny_setup["train"],
-            "--val-data", "none", "--output-dir", str(tmp_path)]
-    assert settings_from_args(parser.parse_args(argv), parser).skip_lookup_matches is None
-    settings = settings_from_args(parser.parse_args(argv + ["--skip-lookup-matches", "3"]), parser)
-    assert settings.skip_lookup_matches == 3

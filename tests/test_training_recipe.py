@@ -1,5 +1,6 @@
 """Training-recipe options on tiny random targets: the loss on a random subset of positions
-(--loss-positions-fraction) and the CPU-second clock of the logs."""
+(--loss-positions-fraction) and the CPU-second clock of the logs; the checks and the CLI
+flag of --skip-lookup-matches too (its behaviour: test_training_lookup_positions.py)."""
 from __future__ import annotations
 
 import json
@@ -181,8 +182,10 @@ def test_resume_refuses_a_changed_fraction(tiny_setup, tmp_path):  # noqa: F811
     (dict(loss_positions_fraction=0.0), "must be in"),
     (dict(loss_positions_fraction=1.5), "must be in"),
     (dict(loss_positions_fraction=0.5, draft_kind="eagle"), "not eagle"),
+    (dict(skip_lookup_matches=0), "must be >= 1"),
+    (dict(skip_lookup_matches=2, draft_kind="eagle"), "skip_lookup_matches .*not eagle"),
 ])
-def test_bad_fractions_are_refused(overrides, message):
+def test_bad_recipe_options_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         TrainingSettings(target="t", train_data="d", output_dir="o", **overrides)
 
@@ -191,10 +194,12 @@ def test_the_cli_flag_reaches_the_settings(tiny_setup, tmp_path):  # noqa: F811
     parser = train_parser()
     argv = ["--target", tiny_setup["target"], "--train-data", tiny_setup["train"],
             "--val-data", "none", "--output-dir", str(tmp_path), "--head-weights", "1,0.6,0.2,0.1"]
-    assert settings_from_args(parser.parse_args(argv), parser).loss_positions_fraction is None
-    settings = settings_from_args(parser.parse_args(argv + ["--loss-positions-fraction", "0.25"]),
-                                  parser)
+    default = settings_from_args(parser.parse_args(argv), parser)
+    assert default.loss_positions_fraction is None and default.skip_lookup_matches is None
+    settings = settings_from_args(parser.parse_args(argv + ["--loss-positions-fraction", "0.25",
+                                                            "--skip-lookup-matches", "3"]), parser)
     assert settings.loss_positions_fraction == 0.25 and settings.weights() == [1, 0.6, 0.2, 0.1]
+    assert settings.skip_lookup_matches == 3
 
 
 def test_the_pilot_table_compares_runs_at_the_budget_all_reached(tmp_path):
