@@ -89,7 +89,7 @@ sharegpt="$cache/data/sharegpt"
 # restores them instead of generating them again (delete the cache file to regenerate).
 shipped_data="$here/results/training/data"
 answer_files=(train.smollm2-self validation.smollm2-self train.smollm2-self-more
-              train.smollm2-self-actas train.smollm2-self-extra)
+              train.smollm2-self-actas train.smollm2-self-extra train.smollm2-self-prompts)
 restore() {  # restore NAME: the shipped NAME.jsonl.gz into the cache, unless already there
   local out="$sharegpt/$1.jsonl" gz="$shipped_data/$1.jsonl.gz"
   if [ ! -f "$out" ] && [ -f "$gz" ]; then
@@ -99,7 +99,7 @@ restore() {  # restore NAME: the shipped NAME.jsonl.gz into the cache, unless al
 }
 for name in "${answer_files[@]}"; do restore "$name"; done
 if [ "$data" = self ] || [ "$data" = self+more ] || [ "$data" = varied ] || [ "$data" = new ] \
-   || [ "$data" = unseen ]; then
+   || [ "$data" = unseen ] || [ "$data" = self-prompts ]; then
   for split in train:1100 validation:64; do
     name="${split%%:*}"; n="${split##*:}"; out="$sharegpt/$name.smollm2-self.jsonl"
     if [ ! -f "$out" ]; then
@@ -127,6 +127,10 @@ if [ "$data" = self ] || [ "$data" = self+more ] || [ "$data" = varied ] || [ "$
     echo "DATA=unseen: $(wc -l < "$unseen") answers in $unseen"
     data_flags=(--train-data "$unseen" --val-data "$sharegpt/validation.smollm2-self.jsonl")
     suffix=-unseen$unseen_from
+  elif [ "$data" = self-prompts ]; then  # only the answers of stage self-data
+    data_flags=(--train-data "$sharegpt/train.smollm2-self-prompts.jsonl"
+                --val-data "$sharegpt/validation.smollm2-self.jsonl")
+    suffix=-self-prompts
   elif [ "$data" = new ]; then
     data_flags=(--train-data "$sharegpt/train.smollm2-self-actas.jsonl,$sharegpt/train.smollm2-self-extra.jsonl"
                 --val-data "$sharegpt/validation.smollm2-self.jsonl")
@@ -225,6 +229,14 @@ for stage in "${stages[@]}"; do
       "$py" "$here/scripts/generate_responses.py" --target "$cache/targets/smollm2" \
         --prompts "$sharegpt/train.jsonl" --skip-prompts 3148 --num-prompts "${EXTRA_PROMPTS:-4096}" \
         --max-tokens 384 --output "$sharegpt/train.smollm2-self-extra.jsonl" ;;
+    self-data)  # SELF_PROMPTS (2560) attempts at prompts the target writes itself
+      # (scripts/generate_prompts.py: Magpie, half from an opening word of one of MT-bench's
+      # kinds), then its answers to the kept ones (both resumable; then DATA=self-prompts)
+      "$py" "$here/scripts/generate_prompts.py" --target "$cache/targets/smollm2" \
+        --num-prompts "${SELF_PROMPTS:-2560}" --output "$cache/data/prompts/self.jsonl"
+      "$py" "$here/scripts/generate_responses.py" --target "$cache/targets/smollm2" \
+        --prompts "$cache/data/prompts/self.jsonl" --num-prompts 100000 \
+        --max-tokens 384 --output "$sharegpt/train.smollm2-self-prompts.jsonl" ;;
     ship-data)  # keep the generated answers in the repository (see restore above)
       mkdir -p "$shipped_data"
       for name in "${answer_files[@]}"; do
@@ -268,7 +280,7 @@ print(f"exported {src} -> {dst}" + (f"; kept the step-aside schedules of the shi
       f"{kept}: re-measure them for this draft with chimera-bench --save-schedule" if kept else ""))
 EOF
       ;;
-    *) echo "unknown stage $stage (more-data, varied-data, ship-data, cache, chimera, no-trigram, no-context, medusa, eagle, candidate, export, run-suffix)" >&2
+    *) echo "unknown stage $stage (more-data, varied-data, self-data, ship-data, cache, chimera, no-trigram, no-context, medusa, eagle, candidate, export, run-suffix)" >&2
        exit 2 ;;
   esac
 done

@@ -152,6 +152,27 @@ def test_decontaminator_word_runs():
     assert not contaminated("")
 
 
+def test_clean_self_prompt_keeps_only_finished_printable_clean_prompts():
+    contaminated = prepare.Decontaminator([MTBENCH_TURN], n=13)
+    clean = lambda text, finished=True: prepare.clean_self_prompt(text, finished, contaminated)  # noqa: E731
+    good = "Solve 3*x^2 + 4*x + 22 = 0 using the quadratic formula.\nShow each step."
+    assert clean("  " + good + "\n") == good  # stripped, inner newlines kept
+    assert clean(good, finished=False) is None  # ran out of tokens mid-request
+    assert clean("Hi there") is None  # too short
+    assert clean("Explain " + "very " * 300) is None  # too long
+    assert clean("Explain how \u0645\u06cc\u06a9\u0627\u0631 works in general terms, please") is None
+    assert clean(" ".join(prepare.words_of(MTBENCH_TURN)[:14]) + " and more") is None  # the benchmark
+
+
+def test_self_prompt_openers_rotate_over_mtbench_kinds():
+    kinds = [prepare.self_prompt_opener(i)[0] for i in range(len(prepare.SELF_PROMPT_OPENERS))]
+    assert kinds.count("free") == len(kinds) // 2  # half free, half opened
+    assert set(kinds) - {"free"} == {"writing", "roleplay", "reasoning", "math", "coding",
+                                      "extraction", "stem", "humanities"}
+    assert prepare.self_prompt_opener(len(kinds) + 3) == prepare.self_prompt_opener(3)
+    assert prepare.self_prompt_opener(0) == ("free", "")
+
+
 def test_prepare_target_is_a_noop_when_present(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "targets" / "smollm2"
     folder.mkdir(parents=True)

@@ -251,6 +251,24 @@ def test_evaluate_a_saved_draft(tiny_setup, tmp_path):
     assert evaluation["validation"]["head_accuracy"] == metrics["validation"]["head_accuracy"]
 
 
+def test_replay_keeps_the_validation_pass_drafts(tiny_setup, tmp_path):
+    """The drafting replay (scripts/replay_drafting.py) reads the heads' drafts from the same
+    pass as validation: head 0's hits where it has a label are validation's accuracy."""
+    from vllm_chimera.training.replay import teacher_forced_heads
+
+    metrics = train(settings_for(tiny_setup, tmp_path / "run", epochs=2))
+    answers = teacher_forced_heads(settings_for(tiny_setup, tmp_path / "eval"),
+                                   str(tmp_path / "run" / "draft"), max_tokens=1000)
+    assert len(answers) == 16
+    hits = 0
+    for a in answers:  # prompt x_0..x_3, answer x_4..x_39: head i has a label at t = 2-i..37-i
+        assert (a.first, a.end) == (4, 39) and sorted(a.heads) == list(range(0, 38))
+        for t, (drafts, probs) in a.heads.items():
+            assert drafts.shape == probs.shape == (3,) and ((probs > 0) & (probs <= 1)).all()
+            hits += int(t >= 2 and drafts[0] == a.greedy[t + 1])
+    assert hits / (16 * 36) == pytest.approx(metrics["validation"]["head_accuracy"][0])
+
+
 def test_cache_only_fills_the_cache_a_run_then_reuses(tiny_setup, tmp_path, monkeypatch):
     """--cache-only computes the target's outputs once; a later run must not redo them."""
     from vllm_chimera.training import trainer

@@ -425,6 +425,39 @@ class Decontaminator:
         return not self.ngrams.isdisjoint(word_ngrams(words, self.n))
 
 
+# Prompts the target writes itself (Magpie, arXiv 2406.08464): given only its chat
+# template's opening of a user turn, an instruction-tuned model writes a user request of the
+# kinds it was tuned on (scripts/generate_prompts.py samples them with vLLM). Half start
+# free; the other half from a generic opening word of one of MT-bench's eight kinds (its
+# categories, not its questions: every prompt still passes the Decontaminator), which
+# ShareGPT's first turns rarely are.
+SELF_PROMPT_OPENERS = (
+    ("free", ""), ("writing", "Write"), ("free", ""), ("roleplay", "Pretend you are"),
+    ("free", ""), ("reasoning", "Suppose"), ("free", ""), ("math", "Solve"),
+    ("free", ""), ("coding", "Write a Python function"), ("free", ""), ("extraction", "Extract"),
+    ("free", ""), ("stem", "Explain how"), ("free", ""), ("humanities", "Discuss"),
+)
+
+
+def self_prompt_opener(index: int) -> tuple[str, str]:
+    """(kind, opening words) of the index-th self-written prompt (a fixed rotation)."""
+    return SELF_PROMPT_OPENERS[index % len(SELF_PROMPT_OPENERS)]
+
+
+def clean_self_prompt(text: str, finished: bool, contaminated: "Decontaminator",
+                      min_chars: int = 20, max_chars: int = 1000) -> str | None:
+    """A self-written prompt worth answering, stripped, or None: one the model finished (it
+    closed its turn), of a sensible length, nearly all printable ASCII (a 135M model drifts
+    into mixed-script noise now and then) and clear of the benchmarks."""
+    text = text.strip()
+    if not finished or not min_chars <= len(text) <= max_chars:
+        return None
+    printable = sum(ch.isascii() and (ch.isprintable() or ch in "\n\t") for ch in text)
+    if printable < 0.98 * len(text) or contaminated(text):
+        return None
+    return text
+
+
 def act_as_prompts(wheel_path: Path, max_chars: int) -> tuple[list[dict], int]:
     """The wheel's role-play and writing prompts as one-turn conversations, in file order,
     and how many were longer than max_chars. A prompt file is "# Act as <title>" then the

@@ -203,6 +203,7 @@ class HeadsLoss(nn.Module):
             # Kept for validation's acceptance-length estimate (needs per-position hits) and
             # its confidence curve (the heads' top-1 probabilities; not computed in training).
             self.last_hits, self.last_valid = hits, valid
+            self.last_predictions = predictions  # [K, P] (the drafting replay reads them)
             self.last_top1_probs = None if self.training else logits.softmax(-1).amax(-1)  # [K, P]
             stats = torch.stack([ce.sum(-1), hits.sum(-1).float(), counts.float(), kl.sum(-1),
                                  regression.sum(-1)], dim=-1).detach()

@@ -654,6 +654,18 @@ def evaluate_draft(settings: TrainingSettings, draft_dir: str) -> dict:
     same held-out data (e.g. one trained on dataset answers, one on the target's own, or
     Chimera against its Medusa and EAGLE peers: an exported peer is recognised by itself).
     """
+    loss_module, val_data, device = validation_setup(settings, draft_dir)
+    metrics = {"draft": str(draft_dir), "draft_kind": settings.draft_kind, "val_data": settings.val_data,
+               "val_tokens": val_data.num_tokens,
+               "validation": evaluate(loss_module, val_data, settings, device)}
+    print(json.dumps(metrics, indent=2), flush=True)
+    return metrics
+
+
+def validation_setup(settings: TrainingSettings, draft_dir: str):
+    """A saved draft (Chimera, or an exported peer, recognised by itself) in its loss module,
+    and the cached target outputs of settings.val_data: (loss_module, val_data, device).
+    Sets settings.draft_kind, num_heads and head_weights (equal) to the draft's."""
     from vllm_chimera.checkpoint import load_draft_for_target
 
     if settings.val_data is None:
@@ -671,9 +683,4 @@ def evaluate_draft(settings: TrainingSettings, draft_dir: str) -> dict:
         settings.num_heads = draft.num_heads if kind == "medusa" else draft.num_steps
     settings.draft_kind, settings.head_weights = kind, [1.0] * settings.num_heads
     val_data = cached_data(settings, target, tokenizer, settings.val_data, settings.val_tokens, 0, 1)
-    loss_module = build_loss(settings, draft).to(device)
-    metrics = {"draft": str(draft_dir), "draft_kind": kind, "val_data": settings.val_data,
-               "val_tokens": val_data.num_tokens,
-               "validation": evaluate(loss_module, val_data, settings, device)}
-    print(json.dumps(metrics, indent=2), flush=True)
-    return metrics
+    return build_loss(settings, draft).to(device), val_data, device
