@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,8 @@ def parse_args():
     p.add_argument("--val-tokens", type=int, default=20000, help="as chimera-train's")
     p.add_argument("--max-tokens", type=int, default=256, help="answer tokens replayed per answer")
     p.add_argument("--min-match", type=int, default=None, help="the lookup's (default: plugin's)")
+    p.add_argument("--occurrence", choices=("latest", "earliest"), default=None,
+                   help="which occurrence the lookup drafts from (default: plugin's)")
     p.add_argument("--output", required=True, help="folder for replay.json")
     return p.parse_args()
 
@@ -63,8 +66,12 @@ def main():
     from vllm_chimera.vllm.lookup import ContextLookup
     from vllm_chimera.vllm.speculative import LookupSettings
 
-    settings = LookupSettings() if args.min_match is None else LookupSettings(
-        min_match=args.min_match, max_match=max(args.min_match, LookupSettings.max_match))
+    settings = LookupSettings()
+    if args.min_match is not None:
+        settings = replace(settings, min_match=args.min_match,
+                           max_match=max(args.min_match, settings.max_match))
+    if args.occurrence is not None:
+        settings = replace(settings, occurrence=args.occurrence)
     matcher = ContextLookup(settings, max_model_len=1 << 16)
 
     def lookup(context: np.ndarray, max_tokens: int) -> np.ndarray:

@@ -38,6 +38,11 @@
 #                                                     # (INIT=shipped then meant the draft before it;
 #                                                     # continuing today's needs LAYERS=2,15,27, it
 #                                                     # reads those layers)
+#   bash scripts/train_smollm2.sh self-data && RECIPE=v2 DATA=self-prompts EPOCHS=2 INIT=shipped \
+#     SEQUENTIAL=1 LR=3e-4 LAYERS=2,15,27 SKIP_LOOKUP=2 THREADS=2 bash scripts/train_smollm2.sh cache chimera candidate
+#                                                     # the shipped draft continued on the target's
+#                                                     # answers to prompts it wrote itself (Magpie;
+#                                                     # half opened as one of MT-bench's kinds)
 #   RECIPE=v2 DATA=new EPOCHS=2 INIT=shipped bash scripts/train_smollm2.sh cache chimera  (TRAIN_TOKENS=N: a slice)
 #                                                     # train the shipped draft on further: only the
 #                                                     # repository outlives a machine here, so a
@@ -62,6 +67,9 @@
 #            *-varied-from-shipped, saw the extra file's first 768), copied once into a file of
 #            their own so that its cache holds only them; for continuing the shipped draft
 #            (INIT=shipped LR=3e-4). Runs named *-unseen768.
+# DATA=self-prompts: only the target's answers to the SELF_PROMPTS (2,560) prompts it wrote
+#            itself (stage self-data, scripts/generate_prompts.py; 2,366 kept, answered at 168
+#            tokens/s here on 2026-12-06); runs named *-self-prompts.
 # DATA=dataset: ShareGPT conversations with ShareGPT's answers.
 # Labels are the target's own greedy predictions either way (self-distillation).
 #

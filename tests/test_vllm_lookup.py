@@ -2,6 +2,7 @@
 own text where it repeats, from the heads elsewhere; outputs stay the target's own."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,6 +146,8 @@ def test_lookup_sampling_follows_the_target_distribution(tmp_path):
     ({"num_tokens": 2.5}, "num_tokens must be a positive integer"),
     ({"min_match": 5, "max_match": 3}, "min_match=5 must be <= max_match=3"),
     ({"min_len": 2}, "unknown 'lookup' settings ['min_len']"),
+    ({"occurrence": "last"}, "occurrence must be one of ('latest', 'earliest')"),
+    ({"occurrence": 1}, "occurrence must be one of"),
 ])
 def test_bad_lookup_settings_are_clear_errors(value, message):
     with pytest.raises(ValueError) as error:
@@ -174,19 +177,22 @@ def test_lookup_settings_reach_the_engine(pair):
     try:
         spec = llm.llm_engine.vllm_config.speculative_config
         assert (spec.num_speculative_tokens, spec.num_head_tokens) == (6, 2)
-        assert spec.lookup == {"min_match": 3, "max_match": 4, "num_tokens": 6}
+        assert spec.lookup == {"min_match": 3, "max_match": 4, "num_tokens": 6,
+                               "occurrence": "latest"}
     finally:
         del llm
 
 
+@pytest.mark.parametrize("occurrence", ["latest", "earliest"])
 @pytest.mark.parametrize("min_match", [1, 2, 3])
-def test_training_knows_where_the_lookup_drafts(min_match):
+def test_training_knows_where_the_lookup_drafts(min_match, occurrence):
     """vllm_chimera.context_lookup.lookup_matches (what training and validation use to tell
-    the lookup's positions from the heads') agrees with the proposer's ContextLookup, i.e.
-    vLLM's n-gram matcher, at every position of random sequences with many repeats."""
+    the lookup's positions from the heads') agrees with the proposer's ContextLookup, either
+    occurrence ("earliest": vLLM's n-gram matcher), at every position of random sequences
+    with many repeats."""
     from vllm_chimera.context_lookup import lookup_matches
 
-    settings = LookupSettings(min_match=min_match, max_match=max(min_match, 4))
+    settings = LookupSettings(min_match=min_match, max_match=max(min_match, 4), occurrence=occurrence)
     context_lookup = lookup.ContextLookup(settings, max_model_len=256)
     generator = torch.Generator().manual_seed(min_match)
     tokens = torch.randint(0, 4, (6, 60), generator=generator)  # 4 ids: repeats everywhere
@@ -204,3 +210,50 @@ def test_training_knows_where_the_lookup_drafts(min_match):
             assert bool(matches[b, t]) == (len(proposed) > 0), (b, t, row[:t + 2])
             num_matched += len(proposed) > 0
     assert 0 < num_matched < int((lengths - 1).clamp(min=0).sum())  # both kinds occur
+
+
+def brute_force_match(context: list[int], min_match: int, max_match: int, num_tokens: int,
+                      latest: bool) -> list[int]:
+    """By the definition: the longest suffix (min..max tokens) that also ends earlier, and
+    what followed its latest (or earliest) earlier end."""
+    n = len(context)
+    for m in range(min(max_match, n - 1), min_match - 1, -1):
+        ends = [e for e in range(m - 1, n - 1) if context[e - m + 1:e + 1] == context[n - m:]]
+        if ends:
+            e = ends[-1] if latest else ends[0]
+            return context[e + 1:e + 1 + num_tokens]
+    return []
+
+
+@pytest.mark.parametrize("min_match, max_match", [(1, 4), (2, 4), (2, 6), (3, 3)])
+def test_latest_match_is_vllms_match_from_the_last_occurrence(min_match, max_match):
+    """latest_match drafts what followed the latest occurrence of the longest matching
+    suffix; vLLM's matcher (occurrence "earliest") what followed the earliest of the same:
+    both checked against the definition at every prefix of random repetitive rows."""
+    from vllm_chimera.context_lookup import latest_match
+
+    vllm_match = lookup._matcher()
+    rng = np.random.default_rng(min_match * 10 + max_match)
+    num_checked = num_differ = 0
+    for row in rng.integers(0, 5, size=(8, 50)):
+        for n in range(1, 51):
+            context = row[:n].astype(np.int32)
+            for num_tokens in (1, 4):
+                ours = latest_match(context, min_match, max_match, num_tokens).tolist()
+                theirs = vllm_match(context, min_match, max_match, 1000, num_tokens).tolist()
+                assert ours == brute_force_match(context.tolist(), min_match, max_match, num_tokens, True)
+                assert theirs == brute_force_match(context.tolist(), min_match, max_match, num_tokens, False)
+                num_checked += len(ours) > 0
+                num_differ += ours != theirs
+    assert num_checked > 100 and num_differ > 10  # matches are common, and the two differ
+    assert latest_match(np.array([5, 7, 1, 5, 7, 2, 5, 7]), 2, 4, 2).tolist() == [2, 5]  # docstring
+    assert latest_match(np.array([5, 7]), 2, 4, 4).tolist() == []  # too short to repeat
+
+
+def test_context_lookup_drafts_from_the_chosen_occurrence():
+    history = np.array([5, 7, 1, 5, 7, 2, 5, 0, 0], dtype=np.int32)  # 7 tokens, then 7 sampled
+    for occurrence, expected in (("latest", [2, 5, 7]), ("earliest", [1, 5, 7])):
+        context_lookup = lookup.ContextLookup(LookupSettings(occurrence=occurrence), max_model_len=64)
+        assert context_lookup.propose(history, 7, 7, max_tokens=3).tolist() == expected
+    near_the_end = lookup.ContextLookup(LookupSettings(), max_model_len=9)  # room for 1 token
+    assert near_the_end.propose(history, 7, 7, max_tokens=3).tolist() == [2]

@@ -4,10 +4,14 @@ Small models repeat themselves, answers quote their prompt, code repeats identif
 the continuation of an earlier occurrence of the last few tokens is a far better draft than
 the heads' (vLLM's n-gram method accepts 60% of its first tokens on SmolLM2's MT-bench
 answers, Chimera's first head 28%), and costs no model pass. Elsewhere the lookup has
-nothing to say and the heads draft. `ContextLookup` finds the match with vLLM's own
-n-gram matcher (`ngram_proposer._find_longest_matched_ngram_and_propose_tokens`, numba);
-the proposer asks it for every request each step, before the heads, and the heads then
-run only for the requests without a match.
+nothing to say and the heads draft. `ContextLookup` finds the context's longest suffix
+that occurred before and drafts what followed its latest occurrence
+(`vllm_chimera.context_lookup.latest_match`, the default), or its earliest, as vLLM's own
+n-gram matcher does (`ngram_proposer._find_longest_matched_ngram_and_propose_tokens`,
+numba; lookup occurrence "earliest"). Both find a match at the same steps, of the same
+length (`tests/test_vllm_lookup.py`); the latest drafts better (LookupSettings). The
+proposer asks it for every request each step, before the heads, and the heads then run
+only for the requests without a match.
 
 A request's context at the time the proposer runs (before the runner's bookkeeping of
 this step) is spread over two places, e.g. a request with 10 tokens so far that verified
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vllm_chimera.context_lookup import latest_match
 from vllm_chimera.vllm.speculative import LookupSettings
 
 HEADS, LOOKUP = "heads", "lookup"
@@ -85,6 +90,9 @@ class ContextLookup:
         context = self._context[:num_tokens + 1]  # [num_tokens + 1]
         context[:num_tokens] = history[:num_tokens]
         context[num_tokens] = next_token_id
+        max_tokens = min(max_tokens, self.settings.num_tokens, self.max_model_len - len(context))
+        if self.settings.occurrence == "latest":
+            return latest_match(context, self.settings.min_match, self.settings.max_match, max_tokens)
         match = self._match(context, self.settings.min_match, self.settings.max_match,
-                            self.max_model_len, min(max_tokens, self.settings.num_tokens))
+                            self.max_model_len, max_tokens)
         return match.copy()  # (a view of the scratch context, which the next call overwrites)
