@@ -41,6 +41,7 @@ def parse_args():
     p.add_argument("--val-tokens", type=int, default=20000, help="as chimera-train's")
     p.add_argument("--max-tokens", type=int, default=256, help="answer tokens replayed per answer")
     p.add_argument("--min-match", type=int, default=None, help="the lookup's (default: plugin's)")
+    p.add_argument("--max-match", type=int, default=None, help="the lookup's (default: plugin's)")
     p.add_argument("--occurrence", choices=("latest", "earliest"), default=None,
                    help="which occurrence the lookup drafts from (default: plugin's)")
     p.add_argument("--output", required=True, help="folder for replay.json")
@@ -70,6 +71,8 @@ def main():
     if args.min_match is not None:
         settings = replace(settings, min_match=args.min_match,
                            max_match=max(args.min_match, settings.max_match))
+    if args.max_match is not None:
+        settings = replace(settings, max_match=args.max_match)
     if args.occurrence is not None:
         settings = replace(settings, occurrence=args.occurrence)
     matcher = ContextLookup(settings, max_model_len=1 << 16)
