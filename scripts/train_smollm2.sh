@@ -239,7 +239,14 @@ for stage in "${stages[@]}"; do
         --max-tokens 384 --output "$sharegpt/train.smollm2-self-extra.jsonl" ;;
     self-data)  # SELF_PROMPTS (2560) attempts at prompts the target writes itself
       # (scripts/generate_prompts.py: Magpie, half from an opening word of one of MT-bench's
-      # kinds), then its answers to the kept ones (both resumable; then DATA=self-prompts)
+      # kinds), then its answers to the kept ones (both resumable; then DATA=self-prompts).
+      # The prompts and their summary are shipped too (ship-data): restored, they continue.
+      self_prompts="$cache/data/prompts/self.jsonl"
+      if [ ! -f "$self_prompts" ] && [ -f "$shipped_data/self-prompts.jsonl.gz" ]; then
+        mkdir -p "$(dirname "$self_prompts")"
+        cp "$shipped_data/self-prompts.summary.json" "$self_prompts.summary.json"
+        gunzip -c "$shipped_data/self-prompts.jsonl.gz" > "$self_prompts"
+      fi
       "$py" "$here/scripts/generate_prompts.py" --target "$cache/targets/smollm2" \
         --num-prompts "${SELF_PROMPTS:-2560}" --output "$cache/data/prompts/self.jsonl"
       "$py" "$here/scripts/generate_responses.py" --target "$cache/targets/smollm2" \
@@ -250,6 +257,10 @@ for stage in "${stages[@]}"; do
       for name in "${answer_files[@]}"; do
         [ ! -f "$sharegpt/$name.jsonl" ] || gzip -n -9 -c "$sharegpt/$name.jsonl" > "$shipped_data/$name.jsonl.gz"
       done
+      if [ -f "$cache/data/prompts/self.jsonl" ]; then  # (stage self-data restores them)
+        gzip -n -9 -c "$cache/data/prompts/self.jsonl" > "$shipped_data/self-prompts.jsonl.gz"
+        cp "$cache/data/prompts/self.jsonl.summary.json" "$shipped_data/self-prompts.summary.json"
+      fi
       ls -l "$shipped_data" ;;
     chimera)
       if [ -n "${SEQUENTIAL:-}" ]; then  # Hydra-style sequential heads (chimera-train --sequential-heads)
