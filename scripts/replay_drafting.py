@@ -40,6 +40,8 @@ def parse_args():
                                       "the target's answers to 64 ShareGPT validation prompts)")
     p.add_argument("--val-tokens", type=int, default=20000, help="as chimera-train's")
     p.add_argument("--max-tokens", type=int, default=256, help="answer tokens replayed per answer")
+    p.add_argument("--max-length", type=int, default=512,
+                   help="tokens per cached sequence, prompt included (chimera-train's)")
     p.add_argument("--min-match", type=int, default=None, help="the lookup's (default: plugin's)")
     p.add_argument("--max-match", type=int, default=None, help="the lookup's (default: plugin's)")
     p.add_argument("--occurrence", choices=("latest", "earliest"), default=None,
@@ -57,7 +59,8 @@ def settings_for(args) -> "TrainingSettings":
         "CHIMERA_CACHE_DIR", "~/.cache/vllm-chimera")), "data", "sharegpt", "validation.smollm2-self.jsonl"))
     return settings_from_args(parser.parse_args([
         "--target", args.target, "--train-data", val_data, "--val-data", val_data,
-        "--val-tokens", str(args.val_tokens), "--max-length", "512", "--output-dir", args.output]),
+        "--val-tokens", str(args.val_tokens), "--max-length", str(args.max_length),
+        "--output-dir", args.output]),
         parser)
 
 
