@@ -42,6 +42,11 @@ def parse_args():
     return args
 
 
+def repeat_key(text: str) -> str:
+    """Prompts equal up to case and spacing are repeats."""
+    return " ".join(text.lower().split())
+
+
 def load_state(output: Path, summary_path: Path) -> tuple[dict, set[str]]:
     """The summary of the attempts so far and the texts kept (to drop repeats)."""
     summary = {"attempts": 0, "kept": 0, "dropped": 0, "repeated": 0, "by_kind": {}}
@@ -50,7 +55,7 @@ def load_state(output: Path, summary_path: Path) -> tuple[dict, set[str]]:
     seen = set()
     if output.is_file():
         with output.open() as f:
-            seen = {" ".join(json.loads(line)["messages"][0]["content"].lower().split()) for line in f}
+            seen = {repeat_key(json.loads(line)["messages"][0]["content"]) for line in f}
     if len(seen) != summary["kept"]:  # a kill between the two writes: trust neither
         raise SystemExit(f"{output} holds {len(seen)} prompts but {summary_path} says "
                          f"{summary['kept']}: delete both to start again")
@@ -96,7 +101,7 @@ def main():
             completion = out.outputs[0]
             text = clean_self_prompt(words + completion.text, completion.finish_reason == "stop",
                                      contaminated)
-            key = None if text is None else " ".join(text.lower().split())
+            key = None if text is None else repeat_key(text)
             if text is None or key in seen:
                 summary["dropped" if text is None else "repeated"] += 1
                 continue

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,11 +51,11 @@ def parse_args():
 
 def settings_for(args) -> "TrainingSettings":
     """chimera-train's settings for a validation pass over args.val_data."""
+    from vllm_chimera.prepare import cache_dir
     from vllm_chimera.training.cli import settings_from_args, train_parser
 
     parser = train_parser()
-    val_data = args.val_data or str(Path(os.path.expanduser(os.environ.get(
-        "CHIMERA_CACHE_DIR", "~/.cache/vllm-chimera")), "data", "sharegpt", "validation.smollm2-self.jsonl"))
+    val_data = args.val_data or str(cache_dir() / "data" / "sharegpt" / "validation.smollm2-self.jsonl")
     return settings_from_args(parser.parse_args([
         "--target", args.target, "--train-data", val_data, "--val-data", val_data,
         "--val-tokens", str(args.val_tokens), "--max-length", str(args.max_length),

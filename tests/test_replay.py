@@ -27,11 +27,14 @@ def test_walk_steps_after_the_accepted_drafts_and_the_bonus_token():
     heads[1] = (np.array([13, 14, 0, 16]), SURE)
     heads[4] = (np.array([16, 17, 99, 5]), SURE)  # (99: greedy past the end, never drafted)
     result = replay([answer(heads)], heads_only, no_lookup)
-    assert result == {"num_steps": 2, "mean_acceptance_length": 3.0, "first_position": 1.0}
+    assert result == {"num_steps": 2, "mean_acceptance_length": 3.0, "first_position": 1.0,
+                      "lookup_steps": 0, "heads_steps": 2,
+                      "lookup_first_accepted": 0, "heads_first_accepted": 2}
     # Wrong first drafts: every step accepts nothing and moves one token (t = 1 .. 5).
     wrong = {t: (np.array([0, 0, 0, 0]), SURE) for t in range(1, 7)}
     assert replay([answer(wrong)], heads_only, no_lookup) == {
-        "num_steps": 5, "mean_acceptance_length": 1.0, "first_position": 0.0}
+        "num_steps": 5, "mean_acceptance_length": 1.0, "first_position": 0.0,
+        "lookup_steps": 0, "heads_steps": 5, "lookup_first_accepted": 0, "heads_first_accepted": 0}
 
 
 def test_rules_choose_between_lookup_and_heads():
@@ -44,6 +47,11 @@ def test_rules_choose_between_lookup_and_heads():
     assert lookup_first(lookup(TOKENS[:3], 4), *heads[1], TOKENS[:3], lookup).tolist() == [13, 14, 15, 16]
     assert replay([answer(heads)], lookup_first, lookup)["num_steps"] == 1  # 4 accepted: t=6, done
     assert replay([answer(heads)], heads_only, lookup)["num_steps"] == 4  # t = 1, 3, 4, 5
+    # The lookup's step (t=1, right) and the heads' after its 4 tokens: by source.
+    wrong_after = {**heads, 1: (np.array([0, 0, 0, 0]), UNSURE)}
+    result = replay([answer(wrong_after)], lookup_first, lookup)
+    assert (result["lookup_steps"], result["lookup_first_accepted"]) == (1, 1)
+    assert (result["heads_steps"], result["heads_first_accepted"]) == (0, 0)
     # A sure head 0 that disagrees overrides the lookup; an unsure one, or one that agrees, not.
     sure_wrong = {**heads, 1: (np.array([7, 0, 0, 0]), SURE)}
     rule = confident_heads(0.9)

@@ -82,22 +82,30 @@ def heads_then_lookup(match, heads, probs, context, lookup):
 def replay(answers: list[Answer], rule, lookup) -> dict:
     """Walk each answer step by step as vLLM would: a step at t (context x_0..x_{t+1})
     drafts, the target accepts the leading drafts equal to its x_{t+2}.. and samples one
-    more token, so the next step is at t + accepted + 1."""
+    more token, so the next step is at t + accepted + 1. Also per source (the lookup's
+    steps: the rule drafted the lookup's match as is; the heads' steps: all others) the
+    steps and those whose first draft was accepted, as vLLM's LookupStats books them."""
     num_steps = num_accepted = num_first = 0
+    by_source = {"lookup": [0, 0], "heads": [0, 0]}  # [steps, first draft accepted]
     for a in answers:
         t = a.first - 1  # the first step: the target has just sampled the answer's first token
         while t + 2 <= a.end and t in a.heads:
             heads, probs = a.heads[t]
             context = a.tokens[:t + 2]
-            drafts = rule(lookup(context, len(heads)), heads, probs, context, lookup)
+            match = lookup(context, len(heads))
+            drafts = rule(match, heads, probs, context, lookup)
             truth = a.greedy[t + 1:a.end]  # x_{t+2} .. x_end
             accepted = 0
             while accepted < min(len(drafts), len(truth)) and drafts[accepted] == truth[accepted]:
                 accepted += 1
             num_steps, num_accepted, num_first = num_steps + 1, num_accepted + accepted, num_first + (accepted > 0)
+            source = by_source["lookup" if len(match) and drafts is match else "heads"]
+            source[0], source[1] = source[0] + 1, source[1] + (accepted > 0)
             t += accepted + 1
     return {"num_steps": num_steps, "mean_acceptance_length": 1 + num_accepted / max(num_steps, 1),
-            "first_position": num_first / max(num_steps, 1)}
+            "first_position": num_first / max(num_steps, 1),
+            **{f"{name}_steps": steps for name, (steps, _) in by_source.items()},
+            **{f"{name}_first_accepted": hits for name, (_, hits) in by_source.items()}}
 
 
 RULES = {"lookup-first": lookup_first, "heads-only": heads_only,

@@ -74,10 +74,11 @@ class ContextLookup:
     def __init__(self, settings: LookupSettings, max_model_len: int):
         self.settings = settings
         self.max_model_len = max_model_len
-        self._match = _matcher()
         self._context = np.zeros(max_model_len + 1, dtype=np.int32)  # one request's tokens
-        # Compile now, not in the first request's step.
-        self._match(self._context[:4], settings.min_match, settings.max_match, max_model_len, 1)
+        self._match = None
+        if settings.occurrence == "earliest":  # vLLM's numba matcher: compile now, not in
+            self._match = _matcher()           # the first request's step
+            self._match(self._context[:4], settings.min_match, settings.max_match, max_model_len, 1)
 
     def propose(self, history: np.ndarray, num_tokens: int, next_token_id: int,
                 max_tokens: int) -> np.ndarray:
@@ -91,7 +92,7 @@ class ContextLookup:
         context[:num_tokens] = history[:num_tokens]
         context[num_tokens] = next_token_id
         max_tokens = min(max_tokens, self.settings.num_tokens, self.max_model_len - len(context))
-        if self.settings.occurrence == "latest":
+        if self._match is None:  # occurrence "latest"
             return latest_match(context, self.settings.min_match, self.settings.max_match, max_tokens)
         match = self._match(context, self.settings.min_match, self.settings.max_match,
                             self.max_model_len, max_tokens)
