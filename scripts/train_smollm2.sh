@@ -185,6 +185,9 @@ esac
 width_flags=()
 [ -z "${MLP_WIDTH:-}" ] || { width_flags+=(--draft-intermediate-size "$MLP_WIDTH"); suffix="$suffix-mlp$MLP_WIDTH"; }
 [ -z "${HEAD_WIDTH:-}" ] || { width_flags+=(--head-intermediate-size "$HEAD_WIDTH"); suffix="$suffix-head$HEAD_WIDTH"; }
+# ENCODER_LAYERS=N: a deeper full-context encoder (chimera; 1 in the paper). With INIT, the
+# new layers start as the identity on top of the saved draft's (runs named *-encN).
+[ -z "${ENCODER_LAYERS:-}" ] || { width_flags+=(--encoder-layers "$ENCODER_LAYERS"); suffix="$suffix-enc$ENCODER_LAYERS"; }
 # LAYERS=2,15,27 (or default): the draft also reads the target's residual stream at these
 # layers (EAGLE-3's lesson; chimera-train --target-layer-ids); the cache stage then stores
 # them too, in caches of their own (runs named *-layers2-15-27). With INIT, the saved draft

@@ -45,20 +45,51 @@ def test_trigram_features_follow_the_definition(tiny_target, tiny_draft):
         torch.testing.assert_close(captured["z_in"][0, t], torch.cat([u, hidden[t]]))
 
 
-def test_incremental_encoding_equals_one_pass(tiny_target, tiny_draft):
+@pytest.mark.parametrize("num_encoder_layers", [1, 2])
+def test_incremental_encoding_equals_one_pass(tiny_target, num_encoder_layers):
     """Encoding positions in chunks through the KV cache gives the one-pass result:
-    what the decoder relies on when it feeds only newly accepted positions."""
+    what the decoder relies on when it feeds only newly accepted positions. With a deeper
+    encoder every layer keeps its own cache."""
+    draft = build_random_draft(tiny_target, num_encoder_layers=num_encoder_layers)
     ids, hidden = _sequence(tiny_target, 12)
     n = 11  # positions 0..10 have a next token
     with torch.no_grad():
-        full = tiny_draft.encode(ids[1:][None], hidden[:n][None], torch.arange(n)[None],
-                                 torch.tensor([[-1, int(ids[0])]]))
-        cache, pieces = DraftKVCache(), []
+        full = draft.encode(ids[1:][None], hidden[:n][None], torch.arange(n)[None],
+                            torch.tensor([[-1, int(ids[0])]]))
+        cache, pieces = DraftKVCache(num_encoder_layers), []
         for t0, t1 in [(0, 4), (4, 5), (5, 11)]:
             prefix = torch.tensor([[int(ids[t0 - 1]) if t0 else -1, int(ids[t0])]])
-            pieces.append(tiny_draft.encode(ids[t0 + 1: t1 + 1][None], hidden[t0:t1][None],
-                                            torch.arange(t0, t1)[None], prefix, cache))
+            pieces.append(draft.encode(ids[t0 + 1: t1 + 1][None], hidden[t0:t1][None],
+                                       torch.arange(t0, t1)[None], prefix, cache))
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert [layer.num_cached for layer in cache.layers] == [n] * num_encoder_layers
+
+
+def test_deeper_encoder_stacks_its_layers(tiny_target):
+    """The second layer reads the first's output and the final norm reads the second's:
+    s = norm(layer_2(layer_1(z))). (Skipping extra_layers in encode fails here.)"""
+    draft = build_random_draft(tiny_target, num_encoder_layers=2)
+    ids, hidden = _sequence(tiny_target, 6)
+    captured = {}
+    hook = draft.fuse.register_forward_hook(lambda m, inp, out: captured.update(z=out))
+    with torch.no_grad():
+        s = draft.encode(ids[1:][None], hidden[:-1][None], torch.arange(5)[None],
+                         torch.tensor([[-1, int(ids[0])]]))
+        positions = torch.arange(5)[None]
+        expected = draft.norm(draft.extra_layers[0](draft.layer(captured["z"], positions), positions))
+        one_layer = draft.norm(draft.layer(captured["z"], positions))
+    hook.remove()
+    torch.testing.assert_close(s, expected)
+    assert not torch.allclose(s, one_layer, atol=1e-3)
+    with pytest.raises(ValueError, match="kv_cache has 1 layers"):
+        draft.encode(ids[1:][None], hidden[:-1][None], positions,
+                     torch.tensor([[-1, int(ids[0])]]), DraftKVCache(1))
+
+
+def test_deeper_encoder_needs_the_context_encoder(tiny_target):
+    with pytest.raises(ValueError, match="num_encoder_layers 2 needs the context encoder"):
+        ChimeraConfig.for_target(tiny_target.config, num_encoder_layers=2,
+                                 use_context_encoder=False)
 
 
 def test_reduced_draft_vocabulary_maps_back_to_target_ids(tiny_target):

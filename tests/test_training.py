@@ -135,8 +135,9 @@ def test_training_learns_a_learnable_pattern(tiny_setup, tmp_path):
     assert draft.config.num_decoding_heads == 3
 
 
-def test_resume_equals_uninterrupted(tiny_setup, tmp_path):
-    common = dict(epochs=2, save_every=3)
+@pytest.mark.parametrize("overrides", [{}, {"num_encoder_layers": 2}])
+def test_resume_equals_uninterrupted(tiny_setup, tmp_path, overrides):
+    common = dict(epochs=2, save_every=3, draft_overrides=overrides)
     whole = train(settings_for(tiny_setup, tmp_path / "whole", **common))
     part = train(settings_for(tiny_setup, tmp_path / "part", stop_at_step=5, **common))
     assert not part["finished"] and part["steps"] == 5
@@ -398,6 +399,47 @@ def test_init_from_a_narrower_draft_grows_it(tiny_setup, tmp_path):
     with pytest.raises(ValueError, match="not the draft these settings build: head_intermediate_size"):
         train(settings_for(tiny_setup, tmp_path / "narrow", epochs=1, init_from=init,
                            draft_overrides={"head_intermediate_size": i // 2}))
+
+
+def test_init_from_a_shallower_draft_deepens_it(tiny_setup, tmp_path):
+    """--init-from with --encoder-layers 2 on a one-layer draft: the new layer starts as the
+    identity (o_proj, down_proj zero), so the run starts from exactly the saved draft's
+    predictions (lr 0: the same validation); with learning the layer moves and the run
+    resumes mid-way with the deeper design; fewer layers are refused. (Leaving the new
+    layer's output projections random fails the lr-0 check.)"""
+    train(settings_for(tiny_setup, tmp_path / "first", epochs=1))
+    init = str(tmp_path / "first" / "draft")
+    first = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    deeper = {"num_encoder_layers": 2}
+    same = train(settings_for(tiny_setup, tmp_path / "same", epochs=1, lr=0.0, init_from=init,
+                              draft_overrides=deeper))
+    assert same["validation"]["head_accuracy"] == first["validation"]["head_accuracy"]
+    assert same["validation"]["loss"] == pytest.approx(first["validation"]["loss"], rel=1e-6)
+    grown = load_draft(tmp_path / "same" / "draft")
+    assert grown.config.num_encoder_layers == 2 and len(grown.extra_layers) == 1
+    assert not grown.extra_layers[0].self_attn.o_proj.weight.any()
+    assert grown.extra_layers[0].self_attn.q_proj.weight.any()  # fresh, ready to learn
+    moved = train(settings_for(tiny_setup, tmp_path / "moved", epochs=1, init_from=init,
+                               draft_overrides=deeper))
+    assert load_draft(tmp_path / "moved" / "draft").extra_layers[0].mlp.down_proj.weight.abs().sum() > 0
+    assert moved["validation"]["loss"] < first["validation"]["loss"]
+    with pytest.raises(ValueError, match="not the draft these settings build: num_encoder_layers"):
+        train(settings_for(tiny_setup, tmp_path / "back", epochs=1,
+                           init_from=str(tmp_path / "moved" / "draft")))
+
+
+def test_the_encoder_layers_flag_reaches_the_settings(tiny_setup, tmp_path):
+    from vllm_chimera.training.cli import settings_from_args, train_parser
+
+    parser = train_parser()
+    argv = ["--target", tiny_setup["target"], "--output-dir", str(tmp_path),
+            "--train-data", tiny_setup["train"]]
+    settings = settings_from_args(parser.parse_args(argv + ["--encoder-layers", "2"]), parser)
+    assert settings.draft_overrides == {"num_encoder_layers": 2}
+    for bad in (["--encoder-layers", "0"], ["--encoder-layers", "2", "--draft-kind", "medusa"],
+                ["--encoder-layers", "2", "--no-context-encoder"]):
+        with pytest.raises((SystemExit, ValueError)):
+            settings_from_args(parser.parse_args(argv + bad), parser)
 
 
 def test_the_width_flags_reach_the_settings(tiny_setup, tmp_path):

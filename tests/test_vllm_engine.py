@@ -281,3 +281,48 @@ def test_no_context_draft_is_accepted_in_vllm(permutation_pair, tmp_path):
     spec = run_engine(target_dir, prompts, GREEDY, tmp_path / "nc")
     assert spec.token_ids == run_engine(target_dir, prompts, GREEDY).token_ids
     assert spec.acceptance_rate > 0.5
+
+
+def _deeper_permutation_draft(target, draft, zero_extra_layer=False):
+    """The permutation draft with a second encoder layer (random) and heads that also read
+    s, so that which drafts are right depends on what both encoder layers compute."""
+    from vllm_chimera.checkpoint import target_embed_and_lm_head
+    from vllm_chimera.model import ChimeraDraftModel
+
+    d = draft.config.hidden_size
+    config = type(draft.config).from_dict({**draft.config.to_dict(), "num_encoder_layers": 2})
+    torch.manual_seed(3)
+    deeper = ChimeraDraftModel(config)
+    for weight in deeper.extra_layers.parameters():
+        torch.nn.init.normal_(weight, std=0.3)
+    deeper.load_state_dict(draft.state_dict(), strict=False)  # all but extra_layers
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for head in deeper.heads:  # up's s columns: zero in the permutation draft
+            head.up.weight[:, d:] = 20.0 * torch.randn(d, d, generator=g) / d ** 0.5
+        if zero_extra_layer:  # the second layer as the identity
+            deeper.extra_layers[0].self_attn.o_proj.weight.zero_()
+            deeper.extra_layers[0].mlp.down_proj.weight.zero_()
+    return deeper.bind_target(*target_embed_and_lm_head(target)).eval()
+
+
+def test_deeper_encoder_in_vllm_drafts_as_the_reference_does(permutation_pair, tmp_path):
+    """A two-layer encoder inside vLLM (a second draft KV layer): output = plain, and the
+    accepted count equals the reference decoder's, which a draft without its second layer
+    does not reach (so a vLLM model that skipped or misfed the layer would fail here)."""
+    target_dir, _, target, draft = permutation_pair
+    prompts = _prompts(6, 128, seed=1)
+    deeper = _deeper_permutation_draft(target, draft)
+    save_draft(deeper, tmp_path / "deeper")
+    plain = run_engine(target_dir, prompts, GREEDY)
+    spec = run_engine(target_dir, prompts, GREEDY, tmp_path / "deeper")
+    assert spec.token_ids == plain.token_ids
+
+    def reference_accepted(drafter_model):
+        decoder = SpeculativeDecoder(target, ChimeraDrafter(drafter_model), TokenTree.chain(4))
+        return sum(sum(n - 1 for n in decoder.generate(torch.tensor(p), GREEDY.max_tokens).accept_lengths)
+                   for p in prompts)
+
+    accepted = reference_accepted(deeper)
+    assert spec.counter("vllm:spec_decode_num_accepted_tokens") == accepted > 20
+    assert reference_accepted(_deeper_permutation_draft(target, draft, zero_extra_layer=True)) != accepted

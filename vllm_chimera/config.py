@@ -67,6 +67,9 @@ class ChimeraConfig(PretrainedConfig):
             (`eagle_aux_hidden_state_layer_ids`).
         target_num_hidden_layers: the target's number of decoder layers (recorded so that
             target_layer_ids can be checked against the target and vLLM asked for them).
+        num_encoder_layers: depth of the full-context encoder, 1 in the paper's design. The
+            first layer is `layer`; the others (`extra_layers`) stack on it, each with its
+            own KV cache, before the one final norm.
     """
 
     model_type = "chimera"
@@ -103,6 +106,7 @@ class ChimeraConfig(PretrainedConfig):
         sequential_heads: bool = False,
         target_layer_ids: list[int] | None = None,
         target_num_hidden_layers: int | None = None,
+        num_encoder_layers: int = 1,
         **kwargs,
     ):
         self.target_architecture = target_architecture
@@ -131,6 +135,7 @@ class ChimeraConfig(PretrainedConfig):
         self.sequential_heads = sequential_heads
         self.target_layer_ids = list(target_layer_ids) if target_layer_ids else None
         self.target_num_hidden_layers = target_num_hidden_layers
+        self.num_encoder_layers = num_encoder_layers
         kwargs.setdefault("architectures", ["ChimeraDraftModel"])
         super().__init__(**kwargs)
         self.validate()
@@ -140,7 +145,7 @@ class ChimeraConfig(PretrainedConfig):
         problems = []
         for name in ("hidden_size", "vocab_size", "num_decoding_heads", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "intermediate_size",
-                     "head_intermediate_size"):
+                     "head_intermediate_size", "num_encoder_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
@@ -154,6 +159,10 @@ class ChimeraConfig(PretrainedConfig):
         for name in ("trigram_activation", "hidden_act"):
             if getattr(self, name) not in ACTIVATIONS:
                 problems.append(f"{name} must be one of {ACTIVATIONS}, got {getattr(self, name)!r}")
+        if (isinstance(self.num_encoder_layers, int) and self.num_encoder_layers > 1
+                and not self.use_context_encoder):
+            problems.append(f"num_encoder_layers {self.num_encoder_layers} needs the context "
+                            "encoder (use_context_encoder)")
         if self.draft_vocab_size is not None and not (0 < self.draft_vocab_size <= self.vocab_size):
             problems.append(f"draft_vocab_size must be in [1, vocab_size={self.vocab_size}], "
                             f"got {self.draft_vocab_size!r}")

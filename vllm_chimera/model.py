@@ -59,8 +59,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 @dataclass
-class DraftKVCache:
-    """Keys and values of the encoder layer for positions already encoded (reference decoder).
+class LayerKVCache:
+    """Keys and values of one encoder layer for positions already encoded (reference decoder).
 
     keys, values: [B, num_key_value_heads, num_cached, head_dim]. The draft only ever encodes
     accepted positions, so the cache only grows; it never needs rolling back.
@@ -81,6 +81,17 @@ class DraftKVCache:
         return self.keys, self.values
 
 
+class DraftKVCache:
+    """The encoder's cache: one LayerKVCache per encoder layer (config.num_encoder_layers)."""
+
+    def __init__(self, num_layers: int = 1):
+        self.layers = [LayerKVCache() for _ in range(num_layers)]
+
+    @property
+    def num_cached(self) -> int:
+        return self.layers[0].num_cached
+
+
 class EncoderAttention(nn.Module):
     def __init__(self, config: ChimeraConfig):
         super().__init__()
@@ -94,7 +105,7 @@ class EncoderAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor,
-                kv_cache: DraftKVCache | None) -> torch.Tensor:
+                kv_cache: LayerKVCache | None) -> torch.Tensor:
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -184,6 +195,10 @@ class ChimeraDraftModel(nn.Module):
             # W_f: [u_{t+1}; h_t] -> z_t  (h_t -> z_t without the trigram encoder)
             self.fuse = nn.Linear((2 if config.use_trigram_encoder else 1) * d, d, bias=False)
             self.layer = EncoderLayer(config)
+            # A deeper encoder (config.num_encoder_layers > 1): more layers over the same
+            # fused sequence, before the one final norm.
+            self.extra_layers = nn.ModuleList(
+                EncoderLayer(config) for _ in range(config.num_encoder_layers - 1))
             self.norm = RMSNorm(d, config.rms_norm_eps)
         self.heads = nn.ModuleList(
             ResidualHead(d, config.head_intermediate_size, config.sequential_heads)
@@ -269,7 +284,7 @@ class ChimeraDraftModel(nn.Module):
     def encode(self, next_token_ids: torch.Tensor, hidden_states: torch.Tensor,
                positions: torch.Tensor, prefix_ids: torch.Tensor,
                kv_cache: DraftKVCache | None = None) -> torch.Tensor:
-        """Run trigram encoder, fusion and the encoder layer over a chunk of positions.
+        """Run trigram encoder, fusion and the encoder layer(s) over a chunk of positions.
 
         For positions t = t0 .. t0+L-1 of each of B sequences:
             next_token_ids: [B, L]     x_{t+1} (the inputs shifted by one, as in EAGLE)
@@ -278,8 +293,9 @@ class ChimeraDraftModel(nn.Module):
             prefix_ids:     [B, 2]     (x_{t0-1}, x_{t0}), -1 where before the sequence start;
                                        a chunk that starts at t0 = 0 passes (-1, x_0), so
                                        u_1 = f(x_0, x_0, x_1) (CHIMERA.md: repeat x_0).
-            kv_cache:       the encoder's cache for positions < t0, or None to encode whole
-                            sequences causally (training).
+            kv_cache:       the encoder's cache for positions < t0 (one LayerKVCache per
+                            encoder layer), or None to encode whole sequences causally
+                            (training).
         Returns s: [B, L, d].
         """
         self._require_target()
@@ -290,7 +306,13 @@ class ChimeraDraftModel(nn.Module):
             z = self.fuse(torch.cat([u, hidden_states], dim=-1))  # [B, L, d]
         else:
             z = self.fuse(hidden_states)
-        return self.norm(self.layer(z, positions, kv_cache))
+        layers = [self.layer, *self.extra_layers]
+        if kv_cache is not None and len(kv_cache.layers) != len(layers):
+            raise ValueError(f"kv_cache has {len(kv_cache.layers)} layers, the encoder "
+                             f"{len(layers)} (DraftKVCache(config.num_encoder_layers))")
+        for i, layer in enumerate(layers):
+            z = layer(z, positions, None if kv_cache is None else kv_cache.layers[i])
+        return self.norm(z)
 
     def trigram_features(self, next_token_ids: torch.Tensor, prefix_ids: torch.Tensor) -> torch.Tensor:
         """u for each token of a [B, L] chunk (see `encode`): [B, L, d]."""

@@ -57,11 +57,11 @@ class ChimeraDrafter:
 
     def __init__(self, model: ChimeraDraftModel):
         self.model = model
-        self.kv_cache = DraftKVCache()
+        self.kv_cache = DraftKVCache(model.config.num_encoder_layers)
         self.target_layer_ids = model.config.target_layer_ids  # None: h_t alone
 
     def reset(self) -> None:
-        self.kv_cache = DraftKVCache()
+        self.kv_cache = DraftKVCache(self.model.config.num_encoder_layers)
 
     @torch.no_grad()
     def propose(self, token_ids, new_hidden_states, top_k, new_layer_states=None):

@@ -101,6 +101,10 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-intermediate-size", type=int,
                    help="Chimera: hidden width of each residual head R_i (default: the hidden "
                         "size); with --init-from, wider than the saved draft's grows it")
+    g.add_argument("--encoder-layers", type=int,
+                   help="Chimera: depth of the full-context encoder (default 1, the paper's); "
+                        "with --init-from, more than the saved draft's stacks new layers that "
+                        "start as the identity")
     g.add_argument("--target-layer-ids", metavar="IDS",
                    help="Chimera: also read the target's residual stream at these layers "
                         "(EAGLE-3's lesson), comma-separated (e.g. 2,15,27) or 'default' (vLLM's "
@@ -198,6 +202,12 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
             if width <= 0:
                 parser.error(f"--{flag.replace('_', '-')} must be positive, got {width}")
             overrides[key] = width  # (the peers refuse head_intermediate_size as unknown)
+    if args.encoder_layers is not None:  # Chimera only; the peers refuse it as unknown
+        if args.encoder_layers <= 0:
+            parser.error(f"--encoder-layers must be positive, got {args.encoder_layers}")
+        if args.encoder_layers > 1 and args.no_context_encoder:
+            parser.error("--encoder-layers > 1 needs the context encoder (not --no-context-encoder)")
+        overrides["num_encoder_layers"] = args.encoder_layers
     if args.target_layer_ids:  # Chimera only; the peers refuse it as an unknown override
         overrides["target_layer_ids"] = parse_target_layer_ids(args.target_layer_ids, target, parser)
     if args.medusa_layers:

@@ -188,14 +188,17 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
     reduced vocabulary kept), refused unless its design is `config`, the one the settings
     build (else its weights would not mean what the run's options say).
 
-    Three changes of design are allowed, each starting from exactly the saved draft's function:
+    Four changes of design are allowed, each starting from exactly the saved draft's function:
     - parallel heads -> sequential heads (--sequential-heads): the new token_up weights at
       zero (the heads then learn to read the previous token from there on);
     - reading the target's layers (--target-layer-ids), where the saved draft read none: the
       new target_layer_fuse keeps ChimeraDraftModel's zero start (the saved draft lacks it);
     - wider hidden layers (--draft-intermediate-size for the encoder layer's MLP,
       --head-intermediate-size for the heads' R_i): `widen_into` (more capacity, the same
-      function at the first step).
+      function at the first step);
+    - a deeper encoder (--encoder-layers more than the saved draft's): the new layers' output
+      projections (o_proj, down_proj) at zero, so each starts as the identity on its
+      residual stream.
     """
     draft = load_draft(draft_dir, target.config).float()
     saved, wanted = draft.config.to_dict(), config.to_dict()
@@ -209,6 +212,8 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
     widened = {k for k in ("intermediate_size", "head_intermediate_size")
                if wanted.get(k) is not None and saved.get(k) is not None and wanted[k] > saved[k]}
     ignored |= widened
+    deepened = wanted.get("num_encoder_layers", 1) > saved.get("num_encoder_layers", 1)
+    ignored |= {"num_encoder_layers"} if deepened else set()
     changed = sorted(k for k in set(saved) | set(wanted)
                      if k not in ignored and saved.get(k) != wanted.get(k))
     if changed:
@@ -216,9 +221,12 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
                          + ", ".join(f"{k} {saved.get(k)!r} (settings: {wanted.get(k)!r})"
                                      for k in changed)
                          + " (pass the options it was trained with, e.g. --draft-vocab-size)")
-    if to_sequential or widened or add_layers:
+    if to_sequential or widened or add_layers or deepened:
         grown = ChimeraDraftModel(config)  # (seeded by build_draft: the new rows' init)
         widen_into(draft, grown)
+        for layer in grown.extra_layers[len(draft.extra_layers):] if deepened else ():
+            torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+            torch.nn.init.zeros_(layer.mlp.down_proj.weight)
         if to_sequential:  # the same weights plus token_up = 0 (the only ones it lacks)
             for head in grown.heads:
                 torch.nn.init.zeros_(head.token_up.weight)

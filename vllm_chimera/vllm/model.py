@@ -3,7 +3,8 @@
 The same math as `vllm_chimera.model.ChimeraDraftModel`, built from vLLM layers so that
 the encoder layer's keys and values live in vLLM's paged KV cache as a layer of their own
 (named `model.layers.{num_target_layers}.self_attn.attn`, after the target's layers, as
-EAGLE's draft layer is). The target's embedding table and logits computation are bound by
+EAGLE's draft layer is; a deeper encoder's further layers follow as
+`model.layers.{num_target_layers + 1}`, ...). The target's embedding table and logits computation are bound by
 the proposer after loading; they are not part of this module's weights.
 
 One call of `forward` is one encoder pass over a packed batch of new positions:
@@ -90,8 +91,13 @@ class ChimeraDraftForVLLM(nn.Module):
             self.fuse = _linear((2 if config.use_trigram_encoder else 1) * d, d, "fuse")
             num_target_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
             # The name holds exactly one integer: vLLM orders KV layers by it.
+            layer_config = _encoder_layer_config(config)
             self.layer = LlamaDecoderLayer(vllm_config, prefix=f"model.layers.{num_target_layers}",
-                                           config=_encoder_layer_config(config))
+                                           config=layer_config)
+            self.extra_layers = nn.ModuleList(  # config.num_encoder_layers - 1 of them
+                LlamaDecoderLayer(vllm_config, prefix=f"model.layers.{num_target_layers + i}",
+                                  config=layer_config)
+                for i in range(1, config.num_encoder_layers))
             self.norm = RMSNorm(d, eps=config.rms_norm_eps)
         if config.target_layer_ids:  # (vllm_chimera.model.ChimeraDraftModel.fuse_target_layers)
             self.target_layer_norms = nn.ModuleList(
@@ -156,6 +162,8 @@ class ChimeraDraftForVLLM(nn.Module):
         else:
             z = self.fuse(hidden_states)
         x, residual = self.layer(positions, z, None)  # [N, d] each
+        for layer in self.extra_layers:  # (each adds the last one's output to the residual)
+            x, residual = layer(positions, x, residual)
         s, _ = self.norm(x, residual)  # norm(x + residual): the layer's output, normed
         return s
 
