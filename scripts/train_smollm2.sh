@@ -70,6 +70,8 @@
 # DATA=self-prompts: only the target's answers to the SELF_PROMPTS (2,560) prompts it wrote
 #            itself (stage self-data, scripts/generate_prompts.py; 2,366 kept, answered at 168
 #            tokens/s here on 2026-12-06); runs named *-self-prompts.
+# DATA=self-prompts+unseen: both (self-prompts first), so that a draft continued on the
+#            self-written prompts' answers keeps seeing ShareGPT's kind of prompt.
 # DATA=dataset: ShareGPT conversations with ShareGPT's answers.
 # Labels are the target's own greedy predictions either way (self-distillation).
 #
@@ -107,7 +109,7 @@ restore() {  # restore NAME: the shipped NAME.jsonl.gz into the cache, unless al
 }
 for name in "${answer_files[@]}"; do restore "$name"; done
 if [ "$data" = self ] || [ "$data" = self+more ] || [ "$data" = varied ] || [ "$data" = new ] \
-   || [ "$data" = unseen ] || [ "$data" = self-prompts ]; then
+   || [ "$data" = unseen ] || [ "$data" = self-prompts ] || [ "$data" = self-prompts+unseen ]; then
   for split in train:1100 validation:64; do
     name="${split%%:*}"; n="${split##*:}"; out="$sharegpt/$name.smollm2-self.jsonl"
     if [ ! -f "$out" ]; then
@@ -127,14 +129,20 @@ if [ "$data" = self ] || [ "$data" = self+more ] || [ "$data" = varied ] || [ "$
     data_flags=(--train-data "$sharegpt/train.smollm2-self.jsonl,$sharegpt/train.smollm2-self-more.jsonl,$sharegpt/train.smollm2-self-actas.jsonl,$sharegpt/train.smollm2-self-extra.jsonl"
                 --val-data "$sharegpt/validation.smollm2-self.jsonl")
     suffix=-varied
-  elif [ "$data" = unseen ]; then  # the extra answers after the first UNSEEN_FROM (a file of their own)
+  elif [ "$data" = unseen ] || [ "$data" = self-prompts+unseen ]; then
+    # the extra answers after the first UNSEEN_FROM (a file of their own)
     unseen_from="${UNSEEN_FROM:-768}"
     unseen="$sharegpt/train.smollm2-self-extra-from$unseen_from.jsonl"
     [ -f "$unseen" ] || { tail -n "+$((unseen_from + 1))" "$sharegpt/train.smollm2-self-extra.jsonl" > "$unseen.tmp" \
                           && mv "$unseen.tmp" "$unseen"; }
-    echo "DATA=unseen: $(wc -l < "$unseen") answers in $unseen"
+    echo "DATA=$data: $(wc -l < "$unseen") answers in $unseen"
     data_flags=(--train-data "$unseen" --val-data "$sharegpt/validation.smollm2-self.jsonl")
     suffix=-unseen$unseen_from
+    if [ "$data" = self-prompts+unseen ]; then  # the answers of stage self-data first, then those
+      data_flags=(--train-data "$sharegpt/train.smollm2-self-prompts.jsonl,$unseen"
+                  --val-data "$sharegpt/validation.smollm2-self.jsonl")
+      suffix=-self-prompts-unseen$unseen_from
+    fi
   elif [ "$data" = self-prompts ]; then  # only the answers of stage self-data
     data_flags=(--train-data "$sharegpt/train.smollm2-self-prompts.jsonl"
                 --val-data "$sharegpt/validation.smollm2-self.jsonl")
