@@ -43,6 +43,13 @@
 #                                                     # the shipped draft continued on the target's
 #                                                     # answers to prompts it wrote itself (Magpie;
 #                                                     # half opened as one of MT-bench's kinds)
+#   RECIPE=v2 DATA=self-prompts+unseen EPOCHS=1 INIT=shipped SEQUENTIAL=1 LR=3e-4 LAYERS=2,15,27 \
+#     SKIP_LOOKUP=2 THREADS=2 bash scripts/train_smollm2.sh cache chimera export
+#                                                     # both kinds of prompt in one epoch: the shipped
+#                                                     # draft since 2026-12-06 (INIT=shipped then
+#                                                     # meant the draft of commit c1898c0)
+#   RECIPE=v2 DATA=unseen EPOCHS=1 SEQUENTIAL=1 LAYERS=2,15,27 ENCODER_LAYERS=2 THREADS=2 bash scripts/train_smollm2.sh chimera
+#                                                     # a second encoder layer, from scratch (*-enc2)
 #   RECIPE=v2 DATA=new EPOCHS=2 INIT=shipped bash scripts/train_smollm2.sh cache chimera  (TRAIN_TOKENS=N: a slice)
 #                                                     # train the shipped draft on further: only the
 #                                                     # repository outlives a machine here, so a
