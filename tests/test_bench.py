@@ -137,6 +137,28 @@ def test_chimera_methods_with_and_without_the_lookup():
     assert method_config("chimera", settings)["lookup"] == {"num_tokens": 8}
 
 
+def test_the_lookup_flags_reach_chimeras_config(capsys):
+    """--lookup-tokens and --lookup-occurrence become chimera's lookup settings (unset: the
+    plugin's defaults, `True`); an unknown occurrence is refused."""
+    import argparse
+
+    from vllm_chimera.cli import bench_main, lookup_settings
+    from vllm_chimera.vllm.bench import method_config
+
+    def lookup(**flags):
+        args = argparse.Namespace(**{"lookup_tokens": None, "lookup_occurrence": None, **flags})
+        settings = BenchSettings(target="t", draft="d", lookup=lookup_settings(args))
+        return method_config("chimera:4", settings)["lookup"]
+
+    assert lookup() is True
+    assert lookup(lookup_occurrence="earliest") == {"occurrence": "earliest"}
+    assert lookup(lookup_tokens=6, lookup_occurrence="latest") == {"num_tokens": 6,
+                                                                   "occurrence": "latest"}
+    with pytest.raises(SystemExit):
+        bench_main(["--target", "x", "--lookup-occurrence", "first"])
+    assert "--lookup-occurrence" in capsys.readouterr().err
+
+
 def test_tree_methods_and_options(capsys):
     from vllm_chimera.cli import bench_main
     from vllm_chimera.vllm.bench import method_config

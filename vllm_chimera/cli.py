@@ -24,6 +24,7 @@ import torch
 
 from vllm_chimera.checkpoint import SHIPPED_DRAFTS, load_draft_for_target, save_draft
 from vllm_chimera.config import ChimeraConfig
+from vllm_chimera.context_lookup import OCCURRENCES
 from vllm_chimera.model import ChimeraDraftModel
 from vllm_chimera.reference import (ChimeraDrafter, SpeculativeDecoder, TargetOracleDrafter,
                                     generate_plain)
@@ -179,8 +180,15 @@ def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
         batch_sizes=batch_sizes, max_tokens=args.max_tokens, num_speculative_tokens=args.num_tokens,
         sampled_temperature=args.temperature or None, sampled_batch_size=args.sampled_batch_size,
         step_times=not args.no_step_times, engine_kwargs=engine_kwargs,
-        lookup={"num_tokens": args.lookup_tokens} if args.lookup_tokens else None, tree=tree,
+        lookup=lookup_settings(args), tree=tree,
         rounds=args.rounds, min_confidence=args.min_confidence)
+
+
+def lookup_settings(args: argparse.Namespace) -> dict | None:
+    """Chimera's lookup settings from --lookup-tokens and --lookup-occurrence (None: the
+    plugin's defaults, so that runs saved without them stay reusable)."""
+    settings = {"num_tokens": args.lookup_tokens, "occurrence": args.lookup_occurrence}
+    return {key: value for key, value in settings.items() if value is not None} or None
 
 
 def _rerun(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
@@ -248,6 +256,10 @@ def bench_main(argv=None) -> int:
     parser.add_argument("--lookup-tokens", type=int, default=None,
                         help="tokens chimera drafts from a context-lookup match (default: the "
                              "plugin's); method chimera-nolookup turns the lookup off")
+    parser.add_argument("--lookup-occurrence", choices=OCCURRENCES, default=None,
+                        help="which earlier occurrence of the matched suffix chimera's lookup "
+                             "drafts from (default: the plugin's, latest; earliest = vLLM's "
+                             "n-gram matcher)")
     parser.add_argument("--temperature", type=float, default=0.7, help="the sampled setting (0: none)")
     parser.add_argument("--sampled-batch-size", type=int, default=None,
                         help="batch size of the sampled setting (default: the largest)")

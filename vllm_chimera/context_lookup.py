@@ -21,6 +21,10 @@ import torch
 
 # speculative_config["lookup"]["min_match"] when unset (LookupSettings reads it from here).
 DEFAULT_MIN_MATCH = 2
+# speculative_config["lookup"]["occurrence"]: which earlier occurrence of the matched suffix
+# the lookup drafts from; "latest" (`latest_match`, the default) or "earliest" (vLLM's
+# n-gram matcher).
+OCCURRENCES = ("latest", "earliest")
 
 
 def latest_match(context: np.ndarray, min_match: int, max_match: int, num_tokens: int) -> np.ndarray:

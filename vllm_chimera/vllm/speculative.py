@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vllm_chimera.checkpoint import DRAFT_SUBDIR, ChimeraCheckpointError, load_draft
 from vllm_chimera.config import ChimeraConfig
-from vllm_chimera.context_lookup import DEFAULT_MIN_MATCH
+from vllm_chimera.context_lookup import DEFAULT_MIN_MATCH, OCCURRENCES
 
 METHOD = "chimera"
 DRAFT_ENV = "VLLM_CHIMERA_DRAFT"  # a VLLM_ name, so vLLM forwards it to its workers
@@ -182,7 +182,6 @@ class LookupSettings:
 
 
 LOOKUP_KEYS = tuple(f.name for f in fields(LookupSettings))
-OCCURRENCES = ("latest", "earliest")
 
 
 # -- Confident chains (speculative_config["min_confidence"]) -------------------------------
