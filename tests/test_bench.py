@@ -156,7 +156,10 @@ def test_the_lookup_flags_reach_chimeras_config(capsys):
                                                                    "occurrence": "latest"}
     with pytest.raises(SystemExit):
         bench_main(["--target", "x", "--lookup-occurrence", "first"])
-    assert "--lookup-occurrence" in capsys.readouterr().err
+    assert "invalid choice: 'first'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_main(["--target", "x", "--lookup-tokens", "0"])
+    assert "--lookup-tokens must be at least 1" in capsys.readouterr().err
 
 
 def test_tree_methods_and_options(capsys):

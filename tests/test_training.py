@@ -426,6 +426,13 @@ def test_init_from_a_shallower_draft_deepens_it(tiny_setup, tmp_path):
     with pytest.raises(ValueError, match="not the draft these settings build: num_encoder_layers"):
         train(settings_for(tiny_setup, tmp_path / "back", epochs=1,
                            init_from=str(tmp_path / "moved" / "draft")))
+    # A deep draft widened: every encoder layer's new MLP units start at zero (lr 0: the
+    # same validation as the deep draft's own).
+    deep = json.loads((tmp_path / "moved" / "metrics.json").read_text())
+    wider = {**deeper, "intermediate_size": 2 * grown.config.intermediate_size}
+    same_deep = train(settings_for(tiny_setup, tmp_path / "wide", epochs=1, lr=0.0,
+                                   init_from=str(tmp_path / "moved" / "draft"), draft_overrides=wider))
+    assert same_deep["validation"]["loss"] == pytest.approx(deep["validation"]["loss"], rel=1e-6)
 
 
 def test_the_encoder_layers_flag_reaches_the_settings(tiny_setup, tmp_path):

@@ -136,6 +136,8 @@ def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
         parser.error("--batch-sizes must be >= 1")
     if args.save_schedule and not args.draft:
         parser.error("--save-schedule needs --draft")
+    if args.lookup_tokens is not None and args.lookup_tokens < 1:
+        parser.error(f"--lookup-tokens must be at least 1, got {args.lookup_tokens}")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm_chimera.vllm.bench import BenchSettings, parse_method
 

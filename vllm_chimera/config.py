@@ -19,7 +19,7 @@ class ChimeraConfig(PretrainedConfig):
     """Hyper-parameters of the draft (see CHIMERA.md, "The draft model").
 
     The encoder layer has the target's shape by default (one Llama-style decoder layer:
-    RMSNorm, RoPE, GQA, gated MLP); its MLP may be narrower.
+    RMSNorm, RoPE, GQA, gated MLP, or num_encoder_layers of them); its MLP may be narrower.
 
     Args:
         target_architecture: e.g. "LlamaForCausalLM", the target's `architectures[0]`.

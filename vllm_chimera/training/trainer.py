@@ -236,16 +236,17 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
     return draft.bind_target(*target_embed_and_lm_head(target))
 
 
-# Weights that read a hidden layer a wider draft grows (their input dimension): the
-# encoder MLP's down_proj and each head's down. Their new columns start at zero, so the new
-# hidden units add nothing until trained; every other grown weight (gate/up rows: the new
-# units' inputs) keeps the fresh draft's initialisation.
-_READS_HIDDEN_LAYER = ("layer.mlp.down_proj.weight", ".down.weight")
+# Weights that read a hidden layer a wider draft grows (their input dimension): each
+# encoder layer's MLP down_proj (`layer.` and `extra_layers.N.`) and each head's down. Their
+# new columns start at zero, so the new hidden units add nothing until trained; every other
+# grown weight (gate/up rows: the new units' inputs) keeps the fresh draft's initialisation.
+_READS_HIDDEN_LAYER = (".mlp.down_proj.weight", ".down.weight")
 
 
 def widen_into(saved: torch.nn.Module, grown: torch.nn.Module) -> None:
     """Copy `saved`'s weights into `grown`, a draft of the same design whose hidden layers
-    may be wider, so that `grown` computes exactly what `saved` does.
+    may be wider (and which may have more parts: token_up, target_layer_fuse, extra encoder
+    layers, set up by `initial_draft`), so that `grown` computes exactly what `saved` does.
 
     e.g. a head 576 -> 1152 wide: up [576, 1152] -> [1152, 1152] keeps rows 0..575 and
     its 576 freshly initialised new rows; down [576, 576] -> [576, 1152] keeps columns

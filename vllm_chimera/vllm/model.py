@@ -164,7 +164,7 @@ class ChimeraDraftForVLLM(nn.Module):
         x, residual = self.layer(positions, z, None)  # [N, d] each
         for layer in self.extra_layers:  # (each adds the last one's output to the residual)
             x, residual = layer(positions, x, residual)
-        s, _ = self.norm(x, residual)  # norm(x + residual): the layer's output, normed
+        s, _ = self.norm(x, residual)  # norm(x + residual): the last layer's output, normed
         return s
 
     def head_logits(self, hidden_states: torch.Tensor, s: torch.Tensor,
