@@ -91,24 +91,23 @@ def test_quick_benchmark_writes_json_table_and_plot(tmp_path):
     assert rerun["results"]["plain"]["startup_seconds"] != report["results"]["plain"]["startup_seconds"]
 
 
-def test_bench_cli_rejects_bad_batch_sizes(capsys):
+def test_bench_cli_rejects_bad_arguments(capsys):
     from vllm_chimera.cli import bench_main
 
-    with pytest.raises(SystemExit):
-        bench_main(["--target", "x", "--batch-sizes", "1,a"])
-    assert "comma-separated integers" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # nothing to derive a schedule from
-        bench_main(["--target", "x", "--draft", "d", "--methods", "plain,chimera", "--save-schedule"])
-    assert "needs chimera:K methods" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        bench_main(["--target", "x", "--methods", "plain,chimera", "--rerun", "eagle"])
-    assert "--rerun eagle: not among --methods" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        bench_main(["--target", "x", "--methods", "plain,chimera:0"])
-    assert "K must be a positive integer" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        bench_main(["--target", "x", "--rounds", "0"])
-    assert "--rounds must be >= 1" in capsys.readouterr().err
+    cases = [  # (arguments after --target x, what the error says)
+        (["--batch-sizes", "1,a"], "comma-separated integers"),
+        (["--draft", "d", "--methods", "plain,chimera", "--save-schedule"],  # nothing to derive from
+         "needs chimera:K methods"),
+        (["--methods", "plain,chimera", "--rerun", "eagle"], "--rerun eagle: not among --methods"),
+        (["--methods", "plain,chimera:0"], "K must be a positive integer"),
+        (["--rounds", "0"], "--rounds must be >= 1"),
+        (["--lookup-occurrence", "first"], "invalid choice: 'first'"),
+        (["--lookup-tokens", "0"], "--lookup-tokens must be at least 1"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            bench_main(["--target", "x", *argv])
+        assert message in capsys.readouterr().err, argv
 
 
 def test_method_specs():
@@ -137,12 +136,12 @@ def test_chimera_methods_with_and_without_the_lookup():
     assert method_config("chimera", settings)["lookup"] == {"num_tokens": 8}
 
 
-def test_the_lookup_flags_reach_chimeras_config(capsys):
+def test_the_lookup_flags_reach_chimeras_config():
     """--lookup-tokens and --lookup-occurrence become chimera's lookup settings (unset: the
-    plugin's defaults, `True`); an unknown occurrence is refused."""
+    plugin's defaults, `True`); bad values: test_bench_cli_rejects_bad_arguments."""
     import argparse
 
-    from vllm_chimera.cli import bench_main, lookup_settings
+    from vllm_chimera.cli import lookup_settings
     from vllm_chimera.vllm.bench import method_config
 
     def lookup(**flags):
@@ -154,12 +153,6 @@ def test_the_lookup_flags_reach_chimeras_config(capsys):
     assert lookup(lookup_occurrence="earliest") == {"occurrence": "earliest"}
     assert lookup(lookup_tokens=6, lookup_occurrence="latest") == {"num_tokens": 6,
                                                                    "occurrence": "latest"}
-    with pytest.raises(SystemExit):
-        bench_main(["--target", "x", "--lookup-occurrence", "first"])
-    assert "invalid choice: 'first'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        bench_main(["--target", "x", "--lookup-tokens", "0"])
-    assert "--lookup-tokens must be at least 1" in capsys.readouterr().err
 
 
 def test_tree_methods_and_options(capsys):
