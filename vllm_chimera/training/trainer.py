@@ -224,9 +224,10 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
     if to_sequential or widened or add_layers or deepened:
         grown = ChimeraDraftModel(config)  # (seeded by build_draft: the new rows' init)
         widen_into(draft, grown)
-        for layer in grown.extra_layers[len(draft.extra_layers):] if deepened else ():
-            torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
-            torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+        if deepened:  # the new layers add nothing to their residual stream until trained
+            for layer in grown.extra_layers[len(draft.extra_layers):]:
+                torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+                torch.nn.init.zeros_(layer.mlp.down_proj.weight)
         if to_sequential:  # the same weights plus token_up = 0 (the only ones it lacks)
             for head in grown.heads:
                 torch.nn.init.zeros_(head.token_up.weight)
