@@ -37,10 +37,15 @@ def parse_args():
     p.add_argument("--num-prompts", type=int, default=80)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-tokens", type=int, help="K for every draft (default: each draft's own)")
+    p.add_argument("--num-tokens", type=int,
+                   help="K for every draft (default: each draft's own; a Chimera draft's all "
+                        "heads, never its step-aside schedule, which would draft nothing at "
+                        "--batch-size 16 and report 1.00)")
     p.add_argument("--kv-cache-gib", type=float, default=2.0)
     p.add_argument("--output", required=True, help="folder for acceptance.json and .md")
     args = p.parse_args()
+    if args.num_tokens is not None and args.num_tokens < 1:
+        p.error(f"--num-tokens must be at least 1, got {args.num_tokens}")
     drafts = []
     for entry in args.draft:
         name, sep, rest = entry.partition("=")
@@ -81,7 +86,8 @@ def main():
     for name, method, folder in runs:
         settings = BenchSettings(target=target, methods=(method,), batch_sizes=(args.batch_size,),
                                  max_tokens=args.max_tokens, sampled_temperature=None,
-                                 num_speculative_tokens=args.num_tokens, engine_kwargs=engine,
+                                 num_speculative_tokens=num_tokens(args, method, folder),
+                                 engine_kwargs=engine,
                                  lookup=args.lookups.get(name),
                                  **({DRAFT_OPTIONS[method]: folder} if folder else {}))
         try:
@@ -102,6 +108,17 @@ def main():
         print(f"{name}: acceptance length {row['mean_acceptance_length']:.3f}, "
               f"identical to plain: {row['greedy_equals_plain']}", flush=True)
         write_report(args, target, prompts, settings, rows)  # after every draft: nothing lost
+
+
+def num_tokens(args, method: str, folder: str | None) -> int | None:
+    """K for one draft: --num-tokens, else a Chimera draft's number of heads. Acceptance is
+    measured at --batch-size 16, where the shipped draft's step-aside schedule (applied when
+    no K is given) stands aside: the run would report 1.00 for a draft that never drafted."""
+    if args.num_tokens is not None or method != "chimera":
+        return args.num_tokens
+    from vllm_chimera.checkpoint import load_config
+
+    return load_config(folder).num_decoding_heads
 
 
 def write_report(args, target, prompts, settings, rows) -> None:
