@@ -95,3 +95,69 @@ def test_export_casts_to_fp16_and_stores_the_schedules_given(saved_draft, tmp_pa
     with pytest.raises(ValueError, match=r"step_aside_schedules\['cpu'\]"):
         export_draft(folder, tmp_path / "bad", step_aside_schedules={"cpu": [[4, 1, 1]]})
     assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+@pytest.fixture
+def two_drafts(tiny_target, tmp_path):
+    """Two saved drafts of one design with different weights (seeds 1 and 2)."""
+    folders = []
+    for seed in (1, 2):
+        save_draft(build_random_draft(tiny_target, num_heads=3, seed=seed), tmp_path / f"d{seed}")
+        folders.append(tmp_path / f"d{seed}")
+    return folders
+
+
+def test_average_of_drafts_is_the_weighted_mean_of_their_weights(two_drafts):
+    from vllm_chimera.training.checkpointing import average_drafts
+
+    a, b = (load_draft(f).state_dict() for f in two_drafts)
+    for weights, (wa, wb) in ((None, (0.5, 0.5)), ([3.0, 1.0], (0.75, 0.25))):
+        soup = average_drafts(two_drafts, weights).state_dict()
+        for name, tensor in soup.items():
+            torch.testing.assert_close(tensor, wa * a[name] + wb * b[name], msg=name)
+        assert not torch.equal(soup["fuse.weight"], a["fuse.weight"])
+    same = average_drafts([two_drafts[0], two_drafts[0]]).state_dict()  # a draft with itself
+    assert all(torch.equal(same[name], a[name]) for name in a)
+
+
+def test_average_refuses_drafts_that_are_not_one_design(two_drafts, tiny_target, tmp_path):
+    from vllm_chimera.training.checkpointing import average_drafts
+
+    save_draft(build_random_draft(tiny_target, num_heads=2), tmp_path / "two_heads")
+    with pytest.raises(ValueError, match="num_decoding_heads 2 \\(first: 3\\)"):
+        average_drafts([two_drafts[0], tmp_path / "two_heads"])
+    for seed, folder in ((1, "v1"), (2, "v2")):  # one reduced vocabulary, in two orders
+        draft = build_random_draft(tiny_target, num_heads=3, seed=seed, draft_vocab_size=16)
+        if seed == 2:
+            draft.draft_to_target_ids.copy_(draft.draft_to_target_ids.flip(0))
+        save_draft(draft, tmp_path / folder)
+    with pytest.raises(ValueError, match="another reduced vocabulary"):
+        average_drafts([tmp_path / "v1", tmp_path / "v2"])
+    with pytest.raises(ValueError, match="at least two drafts"):
+        average_drafts(two_drafts[:1])
+    with pytest.raises(ValueError, match="one positive weight per draft"):
+        average_drafts(two_drafts, [1.0, 0.0])
+    other = build_tiny_target(tmp_path / "other", hidden_size=32)
+    with pytest.raises(ChimeraCheckpointError, match="another target"):
+        average_drafts(two_drafts, target_config=other.config)
+
+
+def test_average_from_the_command_line(two_drafts, tmp_path, capsys):
+    from vllm_chimera.training.cli import train_main
+
+    target = tmp_path / "target"
+    build_tiny_target(target)
+    argv = ["--target", str(target), "--output-dir", str(tmp_path / "soup"),
+            "--average", ",".join(map(str, two_drafts))]
+    assert train_main(argv + ["--average-weights", "1,3"]) == 0
+    soup, b = load_draft(tmp_path / "soup" / "draft"), load_draft(two_drafts[1])
+    a = load_draft(two_drafts[0])
+    torch.testing.assert_close(soup.fuse.weight, 0.25 * a.fuse.weight + 0.75 * b.fuse.weight)
+    record = json.loads((tmp_path / "soup" / "average.json").read_text())
+    assert record == {"drafts": list(map(str, two_drafts)), "weights": [1.0, 3.0]}
+    for bad, message in ((argv[:4] + ["--average-weights", "1,1"], "needs --average"),
+                         (argv + ["--average-weights", "1"], "one positive weight per draft"),
+                         (argv + ["--average-weights", "x,1"], "could not convert")):
+        with pytest.raises(SystemExit):
+            train_main(bad)
+        assert message in capsys.readouterr().err

@@ -166,10 +166,17 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--evaluate", metavar="DRAFT_DIR",
                    help="do not train: report DRAFT_DIR's per-head accuracy on --val-data "
                         "(written to OUTPUT_DIR/evaluation.json)")
+    g.add_argument("--average", metavar="DRAFT_DIR,DRAFT_DIR[,...]",
+                   help="do not train: write the weighted mean of these drafts' weights (same "
+                        "design and vocabulary, e.g. drafts continued from one draft on "
+                        "different data) to OUTPUT_DIR/draft, a model soup")
+    g.add_argument("--average-weights", metavar="W,W[,...]",
+                   help="one positive weight per --average draft (default: equal)")
     return p
 
 
-def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainingSettings:
+def target_folder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """--target as a folder: a prepared target's, or the folder given."""
     target = args.target
     if target in prepare.TARGETS:
         target = str(prepare.cache_dir(args.cache_dir) / "targets" / target)
@@ -178,6 +185,11 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     elif not Path(target, "config.json").is_file():
         parser.error(f"--target {target!r}: neither a prepared target name "
                      f"({', '.join(prepare.TARGETS)}) nor a folder with a config.json")
+    return target
+
+
+def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainingSettings:
+    target = target_folder(args, parser)
     sharegpt = prepare.cache_dir(args.cache_dir) / "data" / "sharegpt"
     train_data = args.train_data or str(sharegpt / "train.jsonl")
     val_data = args.val_data or str(sharegpt / "validation.jsonl")
@@ -264,6 +276,10 @@ def train_main(argv: list[str] | None = None) -> int:
 
     parser = train_parser()
     args = parser.parse_args(argv)
+    if args.average_weights and not args.average:
+        parser.error("--average-weights needs --average")
+    if args.average:  # (no data, so before the settings, which check it)
+        return average_main(args, parser)
     settings = settings_from_args(args, parser)
     if args.evaluate:
         if settings.val_data is None:
@@ -276,6 +292,31 @@ def train_main(argv: list[str] | None = None) -> int:
         cache_only(settings)
         return 0
     train(settings)
+    return 0
+
+
+def average_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """chimera-train --average: the model soup of the drafts given, in OUTPUT_DIR/draft."""
+    import json
+
+    from transformers import AutoConfig
+
+    from vllm_chimera.checkpoint import ChimeraCheckpointError, save_draft
+    from vllm_chimera.training.checkpointing import average_drafts
+
+    target_config = AutoConfig.from_pretrained(target_folder(args, parser))
+    draft_dirs = [d for d in args.average.split(",") if d]
+    try:
+        weights = ([float(w) for w in args.average_weights.split(",")]
+                   if args.average_weights else None)
+        draft = average_drafts(draft_dirs, weights, target_config)
+    except (ValueError, ChimeraCheckpointError) as e:
+        parser.error(f"--average: {e}")
+    out = Path(args.output_dir)
+    save_draft(draft, out / "draft")
+    record = {"drafts": draft_dirs, "weights": weights or [1.0] * len(draft_dirs)}
+    (out / "average.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"averaged {len(draft_dirs)} drafts -> {out / 'draft'}", flush=True)
     return 0
 
 
