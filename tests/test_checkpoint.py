@@ -157,7 +157,8 @@ def test_average_from_the_command_line(two_drafts, tmp_path, capsys):
     assert record == {"drafts": list(map(str, two_drafts)), "weights": [1.0, 3.0]}
     for bad, message in ((argv[:4] + ["--average-weights", "1,1"], "needs --average"),
                          (argv + ["--average-weights", "1"], "one positive weight per draft"),
-                         (argv + ["--average-weights", "x,1"], "could not convert")):
+                         (argv + ["--average-weights", "x,1"], "could not convert"),
+                         (argv + ["--evaluate", str(two_drafts[0])], "a run of its own")):
         with pytest.raises(SystemExit):
             train_main(bad)
         assert message in capsys.readouterr().err

@@ -278,6 +278,8 @@ def train_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.average_weights and not args.average:
         parser.error("--average-weights needs --average")
+    if args.average and (args.evaluate or args.cache_only):
+        parser.error("--average is a run of its own: evaluate its draft afterwards")
     if args.average:  # (no data, so before the settings, which check it)
         return average_main(args, parser)
     settings = settings_from_args(args, parser)
