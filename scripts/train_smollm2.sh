@@ -45,9 +45,16 @@
 #                                                     # half opened as one of MT-bench's kinds)
 #   RECIPE=v2 DATA=self-prompts+unseen EPOCHS=1 INIT=shipped SEQUENTIAL=1 LR=3e-4 LAYERS=2,15,27 \
 #     SKIP_LOOKUP=2 THREADS=2 bash scripts/train_smollm2.sh cache chimera export
-#                                                     # both kinds of prompt in one epoch: the shipped
-#                                                     # draft since 2026-12-06 (INIT=shipped then
+#                                                     # both kinds of prompt in one epoch: the draft
+#                                                     # shipped at commit fa2a1ef (INIT=shipped then
 #                                                     # meant the draft of commit c1898c0)
+#   SELF_PROMPTS=5120 bash scripts/train_smollm2.sh self-data   # (stopped at 3,902 answers)
+#   RECIPE=v2 DATA=self-prompts-new+unseen EPOCHS=1 INIT=shipped SEQUENTIAL=1 LR=3e-4 LAYERS=2,15,27 \
+#     SKIP_LOOKUP=2 THREADS=2 bash scripts/train_smollm2.sh cache chimera export
+#                                                     # the shipped draft since 2026-12-06 (third):
+#                                                     # that one continued on 1,536 more answers to
+#                                                     # the target's own prompts and the ShareGPT ones
+#                                                     # (INIT=shipped then meant the draft of fa2a1ef)
 #   RECIPE=v2 DATA=unseen EPOCHS=1 SEQUENTIAL=1 LAYERS=2,15,27 ENCODER_LAYERS=2 THREADS=2 bash scripts/train_smollm2.sh chimera
 #                                                     # a second encoder layer, from scratch (*-enc2)
 #   RECIPE=v2 DATA=new EPOCHS=2 INIT=shipped bash scripts/train_smollm2.sh cache chimera  (TRAIN_TOKENS=N: a slice)
@@ -79,6 +86,10 @@
 #            tokens/s here on 2026-12-06); runs named *-self-prompts.
 # DATA=self-prompts+unseen: both (self-prompts first), so that a draft continued on the
 #            self-written prompts' answers keeps seeing ShareGPT's kind of prompt.
+# DATA=self-prompts-new+unseen: the self-prompts answers after the first SELF_PROMPTS_FROM
+#            (2,366: those the shipped draft of 2026-12-06 saw; a file of their own, rewritten
+#            only when the answers file has grown) and the unseen ShareGPT ones, for continuing
+#            that draft (INIT=shipped); runs named *-self-prompts-newN-unseen768.
 # DATA=dataset: ShareGPT conversations with ShareGPT's answers.
 # Labels are the target's own greedy predictions either way (self-distillation).
 #
@@ -116,7 +127,8 @@ restore() {  # restore NAME: the shipped NAME.jsonl.gz into the cache, unless al
 }
 for name in "${answer_files[@]}"; do restore "$name"; done
 if [ "$data" = self ] || [ "$data" = self+more ] || [ "$data" = varied ] || [ "$data" = new ] \
-   || [ "$data" = unseen ] || [ "$data" = self-prompts ] || [ "$data" = self-prompts+unseen ]; then
+   || [ "$data" = unseen ] || [ "$data" = self-prompts ] || [ "$data" = self-prompts+unseen ] \
+   || [ "$data" = self-prompts-new+unseen ]; then
   for split in train:1100 validation:64; do
     name="${split%%:*}"; n="${split##*:}"; out="$sharegpt/$name.smollm2-self.jsonl"
     if [ ! -f "$out" ]; then
@@ -136,7 +148,7 @@ if [ "$data" = self ] || [ "$data" = self+more ] || [ "$data" = varied ] || [ "$
     data_flags=(--train-data "$sharegpt/train.smollm2-self.jsonl,$sharegpt/train.smollm2-self-more.jsonl,$sharegpt/train.smollm2-self-actas.jsonl,$sharegpt/train.smollm2-self-extra.jsonl"
                 --val-data "$sharegpt/validation.smollm2-self.jsonl")
     suffix=-varied
-  elif [ "$data" = unseen ] || [ "$data" = self-prompts+unseen ]; then
+  elif [ "$data" = unseen ] || [ "$data" = self-prompts+unseen ] || [ "$data" = self-prompts-new+unseen ]; then
     # the extra answers after the first UNSEEN_FROM (a file of their own)
     unseen_from="${UNSEEN_FROM:-768}"
     unseen="$sharegpt/train.smollm2-self-extra-from$unseen_from.jsonl"
@@ -149,6 +161,15 @@ if [ "$data" = self ] || [ "$data" = self+more ] || [ "$data" = varied ] || [ "$
       data_flags=(--train-data "$sharegpt/train.smollm2-self-prompts.jsonl,$unseen"
                   --val-data "$sharegpt/validation.smollm2-self.jsonl")
       suffix=-self-prompts-unseen$unseen_from
+    elif [ "$data" = self-prompts-new+unseen ]; then  # the newer self-prompts answers, then those
+      new_from="${SELF_PROMPTS_FROM:-2366}"
+      new_answers="$sharegpt/train.smollm2-self-prompts-from$new_from.jsonl"
+      tail -n "+$((new_from + 1))" "$sharegpt/train.smollm2-self-prompts.jsonl" > "$new_answers.tmp"
+      if cmp -s "$new_answers.tmp" "$new_answers"; then rm "$new_answers.tmp"  # (its cache stays valid)
+      else mv "$new_answers.tmp" "$new_answers"; fi
+      echo "DATA=$data: $(wc -l < "$new_answers") answers in $new_answers"
+      data_flags=(--train-data "$new_answers,$unseen" --val-data "$sharegpt/validation.smollm2-self.jsonl")
+      suffix=-self-prompts-new$new_from-unseen$unseen_from
     fi
   elif [ "$data" = self-prompts ]; then  # only the answers of stage self-data
     data_flags=(--train-data "$sharegpt/train.smollm2-self-prompts.jsonl"
