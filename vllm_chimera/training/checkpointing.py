@@ -142,11 +142,12 @@ def average_drafts(draft_dirs: list[str | Path], weights: list[float] | None = N
     Drafts continued from one saved draft on different data stay in one basin of the loss, so
     their mean is a working draft too; on SmolLM2 it generalised a little past each of them
     on held-out ShareGPT answers, not on MT-bench (results/training/README.md, "Averaging
-    drafts"). `weights` (default: equal) are
-    normalised to sum to 1. Refused unless every draft has the same design (the config,
-    measured fields aside) and the same reduced vocabulary: a row of the LM head must be the
-    same token in each, and, with `target_config`, unless each was trained for that target.
-    The result carries no measured fields (schedules are per draft).
+    drafts"). `weights` (default: equal) are normalised to sum to 1.
+
+    Refused unless every draft has the same design (the config, measured fields aside) and
+    the same reduced vocabulary (a row of the LM head must be the same token in each), and,
+    with `target_config`, unless each was trained for that target. The result carries no
+    measured fields (schedules are measured per draft).
     """
     if len(draft_dirs) < 2:
         raise ValueError(f"averaging needs at least two drafts, got {len(draft_dirs)}")
