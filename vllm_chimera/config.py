@@ -78,6 +78,14 @@ class ChimeraConfig(PretrainedConfig):
     MEASURED_FIELDS = ("step_aside_schedules", "head_top_k_accuracies", "tree_step_seconds",
                        "tree_schedules")
 
+    def design_differences(self, other: "ChimeraConfig", ignored=()) -> list[str]:
+        """The fields (sorted) in which two drafts' designs differ: measured fields,
+        versions and `ignored` aside. Both init_from and averaging refuse a draft by these."""
+        skip = set(self.MEASURED_FIELDS) | {"transformers_version", "architectures"} | set(ignored)
+        mine, theirs = self.to_dict(), other.to_dict()
+        return sorted(k for k in set(mine) | set(theirs)
+                      if k not in skip and mine.get(k) != theirs.get(k))
+
     def __init__(
         self,
         target_architecture: str = "LlamaForCausalLM",

@@ -156,11 +156,9 @@ def average_drafts(draft_dirs: list[str | Path], weights: list[float] | None = N
         raise ValueError(f"need one positive weight per draft: {len(draft_dirs)} drafts, "
                          f"weights {weights}")
     drafts = [load_draft(d, target_config).float() for d in draft_dirs]
-    first, ignored = drafts[0], set(ChimeraConfig.MEASURED_FIELDS) | {"transformers_version"}
-    design = {k: v for k, v in first.config.to_dict().items() if k not in ignored}
+    first, design = drafts[0], drafts[0].config.to_dict()
     for folder, draft in zip(draft_dirs[1:], drafts[1:]):
-        other = {k: v for k, v in draft.config.to_dict().items() if k not in ignored}
-        changed = sorted(k for k in set(design) | set(other) if design.get(k) != other.get(k))
+        changed, other = first.config.design_differences(draft.config), draft.config.to_dict()
         if changed:
             raise ValueError(f"{folder} is not the design of {draft_dirs[0]}: "
                              + ", ".join(f"{k} {other.get(k)!r} (first: {design.get(k)!r})"

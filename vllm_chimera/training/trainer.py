@@ -203,8 +203,7 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
     draft = load_draft(draft_dir, target.config).float()
     saved, wanted = draft.config.to_dict(), config.to_dict()
     to_sequential = bool(wanted.get("sequential_heads") and not saved.get("sequential_heads"))
-    ignored = set(ChimeraConfig.MEASURED_FIELDS) | {"transformers_version", "architectures"}
-    ignored |= {"sequential_heads"} if to_sequential else set()
+    ignored = {"sequential_heads"} if to_sequential else set()
     add_layers = bool(wanted.get("target_layer_ids") and not saved.get("target_layer_ids"))
     ignored |= {"target_layer_ids"} if add_layers else set()
     if saved.get("target_num_hidden_layers") is None:  # saved before it was recorded
@@ -214,8 +213,7 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
     ignored |= widened
     deepened = wanted.get("num_encoder_layers", 1) > saved.get("num_encoder_layers", 1)
     ignored |= {"num_encoder_layers"} if deepened else set()
-    changed = sorted(k for k in set(saved) | set(wanted)
-                     if k not in ignored and saved.get(k) != wanted.get(k))
+    changed = draft.config.design_differences(config, ignored)
     if changed:
         raise ValueError(f"init_from {draft_dir} is not the draft these settings build: "
                          + ", ".join(f"{k} {saved.get(k)!r} (settings: {wanted.get(k)!r})"
