@@ -17,7 +17,7 @@ from conftest import build_tiny_target
 from vllm_chimera.checkpoint import load_draft
 from vllm_chimera.training import TrainingSettings, train
 from vllm_chimera.training.cli import train_main
-from vllm_chimera.training.data import CachedData, build_cache, tokenize_conversation
+from vllm_chimera.training.data import CachedData, build_cache, cache_key, tokenize_conversation
 from vllm_chimera.training.loss import IGNORE, head_labels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -399,6 +399,50 @@ def test_init_from_a_narrower_draft_grows_it(tiny_setup, tmp_path):
     with pytest.raises(ValueError, match="not the draft these settings build: head_intermediate_size"):
         train(settings_for(tiny_setup, tmp_path / "narrow", epochs=1, init_from=init,
                            draft_overrides={"head_intermediate_size": i // 2}))
+
+
+def test_init_from_a_smaller_vocabulary_grows_it(tiny_setup, tmp_path):
+    """--init-from with a larger --draft-vocab-size: the saved tokens keep their ids and rows
+    (so their logits are unchanged), the new ones are the training data's most frequent
+    tokens the saved vocabulary lacks, each with the target's LM-head row; with learning the
+    grown draft trains and resumes mid-run; a smaller vocabulary is refused. (Taking the new
+    ids without excluding the saved ones fails the uniqueness check.)"""
+    from vllm_chimera.checkpoint import target_embed_and_lm_head
+    from vllm_chimera.training.trainer import frequent_token_ids
+
+    train(settings_for(tiny_setup, tmp_path / "first", epochs=1,
+                       draft_overrides={"draft_vocab_size": 24}))
+    init = str(tmp_path / "first" / "draft")
+    saved = load_draft(init)
+    more = {"draft_vocab_size": 40}
+    train(settings_for(tiny_setup, tmp_path / "same", epochs=1, lr=0.0, init_from=init,
+                       draft_overrides=more))
+    grown = load_draft(tmp_path / "same" / "draft")
+    ids = grown.draft_to_target_ids
+    assert grown.config.draft_vocab_size == 40 and len(ids) == 40
+    assert torch.equal(ids[:24], saved.draft_to_target_ids)
+    assert len(set(ids.tolist())) == 40  # no token twice
+    assert torch.equal(grown.draft_lm_head.weight[:24], saved.draft_lm_head.weight)
+    target = AutoModelForCausalLM.from_pretrained(tiny_setup["target"], dtype=torch.float32)
+    _, lm_head = target_embed_and_lm_head(target)
+    torch.testing.assert_close(grown.draft_lm_head.weight[24:], lm_head[ids[24:]].detach(),
+                               rtol=0, atol=1e-3)  # (the draft is saved in fp16)
+    key = cache_key(tiny_setup["target"], tiny_setup["train"], 64, None)  # (settings_for's)
+    cached = CachedData.open(tiny_setup["root"] / "cache" / "hidden" / f"train-{key}")
+    ranked = frequent_token_ids(cached, 128, 128).tolist()
+    expected = [t for t in ranked if t not in set(saved.draft_to_target_ids.tolist())][:16]
+    assert ids[24:].tolist() == expected
+    # With learning: the grown draft trains, stops mid-run and resumes with the new vocabulary.
+    steps = dict(epochs=2, init_from=init, draft_overrides=more)
+    train(settings_for(tiny_setup, tmp_path / "moved", stop_at_step=3, **steps))
+    moved = train(settings_for(tiny_setup, tmp_path / "moved", **steps))
+    whole = train(settings_for(tiny_setup, tmp_path / "whole", **steps))
+    assert moved["validation"] == whole["validation"]
+    assert not torch.equal(load_draft(tmp_path / "moved" / "draft").draft_lm_head.weight[24:],
+                           grown.draft_lm_head.weight[24:])
+    with pytest.raises(ValueError, match="not the draft these settings build: draft_vocab_size"):
+        train(settings_for(tiny_setup, tmp_path / "fewer", epochs=1, init_from=init,
+                           draft_overrides={"draft_vocab_size": 16}))
 
 
 def test_init_from_a_shallower_draft_deepens_it(tiny_setup, tmp_path):

@@ -177,18 +177,20 @@ def build_draft(settings: TrainingSettings, target, train: CachedData) -> torch.
         use_trigram_encoder=settings.use_trigram_encoder,
         use_context_encoder=settings.use_context_encoder, **settings.draft_overrides)
     if settings.init_from:
-        return initial_draft(settings.init_from, config, target)
+        return initial_draft(settings.init_from, config, target, train)
     draft = ChimeraDraftModel(config)
     frequent = frequent_token_ids(train, config.vocab_size, config.draft_vocab_size)
     return draft.bind_target(*target_embed_and_lm_head(target), frequent_token_ids=frequent)
 
 
-def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraftModel:
+def initial_draft(draft_dir: str, config: ChimeraConfig, target,
+                  train: CachedData | None = None) -> ChimeraDraftModel:
     """settings.init_from: the saved draft at `draft_dir` (fp32, bound to `target`, its
     reduced vocabulary kept), refused unless its design is `config`, the one the settings
     build (else its weights would not mean what the run's options say).
 
-    Four changes of design are allowed, each starting from exactly the saved draft's function:
+    Five changes of design are allowed; the first four start from exactly the saved draft's
+    function:
     - parallel heads -> sequential heads (--sequential-heads): the new token_up weights at
       zero (the heads then learn to read the previous token from there on);
     - reading the target's layers (--target-layer-ids), where the saved draft read none: the
@@ -198,7 +200,10 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
       function at the first step);
     - a deeper encoder (--encoder-layers more than the saved draft's): the new layers' output
       projections (o_proj, down_proj) at zero, so each starts as the identity on its
-      residual stream.
+      residual stream;
+    - a larger reduced vocabulary (--draft-vocab-size more than the saved draft's): see
+      `grow_vocabulary` (the saved tokens keep their rows, so their logits are unchanged;
+      the new tokens can outscore them from the first step).
     """
     draft = load_draft(draft_dir, target.config).float()
     saved, wanted = draft.config.to_dict(), config.to_dict()
@@ -213,15 +218,22 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
     ignored |= widened
     deepened = wanted.get("num_encoder_layers", 1) > saved.get("num_encoder_layers", 1)
     ignored |= {"num_encoder_layers"} if deepened else set()
+    more_tokens = (saved.get("draft_vocab_size") is not None
+                   and (wanted.get("draft_vocab_size") or 0) > saved["draft_vocab_size"])
+    ignored |= {"draft_vocab_size"} if more_tokens else set()
     changed = draft.config.design_differences(config, ignored)
     if changed:
         raise ValueError(f"init_from {draft_dir} is not the draft these settings build: "
                          + ", ".join(f"{k} {saved.get(k)!r} (settings: {wanted.get(k)!r})"
                                      for k in changed)
                          + " (pass the options it was trained with, e.g. --draft-vocab-size)")
-    if to_sequential or widened or add_layers or deepened:
+    if to_sequential or widened or add_layers or deepened or more_tokens:
         grown = ChimeraDraftModel(config)  # (seeded by build_draft: the new rows' init)
         widen_into(draft, grown)
+        if more_tokens:
+            if train is None:
+                raise ValueError("a larger draft vocabulary needs the training data's counts")
+            grow_vocabulary(grown, draft.config.draft_vocab_size, target, train)
         if deepened:  # the new layers add nothing to their residual stream until trained
             for layer in grown.extra_layers[len(draft.extra_layers):]:
                 torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
@@ -233,6 +245,25 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target) -> ChimeraDraft
     for name in ChimeraConfig.MEASURED_FIELDS:
         setattr(draft.config, name, None)
     return draft.bind_target(*target_embed_and_lm_head(target))
+
+
+def grow_vocabulary(draft: ChimeraDraftModel, num_saved: int, target, train: CachedData) -> None:
+    """Fill the rows past `num_saved` of a grown draft's reduced vocabulary (`widen_into` has
+    copied the saved draft's rows and ids into the first `num_saved`): the target tokens
+    the target predicts most often over `train` that the saved vocabulary lacks, most
+    frequent first, each with the target's own LM-head row (as a fresh draft's rows start).
+
+    e.g. saved ids [7, 3] (num_saved 2), train's most frequent [3, 9, 7, 4], size 4:
+        draft_to_target_ids [7, 3, 9, 4]; draft_lm_head rows 2, 3 = the target's rows 9, 4.
+    """
+    saved_ids = draft.draft_to_target_ids[:num_saved]  # [num_saved]
+    size = draft.config.draft_vocab_size
+    ranked = frequent_token_ids(train, draft.config.vocab_size, draft.config.vocab_size)  # [V]
+    new_ids = ranked[~torch.isin(ranked, saved_ids)][:size - num_saved]  # [size - num_saved]
+    _, lm_head_weight = target_embed_and_lm_head(target)
+    with torch.no_grad():
+        draft.draft_to_target_ids[num_saved:] = new_ids
+        draft.draft_lm_head.weight[num_saved:] = lm_head_weight[new_ids].to(draft.draft_lm_head.weight)
 
 
 # Weights that read a hidden layer a wider draft grows (their input dimension): each
