@@ -55,6 +55,13 @@
 #                                                     # that one continued on 1,536 more answers to
 #                                                     # the target's own prompts and the ShareGPT ones
 #                                                     # (INIT=shipped then meant the draft of fa2a1ef)
+#   git show fa2a1ef:vllm_chimera/drafts/smollm2-chimera/{config.json,model.safetensors} -> RUNS/shipped-fa2a1ef/, then
+#   RECIPE=v2 DATA=self-prompts-new+unseen SELF_PROMPTS_TO=3902 EPOCHS=1 INIT=RUNS/shipped-fa2a1ef SEQUENTIAL=1 \
+#     LR=3e-4 LAYERS=2,15,27 SKIP_LOOKUP=2 KL=1 THREADS=2 bash scripts/train_smollm2.sh chimera candidate
+#                                                     # the run that made the draft of fe22d6d, with
+#                                                     # KL to the target's distribution too (*-kl1);
+#                                                     # VOCAB=16384 instead of KL=1: its vocabulary
+#                                                     # grown to 16,384 tokens (*-vocab16384)
 #   RECIPE=v2 DATA=unseen EPOCHS=1 SEQUENTIAL=1 LAYERS=2,15,27 ENCODER_LAYERS=2 THREADS=2 bash scripts/train_smollm2.sh chimera
 #                                                     # a second encoder layer, from scratch (*-enc2)
 #   RECIPE=v2 DATA=new EPOCHS=2 INIT=shipped bash scripts/train_smollm2.sh cache chimera  (TRAIN_TOKENS=N: a slice)
@@ -163,13 +170,14 @@ if [ "$data" = self ] || [ "$data" = self+more ] || [ "$data" = varied ] || [ "$
       suffix=-self-prompts-unseen$unseen_from
     elif [ "$data" = self-prompts-new+unseen ]; then  # the newer self-prompts answers, then those
       new_from="${SELF_PROMPTS_FROM:-2366}"
+      new_to="${SELF_PROMPTS_TO:-\$}"  # SELF_PROMPTS_TO=N: up to answer N only ($: the last)
       new_answers="$sharegpt/train.smollm2-self-prompts-from$new_from.jsonl"
-      tail -n "+$((new_from + 1))" "$sharegpt/train.smollm2-self-prompts.jsonl" > "$new_answers.tmp"
+      sed -n "$((new_from + 1)),${new_to}p" "$sharegpt/train.smollm2-self-prompts.jsonl" > "$new_answers.tmp"
       if cmp -s "$new_answers.tmp" "$new_answers"; then rm "$new_answers.tmp"  # (its cache stays valid)
       else mv "$new_answers.tmp" "$new_answers"; fi
       echo "DATA=$data: $(wc -l < "$new_answers") answers in $new_answers"
       data_flags=(--train-data "$new_answers,$unseen" --val-data "$sharegpt/validation.smollm2-self.jsonl")
-      suffix=-self-prompts-new$new_from-unseen$unseen_from
+      suffix=-self-prompts-new$new_from${SELF_PROMPTS_TO:+to$SELF_PROMPTS_TO}-unseen$unseen_from
     fi
   elif [ "$data" = self-prompts ]; then  # only the answers of stage self-data
     data_flags=(--train-data "$sharegpt/train.smollm2-self-prompts.jsonl"
@@ -235,6 +243,14 @@ fi
 # the only positions the heads draft at inside vLLM with the lookup on (chimera-train
 # --skip-lookup-matches; runs named *-skiplookup2).
 [ -z "${SKIP_LOOKUP:-}" ] || { common+=(--skip-lookup-matches "$SKIP_LOOKUP"); suffix="$suffix-skiplookup$SKIP_LOOKUP"; }
+# KL=W: Medusa-2's self-distillation beside the CE on the target's greedy token, the KL from
+# the target's next-token distribution over the draft vocabulary at weight W (chimera-train
+# --kl-weight; runs named *-klW).
+[ -z "${KL:-}" ] || { common+=(--kl-weight "$KL"); suffix="$suffix-kl$KL"; }
+# VOCAB=N: a reduced draft vocabulary of N tokens (chimera and its ablations; 8192 by
+# default). With INIT, more than the saved draft's grows it: its tokens keep their rows, the
+# data's next most frequent are added with the target's rows (runs named *-vocabN).
+vocab="${VOCAB:-8192}"; [ -z "${VOCAB:-}" ] || suffix="$suffix-vocab$VOCAB"
 # INIT=shipped: start from the shipped draft (chimera only), INIT=DIR from that draft folder.
 init_flags=()
 if [ -n "${INIT:-}" ]; then
@@ -303,13 +319,13 @@ for stage in "${stages[@]}"; do
       ls -l "$shipped_data" ;;
     chimera)
       if [ -n "${SEQUENTIAL:-}" ]; then  # Hydra-style sequential heads (chimera-train --sequential-heads)
-        run chimera-k4-seq --draft-vocab-size 8192 --sequential-heads "${heads_flags[@]}" "${init_flags[@]}" \
+        run chimera-k4-seq --draft-vocab-size "$vocab" --sequential-heads "${heads_flags[@]}" "${init_flags[@]}" \
           "${width_flags[@]}"
       else
-        run chimera-k4 --draft-vocab-size 8192 "${heads_flags[@]}" "${init_flags[@]}" "${width_flags[@]}"
+        run chimera-k4 --draft-vocab-size "$vocab" "${heads_flags[@]}" "${init_flags[@]}" "${width_flags[@]}"
       fi ;;
-    no-trigram) run no-trigram-k4 --draft-vocab-size 8192 --no-trigram-encoder "${heads_flags[@]}" ;;
-    no-context) run no-context-k4 --draft-vocab-size 8192 --no-context-encoder "${heads_flags[@]}" ;;
+    no-trigram) run no-trigram-k4 --draft-vocab-size "$vocab" --no-trigram-encoder "${heads_flags[@]}" ;;
+    no-context) run no-context-k4 --draft-vocab-size "$vocab" --no-context-encoder "${heads_flags[@]}" ;;
     # One reduced LM head shared by the 4 heads, as Chimera's (vLLM's Medusa loads a reduced
     # head only in its shared form: original_lm_head + token_map).
     medusa) run medusa-k4 --draft-kind medusa --medusa-shared-lm-head --draft-vocab-size 8192 \

@@ -94,7 +94,9 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft-vocab-size", type=int,
                    help="reduced draft vocabulary: the heads of Chimera or Medusa project onto "
                         "the N tokens the target predicts most often (Medusa in vLLM: with "
-                        "--medusa-shared-lm-head); not for EAGLE, which reads the target's LM head")
+                        "--medusa-shared-lm-head); not for EAGLE, which reads the target's LM head; "
+                        "with --init-from, more than the saved draft's adds the data's next most "
+                        "frequent tokens (with the target's LM-head rows)")
     g.add_argument("--draft-intermediate-size", type=int,
                    help="encoder-layer MLP width (Chimera; EAGLE: its layer's); with "
                         "--init-from, wider than the saved draft's grows it (same function at step 0)")
