@@ -445,6 +445,26 @@ def test_init_from_a_smaller_vocabulary_grows_it(tiny_setup, tmp_path):
                            draft_overrides={"draft_vocab_size": 16}))
 
 
+def test_validation_reports_the_draft_vocabulary_coverage(tiny_setup, tmp_path):
+    """vocabulary_coverage: per head, the share of the validation labels the reduced draft
+    vocabulary holds (recounted here from the cache), a ceiling of head_accuracy; absent
+    without a reduced vocabulary."""
+    metrics = train(settings_for(tiny_setup, tmp_path / "v24", epochs=1,
+                                 draft_overrides={"draft_vocab_size": 24}))
+    ids = set(load_draft(tmp_path / "v24" / "draft").draft_to_target_ids.tolist())
+    key = cache_key(tiny_setup["target"], tiny_setup["val"], 64, 20_000)  # (val_tokens)
+    val = CachedData.open(tiny_setup["root"] / "cache" / "hidden" / f"val-{key}")
+    batch = val.batch(list(range(len(val))), torch.device("cpu"))
+    labels = head_labels(batch["greedy"], batch["mask"].bool(), 3)  # [K, B, L-1]
+    expected = [float(np.isin(row[row != IGNORE].numpy(), list(ids)).mean()) for row in labels]
+    coverage = metrics["validation"]["vocabulary_coverage"]
+    assert coverage == pytest.approx(expected) and min(coverage) < 1
+    assert all(a <= c for a, c in zip(metrics["validation"]["head_accuracy"], coverage))
+    assert len(metrics["validation"]["lookup_misses"]["vocabulary_coverage"]) == 3
+    full = train(settings_for(tiny_setup, tmp_path / "full", epochs=1))
+    assert "vocabulary_coverage" not in full["validation"]
+
+
 def test_init_from_a_shallower_draft_deepens_it(tiny_setup, tmp_path):
     """--init-from with --encoder-layers 2 on a one-layer draft: the new layer starts as the
     identity (o_proj, down_proj zero), so the run starts from exactly the saved draft's

@@ -204,6 +204,9 @@ class HeadsLoss(nn.Module):
             # its confidence curve (the heads' top-1 probabilities; not computed in training).
             self.last_hits, self.last_valid = hits, valid
             self.last_predictions = predictions  # [K, P] (the drafting replay reads them)
+            # [K, P] labels the draft vocabulary holds (a reduced one: validation's coverage)
+            self.last_in_vocabulary = (None if self.training or self.target_to_draft is None
+                                       else self.train_labels(labels) != IGNORE)
             self.last_top1_probs = None if self.training else logits.softmax(-1).amax(-1)  # [K, P]
             stats = torch.stack([ce.sum(-1), hits.sum(-1).float(), counts.float(), kl.sum(-1),
                                  regression.sum(-1)], dim=-1).detach()

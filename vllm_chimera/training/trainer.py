@@ -348,10 +348,13 @@ def evaluate(loss_module: torch.nn.Module, data: CachedData, settings: TrainingS
     positions: what a chain accepts at depth i, and the fair comparison of sequential heads
     (teacher-forced: after a miss their head_accuracy reads the right previous token, which
     at inference they would not have) with parallel ones.
-    lookup_misses: the same figures (head_accuracy, est_accept_length) on the positions
-    where the context lookup finds no match (min_match: settings.skip_lookup_matches, else
-    the lookup's default), the only ones where the heads draft inside vLLM with the lookup
-    on; share: their part of the positions head 0 is scored at.
+    vocabulary_coverage (a reduced draft vocabulary): per head, the share of its labels the
+    draft vocabulary holds, the ceiling of its head_accuracy.
+    lookup_misses: the same figures (head_accuracy, est_accept_length, vocabulary_coverage)
+    on the positions where the context lookup finds no match (min_match:
+    settings.skip_lookup_matches, else the lookup's default), the only ones where the heads
+    draft inside vLLM with the lookup on; share: their part of the positions head 0 is
+    scored at.
     confidence_cut (Chimera drafts): for each min_confidence in CONFIDENCE_GRID, the drafted
     and accepted tokens per step of chains cut where the heads' confidence falls below it
     (vllm_chimera.model.confident_lengths, as vLLM's min_confidence cuts them).
@@ -365,6 +368,7 @@ def evaluate(loss_module: torch.nn.Module, data: CachedData, settings: TrainingS
     min_match = settings.skip_lookup_matches or DEFAULT_MIN_MATCH
     miss_hits = miss_counts = 0  # [K] at the positions without a lookup match
     miss_run_sum, miss_run_count, num_scored = 0.0, 0, 0
+    covered = miss_covered = None  # [K] labels in a reduced draft vocabulary (all, misses)
     m = settings.micro_batch_size
     for start in range(0, len(data), m):
         batch = data.batch(list(range(start, min(start + m, len(data)))), device)
@@ -383,6 +387,11 @@ def evaluate(loss_module: torch.nn.Module, data: CachedData, settings: TrainingS
         miss_run_sum += float(hits[:, full & misses].int().cumprod(0).sum())
         miss_run_count += int((full & misses).sum())
         num_scored += int(valid[0].sum())
+        in_vocabulary = getattr(loss_module, "last_in_vocabulary", None)  # [K, P] (Chimera's loss)
+        if in_vocabulary is not None:
+            covered = (0 if covered is None else covered) + in_vocabulary.sum(1).double().cpu()
+            miss_covered = ((0 if miss_covered is None else miss_covered)
+                            + in_vocabulary[:, misses].sum(1).double().cpu())
         right = right + chain.sum(1).double()
         reached = reached + torch.cat([torch.full_like(chain[:1], 1), chain[:-1]]).sum(1).double()
         probs = getattr(loss_module, "last_top1_probs", None)  # [K, P] (Chimera's loss only)
@@ -398,6 +407,10 @@ def evaluate(loss_module: torch.nn.Module, data: CachedData, settings: TrainingS
             "min_match": min_match, "share": float(miss_counts[0]) / num_scored,
             "head_accuracy": (miss_hits / miss_counts.clamp(min=1)).tolist(),
             "est_accept_length": 1 + miss_run_sum / max(miss_run_count, 1)}
+    if covered is not None and num_scored:
+        metrics["vocabulary_coverage"] = (covered / totals[:, 2].clamp(min=1)).tolist()
+        metrics["lookup_misses"]["vocabulary_coverage"] = (
+            miss_covered / miss_counts.clamp(min=1)).tolist()
     if run_count and torch.is_tensor(cut_drafted):
         metrics["confidence_cut"] = [
             {"min_confidence": c, "drafted": float(d) / run_count, "accepted": float(a) / run_count}
@@ -680,7 +693,9 @@ def _finish(settings, draft, loss_module, train_data, val_data, state, device, t
             print(f"where the lookup (min_match {misses['min_match']}) has no match "
                   f"({misses['share']:.0%} of the positions): "
                   + " ".join(f"{a:.3f}" for a in misses["head_accuracy"])
-                  + f" | est. acceptance length {misses['est_accept_length']:.2f}", flush=True)
+                  + f" | est. acceptance length {misses['est_accept_length']:.2f}"
+                  + (f" | head 0's labels in the draft vocabulary {misses['vocabulary_coverage'][0]:.3f}"
+                     if "vocabulary_coverage" in misses else ""), flush=True)
     print(f"wrote {out / 'metrics.json'}" + (f" and the draft {out / 'draft'}" if finished else
           f" (stopped at step {state.step}/{total_steps}; run again to resume)"), flush=True)
     return metrics
