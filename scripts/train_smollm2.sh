@@ -170,7 +170,9 @@ if [ "$data" = self ] || [ "$data" = self+more ] || [ "$data" = varied ] || [ "$
       suffix=-self-prompts-unseen$unseen_from
     elif [ "$data" = self-prompts-new+unseen ]; then  # the newer self-prompts answers, then those
       new_from="${SELF_PROMPTS_FROM:-2366}"
-      new_to="${SELF_PROMPTS_TO:-\$}"  # SELF_PROMPTS_TO=N: up to answer N only ($: the last)
+      # SELF_PROMPTS_TO=N: up to answer N only ($: the last). The file keeps its name, so
+      # switching between N and the last rewrites it and its cache is built again.
+      new_to="${SELF_PROMPTS_TO:-\$}"
       new_answers="$sharegpt/train.smollm2-self-prompts-from$new_from.jsonl"
       sed -n "$((new_from + 1)),${new_to}p" "$sharegpt/train.smollm2-self-prompts.jsonl" > "$new_answers.tmp"
       if cmp -s "$new_answers.tmp" "$new_answers"; then rm "$new_answers.tmp"  # (its cache stays valid)
@@ -247,7 +249,7 @@ fi
 # the target's next-token distribution over the draft vocabulary at weight W (chimera-train
 # --kl-weight; runs named *-klW).
 [ -z "${KL:-}" ] || { common+=(--kl-weight "$KL"); suffix="$suffix-kl$KL"; }
-# VOCAB=N: a reduced draft vocabulary of N tokens (chimera and its ablations; 8192 by
+# VOCAB=N: a reduced draft vocabulary of N tokens (chimera, its ablations and Medusa; 8192 by
 # default). With INIT, more than the saved draft's grows it: its tokens keep their rows, the
 # data's next most frequent are added with the target's rows (runs named *-vocabN).
 vocab="${VOCAB:-8192}"; [ -z "${VOCAB:-}" ] || suffix="$suffix-vocab$VOCAB"
@@ -328,7 +330,7 @@ for stage in "${stages[@]}"; do
     no-context) run no-context-k4 --draft-vocab-size "$vocab" --no-context-encoder "${heads_flags[@]}" ;;
     # One reduced LM head shared by the 4 heads, as Chimera's (vLLM's Medusa loads a reduced
     # head only in its shared form: original_lm_head + token_map).
-    medusa) run medusa-k4 --draft-kind medusa --medusa-shared-lm-head --draft-vocab-size 8192 \
+    medusa) run medusa-k4 --draft-kind medusa --medusa-shared-lm-head --draft-vocab-size "$vocab" \
               "${heads_flags[@]}" ;;
     eagle) run eagle-k4 --draft-kind eagle ;;
     run-suffix)  # what this DATA/RECIPE/EPOCHS/INIT/LR names its runs: RUNS/smollm2-STAGE-kK$suffix

@@ -190,7 +190,8 @@ class HeadsLoss(nn.Module):
         """logits [K, P, V'], labels [K, P] target ids, and for the distillation terms the
         heads' states and the target's h_{t+1+i} (both [K, P, d]) -> (loss, stats [K, 5])."""
         valid = labels != IGNORE  # [K, P]
-        ce = F.cross_entropy(logits.flatten(0, 1), self.train_labels(labels).flatten(),
+        logit_labels = self.train_labels(labels)  # [K, P] indices into the logits, or IGNORE
+        ce = F.cross_entropy(logits.flatten(0, 1), logit_labels.flatten(),
                              ignore_index=IGNORE, reduction="none").view(labels.shape)  # [K, P]
         kl, regression = self._distillation(logits, states, next_hidden, valid)  # [K, P] each
         per_token = ce + self.kl_weight * kl + self.regression_weight * regression
@@ -206,7 +207,7 @@ class HeadsLoss(nn.Module):
             self.last_predictions = predictions  # [K, P] (the drafting replay reads them)
             # [K, P] labels the draft vocabulary holds (a reduced one: validation's coverage)
             self.last_in_vocabulary = (None if self.training or self.target_to_draft is None
-                                       else self.train_labels(labels) != IGNORE)
+                                       else logit_labels != IGNORE)
             self.last_top1_probs = None if self.training else logits.softmax(-1).amax(-1)  # [K, P]
             stats = torch.stack([ce.sum(-1), hits.sum(-1).float(), counts.float(), kl.sum(-1),
                                  regression.sum(-1)], dim=-1).detach()

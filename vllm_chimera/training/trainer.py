@@ -183,8 +183,7 @@ def build_draft(settings: TrainingSettings, target, train: CachedData) -> torch.
     return draft.bind_target(*target_embed_and_lm_head(target), frequent_token_ids=frequent)
 
 
-def initial_draft(draft_dir: str, config: ChimeraConfig, target,
-                  train: CachedData | None = None) -> ChimeraDraftModel:
+def initial_draft(draft_dir: str, config: ChimeraConfig, target, train: CachedData) -> ChimeraDraftModel:
     """settings.init_from: the saved draft at `draft_dir` (fp32, bound to `target`, its
     reduced vocabulary kept), refused unless its design is `config`, the one the settings
     build (else its weights would not mean what the run's options say).
@@ -231,8 +230,6 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target,
         grown = ChimeraDraftModel(config)  # (seeded by build_draft: the new rows' init)
         widen_into(draft, grown)
         if more_tokens:
-            if train is None:
-                raise ValueError("a larger draft vocabulary needs the training data's counts")
             grow_vocabulary(grown, draft.config.draft_vocab_size, target, train)
         if deepened:  # the new layers add nothing to their residual stream until trained
             for layer in grown.extra_layers[len(draft.extra_layers):]:
