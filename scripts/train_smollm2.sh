@@ -62,16 +62,16 @@
 #                                                     # KL to the target's distribution too (*-kl1);
 #                                                     # VOCAB=16384 instead of KL=1: its vocabulary
 #                                                     # grown to 16,384 tokens (*-vocab16384)
-#   SELF_PROMPTS=7680 bash scripts/train_smollm2.sh self-data   # (stopped at 6,261 answers: 817 left)
+#   SELF_PROMPTS=7680 bash scripts/train_smollm2.sh self-data   # (stopped at 6,261 answers; a rerun
+#                                                     # answered the other 817: all 7,078 now)
 #   RECIPE=v2 DATA=self-prompts-new+unseen SELF_PROMPTS_FROM=4725 EPOCHS=1 INIT=shipped SEQUENTIAL=1 LR=3e-4 \
 #     LAYERS=2,15,27 SKIP_LOOKUP=2 KL=3 THREADS=2 bash scripts/train_smollm2.sh cache chimera export
 #                                                     # the shipped draft since 2026-12-06 (fifth): the
 #                                                     # one before, continued on 1,536 more answers to
 #                                                     # its own prompts and the ShareGPT ones, KL 3
-#                                                     # (add SELF_PROMPTS_TO=6261 once the answers
-#                                                     # file holds more). Next: the same self-data
-#                                                     # command answers the last 817, then continue
-#                                                     # with SELF_PROMPTS_FROM=6261
+#                                                     # (reproduce it with SELF_PROMPTS_TO=6261: the
+#                                                     # answers file holds 7,078 now). Next: continue
+#                                                     # with SELF_PROMPTS_FROM=6261 (the last 817)
 #   RECIPE=v2 DATA=unseen EPOCHS=1 SEQUENTIAL=1 LAYERS=2,15,27 ENCODER_LAYERS=2 THREADS=2 bash scripts/train_smollm2.sh chimera
 #                                                     # a second encoder layer, from scratch (*-enc2)
 #   RECIPE=v2 DATA=new EPOCHS=2 INIT=shipped bash scripts/train_smollm2.sh cache chimera  (TRAIN_TOKENS=N: a slice)
