@@ -66,12 +66,20 @@
 #                                                     # answered the other 817: all 7,078 now)
 #   RECIPE=v2 DATA=self-prompts-new+unseen SELF_PROMPTS_FROM=4725 EPOCHS=1 INIT=shipped SEQUENTIAL=1 LR=3e-4 \
 #     LAYERS=2,15,27 SKIP_LOOKUP=2 KL=3 THREADS=2 bash scripts/train_smollm2.sh cache chimera export
-#                                                     # the shipped draft since 2026-12-06 (fifth): the
+#                                                     # the shipped draft of 2026-12-06 (fifth): the
 #                                                     # one before, continued on 1,536 more answers to
 #                                                     # its own prompts and the ShareGPT ones, KL 3
 #                                                     # (reproduce it with SELF_PROMPTS_TO=6261: the
-#                                                     # answers file holds 7,078 now). Next: continue
-#                                                     # with SELF_PROMPTS_FROM=6261 (the last 817)
+#                                                     # answers file holds 8,969 now)
+#   SELF_PROMPTS=9728 bash scripts/train_smollm2.sh self-data   # 1,891 more: 8,969 answers in all
+#   RECIPE=v2 DATA=self-prompts-new+unseen SELF_PROMPTS_FROM=6261 EPOCHS=1 INIT=shipped SEQUENTIAL=1 LR=3e-4 \
+#     LAYERS=2,15,27 SKIP_LOOKUP=2 KL=3 THREADS=2 bash scripts/train_smollm2.sh cache chimera export
+#                                                     # the shipped draft since 2026-12-06 (sixth): the
+#                                                     # one before, continued on the last 2,708 answers
+#                                                     # (817 + 1,891) and the ShareGPT ones, KL 3
+#                                                     # (reproduce it with SELF_PROMPTS_TO=8969 once
+#                                                     # the file grows). Next: more prompts
+#                                                     # (SELF_PROMPTS=12288), SELF_PROMPTS_FROM=8969
 #   RECIPE=v2 DATA=unseen EPOCHS=1 SEQUENTIAL=1 LAYERS=2,15,27 ENCODER_LAYERS=2 THREADS=2 bash scripts/train_smollm2.sh chimera
 #                                                     # a second encoder layer, from scratch (*-enc2)
 #   RECIPE=v2 DATA=new EPOCHS=2 INIT=shipped bash scripts/train_smollm2.sh cache chimera  (TRAIN_TOKENS=N: a slice)
