@@ -34,6 +34,9 @@ def test_committed_history_resolves_and_plots(history, tmp_path):
     history.plot(rows, copy.with_name("history.png"))
     table = copy.with_name("history.md").read_text().splitlines()
     assert len(table) == 2 + len(rows)
+    # the committed table (quoted by the READMEs) is what the script writes from the results
+    assert (manifest.with_name("history.md").read_text().splitlines() == table), \
+        "history.md is stale: rerun python scripts/plot_draft_history.py"
     assert copy.with_name("history.png").stat().st_size > 10_000
 
 
