@@ -174,7 +174,7 @@ def test_the_layer_flag_reaches_the_settings(tiny_setup, tmp_path):
 
     parser = train_parser()
     argv = ["--target", tiny_setup["target"], "--output-dir", str(tmp_path),
-            "--train-data", tiny_setup["train"]]
+            "--train-data", tiny_setup["train"], "--val-data", tiny_setup["val"]]
     settings = settings_from_args(parser.parse_args(argv + ["--target-layer-ids", "0"]), parser)
     assert settings.draft_overrides == {"target_layer_ids": [0]}
     for bad in ("1", "x", "0,0"):  # the bigram target has one layer

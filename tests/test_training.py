@@ -504,7 +504,7 @@ def test_the_encoder_layers_flag_reaches_the_settings(tiny_setup, tmp_path):
 
     parser = train_parser()
     argv = ["--target", tiny_setup["target"], "--output-dir", str(tmp_path),
-            "--train-data", tiny_setup["train"]]
+            "--train-data", tiny_setup["train"], "--val-data", tiny_setup["val"]]
     settings = settings_from_args(parser.parse_args(argv + ["--encoder-layers", "2"]), parser)
     assert settings.draft_overrides == {"num_encoder_layers": 2}
     for bad in (["--encoder-layers", "0"], ["--encoder-layers", "2", "--draft-kind", "medusa"],
@@ -518,7 +518,7 @@ def test_the_width_flags_reach_the_settings(tiny_setup, tmp_path):
 
     parser = train_parser()
     argv = ["--target", tiny_setup["target"], "--output-dir", str(tmp_path),
-            "--train-data", tiny_setup["train"]]
+            "--train-data", tiny_setup["train"], "--val-data", tiny_setup["val"]]
     settings = settings_from_args(parser.parse_args(argv + ["--head-intermediate-size", "96",
                                                             "--draft-intermediate-size", "128"]), parser)
     assert settings.draft_overrides == {"head_intermediate_size": 96, "intermediate_size": 128}

@@ -171,6 +171,9 @@ class ChimeraDraftForVLLM(nn.Module):
                     num_heads: int) -> torch.Tensor:
         """The first `num_heads` (parallel) heads: [B, d], [B, d] -> [B, num_heads, V (or
         draft V)], in one LM-head call."""
+        if num_heads > len(self.heads):
+            raise ValueError(f"chimera: {num_heads} head drafts asked of a draft with "
+                             f"{len(self.heads)} heads")
         hs = torch.cat([hidden_states, s], dim=-1)
         # h is already final-normed (it is what the target's LM head reads): no second norm.
         residual = torch.stack([hidden_states + self.heads[i](hs) for i in range(num_heads)], dim=1)

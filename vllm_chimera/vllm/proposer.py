@@ -366,5 +366,14 @@ class ChimeraProposer(EagleProposer):
             s = self.model(input_ids=self.input_ids[:num_input_tokens],
                            positions=self._get_positions(num_input_tokens),
                            hidden_states=self.hidden_states[:num_input_tokens])
-        self.model.head_top_k(self.hidden_states[:1], s[:1], self.num_speculative_tokens, 1,
-                              self.input_ids[:1])
+        # The heads as propose runs them. vLLM's K (num_speculative_tokens) also sizes the
+        # lookup's drafts and the tree's nodes, so it can exceed the number of heads: the
+        # chain uses the heads' own K, a tree its depth and top-k.
+        h, s, next_ids = self.hidden_states[:1], s[:1], self.input_ids[:1]
+        num_head_tokens = min(self.num_speculative_tokens, self.num_head_tokens)
+        if num_head_tokens > 0:
+            self.model.head_top_k(h, s, num_head_tokens, 1, next_ids,
+                                  return_probs=self.min_confidence is not None)
+        tree = self.tree.tree_for_batch_size(1) if self.tree is not None else None
+        if tree is not None:
+            self._tree_tokens(h, s, next_ids, tree)
