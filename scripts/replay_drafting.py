@@ -67,7 +67,7 @@ def main():
     args = parse_args()
     from vllm_chimera.training.replay import RULES, replay, teacher_forced_heads
     from vllm_chimera.vllm.lookup import ContextLookup
-    from vllm_chimera.vllm.speculative import LookupSettings
+    from vllm_chimera.vllm.spec_config import LookupSettings
 
     settings = LookupSettings()
     if args.min_match is not None:

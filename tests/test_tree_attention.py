@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vllm_chimera.tree import TokenTree
-from vllm_chimera.vllm.speculative import TreeSettings, schedule_value, with_tree_steps
+from vllm_chimera.vllm.spec_config import TreeSettings, schedule_value, with_tree_steps
 from vllm_chimera.vllm.tree_attention import (KVLayout, TreeRows, TreeStep, _affine, _cpu_block_index,
                                               attend_tree_rows, move_kv)
 

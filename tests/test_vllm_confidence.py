@@ -10,7 +10,7 @@ import vllm_utils  # noqa: F401  (sets VLLM_ENABLE_V1_MULTIPROCESSING before vLL
 from conftest import build_permutation_pair
 from vllm_chimera.checkpoint import save_draft
 from vllm_chimera.vllm.offline import run_offline
-from vllm_chimera.vllm.speculative import parse_min_confidence
+from vllm_chimera.vllm.spec_config import parse_min_confidence
 from vllm_utils import TEST_ENGINE
 
 vllm = pytest.importorskip("vllm")

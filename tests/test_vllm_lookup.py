@@ -10,7 +10,7 @@ import vllm_utils  # noqa: F401  (sets VLLM_ENABLE_V1_MULTIPROCESSING before vLL
 from conftest import build_permutation_pair, build_random_draft
 from vllm_chimera.checkpoint import save_draft
 from vllm_chimera.vllm import lookup
-from vllm_chimera.vllm.speculative import LookupSettings
+from vllm_chimera.vllm.spec_config import LookupSettings
 from vllm_chimera.vllm.offline import run_offline
 from vllm_utils import TEST_ENGINE, run_engine
 

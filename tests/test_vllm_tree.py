@@ -20,7 +20,7 @@ from vllm_utils import run_engine
 vllm = pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
 
-from vllm_chimera.vllm import tree_sampling  # noqa: E402
+from vllm_chimera.vllm import tree_verify  # noqa: E402
 
 VOCAB = 32
 # 8 + 16 + 4 = 28 drafted nodes, depths 1..3.
@@ -63,10 +63,10 @@ def _reference_accepted(target, draft, prompts, tree, max_tokens) -> int:
 def test_tree_greedy_equals_plain_and_matches_reference(small_pair, plain_small, num_prompts):
     target_dir, draft_dir, target, draft = small_pair
     prompts = _prompts(num_prompts)
-    tree_sampling.STATS.reset()
+    tree_verify.STATS.reset()
     spec = run_engine(target_dir, prompts, GREEDY, draft_dir, tree=WIDE_TREE)
     assert spec.token_ids == plain_small.token_ids[:num_prompts]
-    stats = tree_sampling.STATS
+    stats = tree_verify.STATS
     assert stats.num_trees > 0 and stats.num_nodes == stats.num_trees * len(WIDE_TREE)
     # Paths reached depth 2: non-first children were accepted and compacted.
     assert len(stats.num_accepted_per_depth) >= 2, stats
@@ -111,11 +111,11 @@ def test_tree_under_chunked_prefill_preemption_prefix_caching_and_mixed_batches(
     small = dict(enable_chunked_prefill=True, max_num_batched_tokens=64, max_num_seqs=8,
                  kv_cache_memory_bytes=600 << 10, max_model_len=256)
     plain = run_engine(target_dir, prompts, params)
-    tree_sampling.STATS.reset()
+    tree_verify.STATS.reset()
     spec = run_engine(target_dir, prompts, params, draft_dir, tree=WIDE_TREE, **small)
     assert spec.token_ids == plain.token_ids
     assert spec.counter("vllm:num_preemptions") > 0, "the KV cache did not force preemption"
-    assert len(tree_sampling.STATS.num_accepted_per_depth) >= 1
+    assert len(tree_verify.STATS.num_accepted_per_depth) >= 1
     # The penalised requests drafted chains (K = 4): fewer drafts than trees would give.
     assert spec.counter("vllm:spec_decode_num_draft_tokens") < (
         spec.counter("vllm:spec_decode_num_drafts") * len(WIDE_TREE))
@@ -141,13 +141,13 @@ def test_tree_sampling_follows_the_target_distribution(tmp_path):
     rates = {}
     for name, draft_dir in [("plain", None), ("tree", tmp_path / "draft")]:
         params = SamplingParams(temperature=0.8, max_tokens=6, ignore_eos=True)
-        tree_sampling.STATS.reset()
+        tree_verify.STATS.reset()
         run = run_engine(tmp_path / "target", prompts, params, draft_dir,
                          tree=tree if draft_dir else None)
         follows = [int(pi[seq[j]]) == seq[j + 1] for seq in run.token_ids for j in range(5)]
         rates[name] = sum(follows) / len(follows)
         if draft_dir is not None:
-            assert tree_sampling.STATS.num_trees > 1000
+            assert tree_verify.STATS.num_trees > 1000
             assert run.counter("vllm:spec_decode_num_accepted_tokens") > 100
     assert 0.35 < rates["plain"] < 0.65, rates
     assert abs(rates["tree"] - rates["plain"]) < 0.04, rates

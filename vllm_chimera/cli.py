@@ -149,7 +149,7 @@ def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
         parser.error("--measure-tree needs --draft")
     if any(name == "chimera-confident" for name, _ in methods) and args.min_confidence is None:
         parser.error("method chimera-confident needs --min-confidence P (a number in (0, 1))")
-    from vllm_chimera.vllm.speculative import parse_min_confidence
+    from vllm_chimera.vllm.spec_config import parse_min_confidence
 
     try:
         parse_min_confidence(args.min_confidence)

@@ -61,7 +61,7 @@ class BenchSettings:
     ngram_tokens: int = 4
     lookup: dict | None = None  # chimera's lookup settings (default: the plugin's defaults)
     tree: str | list = "auto"  # the tree of the chimera-tree methods: "auto" or a list of paths
-    min_confidence: float | None = None  # method chimera-confident's (speculative.parse_min_confidence)
+    min_confidence: float | None = None  # method chimera-confident's (spec_config.parse_min_confidence)
     sampled_temperature: float | None = 0.7  # one sampled setting
     sampled_batch_size: int | None = None  # (default: the largest batch size)
     step_times: bool = True  # time the target's forward, sampling and drafting per step
@@ -145,12 +145,12 @@ def _measure(llm, prompts, params, batch_size: int, step_times: bool) -> dict:
     """Send the prompts `batch_size` at a time; timings and spec-decode counter deltas."""
     from vllm_chimera.vllm.patches import StepTimingPatch
 
-    from vllm_chimera.vllm import lookup, tree_sampling
+    from vllm_chimera.vllm import lookup, tree_verify
 
     before = _counters(llm)
     StepTimingPatch.reset()
     lookup.STATS.reset()  # (counted in this process: the engine core runs in it)
-    tree_sampling.STATS.reset()
+    tree_verify.STATS.reset()
     token_ids, latencies = [], []
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
@@ -183,8 +183,8 @@ def _measure(llm, prompts, params, batch_size: int, step_times: bool) -> dict:
         row["step_times"] = step_breakdown(StepTimingPatch.totals, seconds)
     if sum(lookup.STATS.num_drafts.values()):
         row["lookup"] = lookup.STATS.as_dict()
-    if tree_sampling.STATS.num_trees:
-        stats = tree_sampling.STATS
+    if tree_verify.STATS.num_trees:
+        stats = tree_verify.STATS
         row["tree"] = {"num_trees": stats.num_trees, "num_nodes": stats.num_nodes,
                        "num_accepted_per_depth": list(stats.num_accepted_per_depth)}
     return row

@@ -5,7 +5,7 @@ Its proposer's tree and K are then switched between runs (`_set_drafting`, throu
 `LLM.collective_rpc`), so every setting runs on the same engine, prompts and warm caches:
 
 1. Accuracies: every prompt at batch 1 with the spine tree (the top-1 chain plus every rank
-   up to top_k under each chain node, tree.spine_paths); tree_sampling.STATS counts each
+   up to top_k under each chain node, tree.spine_paths); tree_verify.STATS counts each
    node's acceptances, and tree.spine_accuracies turns them into head i's rank-r accuracy
    given the chain before it: `head_top_k_accuracies`.
 2. Cost and rate: at each batch size, no drafts, the chain at every K and the best tree
@@ -38,7 +38,7 @@ class TreeMeasureSettings:
 
 def _set_drafting(worker, paths, num_head_tokens: int) -> None:
     """(In the worker) draft the tree of `paths` (None: a chain) with K heads' tokens."""
-    from vllm_chimera.vllm.speculative import TreeSettings
+    from vllm_chimera.vllm.spec_config import TreeSettings
 
     drafter = worker.model_runner.drafter
     drafter.tree = None if paths is None else TreeSettings(tuple(tuple(p) for p in paths))
@@ -74,7 +74,7 @@ def measure_tree(bench_settings, settings: TreeMeasureSettings, prompts) -> dict
 
     from vllm_chimera.checkpoint import load_config
     from vllm_chimera.tree import best_paths, spine_accuracies, spine_paths
-    from vllm_chimera.vllm import patching, tree_sampling
+    from vllm_chimera.vllm import patching, tree_verify
     from vllm_chimera.vllm.patches import StepTimingPatch
 
     if not patching.is_applied(StepTimingPatch):
@@ -93,9 +93,9 @@ def measure_tree(bench_settings, settings: TreeMeasureSettings, prompts) -> dict
     try:
         llm.generate(prompts[:1], greedy, use_tqdm=False)  # warm-up
         llm.collective_rpc(_set_drafting, args=(spine, num_heads))
-        tree_sampling.STATS.reset()
+        tree_verify.STATS.reset()
         spine_run = _run(llm, prompts, greedy, 1)
-        stats = tree_sampling.STATS
+        stats = tree_verify.STATS
         accuracies = spine_accuracies(stats.num_accepted_per_path, stats.num_trees, num_heads,
                                       settings.top_k)
         paths = best_paths(accuracies, max_size)

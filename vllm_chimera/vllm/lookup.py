@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vllm_chimera.context_lookup import latest_match
-from vllm_chimera.vllm.speculative import LookupSettings
+from vllm_chimera.vllm.spec_config import LookupSettings
 
 HEADS, LOOKUP = "heads", "lookup"
 

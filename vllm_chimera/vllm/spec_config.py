@@ -1,4 +1,7 @@
-"""Turning a user's speculative settings into a Chimera draft: detection, discovery, checks.
+"""Chimera's speculative_config settings: parsed, checked and resolved against the draft.
+
+Detection (is Chimera asked for?), draft discovery, K and the step-aside schedule, and the
+settings Chimera adds to vLLM's SpeculativeConfig (lookup, min_confidence, tree).
 
 Chimera is requested by any of:
     method="chimera"                       (--spec-method chimera, --speculative-config)

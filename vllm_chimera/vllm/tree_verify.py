@@ -43,7 +43,7 @@ import torch
 from vllm_chimera.tree import TokenTree
 from vllm_chimera.verify import accept_greedy, accept_sampling
 from vllm_chimera.vllm.patching import ClassPatch
-from vllm_chimera.vllm.speculative import chimera_engine
+from vllm_chimera.vllm.spec_config import chimera_engine
 from vllm_chimera.vllm.tree_attention import (TREE_BACKEND_IMPLS, TreeRows, TreeStep, kv_layout,
                                               move_kv)
 
