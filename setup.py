@@ -44,7 +44,7 @@ setup(
         "console_scripts": [
             "chimera-demo=vllm_chimera.cli:demo_main",
             "chimera-bench=vllm_chimera.cli:bench_main",
-            "chimera-prepare=vllm_chimera.training.cli:prepare_main",
+            "chimera-prepare=vllm_chimera.prepare.cli:prepare_main",
             "chimera-train=vllm_chimera.training.cli:train_main",
             "vllm-chimera=vllm_chimera.vllm.cli:main",
         ],

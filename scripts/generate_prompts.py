@@ -4,7 +4,7 @@ An instruction-tuned model given only its chat template's opening of a user turn
 user request, of the kinds it was tuned on. SmolLM2's tuning data spans MT-bench's kinds
 (writing, role-play, reasoning, math, coding, extraction, STEM, humanities), which
 ShareGPT's first turns rarely are; half the prompts start from a generic opening word of
-one kind (vllm_chimera.prepare.SELF_PROMPT_OPENERS), half free. Sampled (temperature 0.8,
+one kind (vllm_chimera.prepare.prompts.SELF_PROMPT_OPENERS), half free. Sampled (temperature 0.8,
 one seed per prompt: reruns write the same prompts), then kept only if finished, of a
 sensible length, printable and clear of MT-bench (prepare.clean_self_prompt), and new.
 
@@ -67,8 +67,8 @@ def main():
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # halves start-up on CPU
     from vllm import LLM, SamplingParams
 
-    from vllm_chimera.prepare import (Decontaminator, benchmark_texts, clean_self_prompt,
-                                      self_prompt_opener)
+    from vllm_chimera.prepare.datasets import benchmark_texts
+    from vllm_chimera.prepare.prompts import Decontaminator, clean_self_prompt, self_prompt_opener
 
     output = Path(args.output)
     summary_path = output.with_name(output.name + ".summary.json")

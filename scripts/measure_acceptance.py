@@ -72,7 +72,8 @@ def parse_args():
 def main():
     args, drafts = parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm_chimera.prepare import heldout_prompts, mtbench_prompts, prepare_target
+    from vllm_chimera.prepare.datasets import heldout_prompts, mtbench_prompts
+    from vllm_chimera.prepare.targets import prepare_target
     from vllm_chimera.vllm.bench import DRAFT_OPTIONS, BenchSettings, run_method
 
     target = str(prepare_target("smollm2")) if args.target == "smollm2" else args.target

@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from vllm_chimera.prepare import prepare_target
+from vllm_chimera.prepare.targets import prepare_target
 from vllm_chimera.vllm import storm
 
 HERE = Path(__file__).resolve().parent.parent

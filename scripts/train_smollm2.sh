@@ -134,8 +134,8 @@ num_cores="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 "$py" -m vllm_chimera.training.cli --help >/dev/null  # fail early on a broken install
-"$py" -c "from vllm_chimera.training.cli import prepare_main; prepare_main(['target', 'smollm2'])"
-"$py" -c "from vllm_chimera.training.cli import prepare_main; prepare_main(['data'])"
+"$py" -c "from vllm_chimera.prepare.cli import prepare_main; prepare_main(['target', 'smollm2'])"
+"$py" -c "from vllm_chimera.prepare.cli import prepare_main; prepare_main(['data'])"
 sharegpt="$cache/data/sharegpt"
 # The target's answers are the expensive part of the data (about 50 min for all three files
 # on this CPU), so stage ship-data keeps them in the repository, gzipped; a fresh machine
@@ -305,7 +305,7 @@ for stage in "${stages[@]}"; do
         --max-tokens 384 --output "$sharegpt/train.smollm2-self-more.jsonl" ;;
     varied-data)  # the target's answers to the role-play and writing prompts, then to the
       # EXTRA_PROMPTS ShareGPT first turns after the 1100 + 2048 above (both resumable)
-      "$py" -c "from vllm_chimera.training.cli import prepare_main; prepare_main(['prompts'])"
+      "$py" -c "from vllm_chimera.prepare.cli import prepare_main; prepare_main(['prompts'])"
       "$py" "$here/scripts/generate_responses.py" --target "$cache/targets/smollm2" \
         --prompts "$cache/data/prompts/act-as.jsonl" --num-prompts 100000 \
         --max-tokens 384 --output "$sharegpt/train.smollm2-self-actas.jsonl"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_chimera.prepare import prepare_target
+from vllm_chimera.prepare.targets import prepare_target
 from vllm_chimera.vllm import storm
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ from vllm_chimera.model import ChimeraDraftModel
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Drafts shipped inside the package (fp16), by the prepared target they were trained for
-# (vllm_chimera.prepare.TARGETS); results/training/ says how each was made.
+# (vllm_chimera.prepare.targets.TARGETS); results/training/ says how each was made.
 SHIPPED_DRAFTS = {"smollm2": Path(__file__).parent / "drafts" / "smollm2-chimera"}
 # <target dir>/chimera is where `--speculative-model chimera` looks for a target's draft
 # (chimera-prepare target links the shipped draft there).

@@ -173,7 +173,7 @@ def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
         engine_kwargs["enforce_eager"] = False
     target = args.target
     if target == "smollm2":
-        from vllm_chimera.prepare import prepare_target
+        from vllm_chimera.prepare.targets import prepare_target
 
         target = str(prepare_target("smollm2"))
     return BenchSettings(
@@ -206,7 +206,7 @@ def _measure_tree(parser: argparse.ArgumentParser, args: argparse.Namespace, set
     import multiprocessing
     from pathlib import Path
 
-    from vllm_chimera.prepare import heldout_prompts
+    from vllm_chimera.prepare.datasets import heldout_prompts
     from vllm_chimera.vllm import bench_tree
 
     try:
@@ -312,7 +312,7 @@ def bench_main(argv=None) -> int:
     settings = _bench_settings(parser, args)
     if args.measure_tree:
         return _measure_tree(parser, args, settings)
-    from vllm_chimera.prepare import mtbench_prompts
+    from vllm_chimera.prepare.datasets import mtbench_prompts
     from vllm_chimera.vllm.bench import run_benchmark, save_schedule
 
     prompts = mtbench_prompts(settings.target, args.num_prompts)

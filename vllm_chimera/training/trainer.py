@@ -31,7 +31,7 @@ from vllm_chimera.checkpoint import load_draft, target_embed_and_lm_head
 from vllm_chimera.config import ChimeraConfig
 from vllm_chimera.context_lookup import DEFAULT_MIN_MATCH, lookup_matches
 from vllm_chimera.model import ChimeraDraftModel, confident_lengths
-from vllm_chimera.prepare import cache_dir
+from vllm_chimera.prepare.cache import cache_dir
 from vllm_chimera.training.checkpointing import (TrainState, has_checkpoint, load_checkpoint,
                                                  save_checkpoint, save_trained_draft)
 from vllm_chimera.training.data import (CachedData, CachedDataList, build_cache, cache_key,

@@ -60,7 +60,8 @@ def run_smollm2_demo(draft_dir: str, num_prompts: int = 8, max_tokens: int = 128
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     from vllm import SamplingParams
 
-    from vllm_chimera.prepare import mtbench_prompts, mtbench_questions, prepare_target
+    from vllm_chimera.prepare.datasets import mtbench_prompts, mtbench_questions
+    from vllm_chimera.prepare.targets import prepare_target
     from vllm_chimera.vllm.offline import run_offline
 
     target = str(prepare_target("smollm2"))
