@@ -22,7 +22,17 @@ pip_install() {
 }
 
 if [ "${CHIMERA_GPU:-0}" = "1" ]; then
-  pip_install "vllm==0.32.*"
+  # A local wheel folder in pip's config (find-links) may offer torch 2.13.0+cpu: it meets
+  # vLLM's torch==2.13.0 pin and sorts above PyPI's CUDA build, so pip would take it. An
+  # empty find-links folder (the environment overrides pip's config files) hides it.
+  no_links="$(mktemp -d)"
+  PIP_FIND_LINKS="$no_links" pip_install "vllm==0.32.*"
+  rmdir "$no_links"
+  if ! "$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)"; then
+    "$venv/bin/python" -c "import torch; print('torch', torch.__version__, '| CUDA build:', torch.version.cuda, '| GPU visible:', torch.cuda.is_available())" >&2
+    echo "setup.sh: CHIMERA_GPU=1 needs a CUDA build of torch and a visible GPU (nvidia-smi); fix that, or run without CHIMERA_GPU for the CPU build" >&2
+    exit 1
+  fi
 else
   # torch first (the +cpu wheel is found locally by pip), then the CPU build of vLLM.
   pip_install "torch==2.13.0"

@@ -8,7 +8,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from vllm_chimera.vllm.offline import OfflineRun, run_offline  # noqa: E402
 
-TEST_ENGINE = dict(kv_cache_memory_bytes=64 << 20, max_model_len=512)
+# Eager: an engine starts in seconds, where compile mode spends ~15 s compiling. Tests of
+# compile mode (vLLM's default, what users run) override it: test_vllm_compile_mode.py.
+TEST_ENGINE = dict(kv_cache_memory_bytes=64 << 20, max_model_len=512, enforce_eager=True)
 
 
 def run_engine(target_dir, prompts, sampling_params, draft_dir=None, method="chimera",

@@ -167,10 +167,10 @@ def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
             parser.error(f"--tree must be 'auto' or a JSON list of paths such as "
                          f"'[[0], [1], [0, 0]]': {error}")
     engine_kwargs = {"kv_cache_memory_bytes": int(args.kv_cache_gib * (1 << 30))}
-    if args.dtype != "float32":  # (only what differs from ENGINE_DEFAULTS: saved runs stay reusable)
+    if args.dtype is not None:  # (only what differs from ENGINE_DEFAULTS: saved runs stay reusable)
         engine_kwargs["dtype"] = args.dtype
-    if args.cuda_graphs:
-        engine_kwargs["enforce_eager"] = False
+    if args.eager:
+        engine_kwargs["enforce_eager"] = True
     target = args.target
     if target == "smollm2":
         from vllm_chimera.prepare.targets import prepare_target
@@ -269,10 +269,13 @@ def bench_main(argv=None) -> int:
                         help="do not time the parts of each engine step (on GPUs the timing "
                              "synchronises the device every step)")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0)
-    parser.add_argument("--dtype", default="float32", help="the target's (and drafts') dtype; "
-                        "float32 makes greedy outputs comparable token for token")
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="let vLLM capture the target's CUDA graphs (GPU; default: eager)")
+    parser.add_argument("--dtype", default=None, help="the target's (and drafts') dtype (default: "
+                        "float32 on CPU, where it makes greedy outputs comparable token for "
+                        "token; the model's own on GPU)")
+    parser.add_argument("--eager", action="store_true",
+                        help="start every engine with enforce_eager=True (default: vLLM's own "
+                             "compilation, compile mode on CPU and CUDA graphs on GPU, as users "
+                             "run it; eager ratios flatter an uncompiled draft: label such runs)")
     parser.add_argument("--save-schedule", action="store_true",
                         help="store the step-aside schedule measured from the chimera:K methods in "
                              "the --draft folder's config.json, for this device type (used by vLLM "

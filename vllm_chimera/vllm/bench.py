@@ -267,7 +267,9 @@ def environment(settings: BenchSettings) -> dict:
             "torch": torch.__version__, "vllm": vllm.__version__,
             "torch_threads": torch.get_num_threads(),
             "accelerator": str(torch.accelerator.current_accelerator() or "none"),
-            "dtype": {**ENGINE_DEFAULTS, **settings.engine_kwargs}["dtype"]}
+            "dtype": {**ENGINE_DEFAULTS, **settings.engine_kwargs}.get("dtype", "auto"),
+            # vLLM's compilation (compile mode / CUDA graphs) unless a run asked for eager
+            "enforce_eager": bool(settings.engine_kwargs.get("enforce_eager", False))}
 
 
 def _processor_name() -> str:

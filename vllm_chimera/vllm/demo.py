@@ -28,7 +28,7 @@ def run_vllm_demo(num_prompts: int = 8, max_tokens: int = 64, seed: int = 0) -> 
         g = torch.Generator().manual_seed(seed)
         prompts = [torch.randint(0, 128, (4 + 3 * i,), generator=g).tolist() for i in range(num_prompts)]
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        print(f"\nvLLM (CPU, fp32): toy permutation target + toy Chimera draft (K=4), "
+        print(f"\nvLLM ({_engine_label()}): toy permutation target + toy Chimera draft (K=4), "
               f"greedy, {max_tokens} tokens per prompt")
         print(f"{'batch':>6}{'plain tok/s':>14}{'chimera tok/s':>15}{'speedup':>9}"
               f"{'accept len':>12}{'identical':>11}")
@@ -69,7 +69,7 @@ def run_smollm2_demo(draft_dir: str, num_prompts: int = 8, max_tokens: int = 128
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     engine = dict(kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)), max_model_len=2048,
                   max_num_seqs=1)  # batch 1: one request at a time, as a chat user sees it
-    print(f"\nvLLM (CPU, fp32): SmolLM2-135M-Instruct with and without the shipped Chimera "
+    print(f"\nvLLM ({_engine_label()}): SmolLM2-135M-Instruct with and without the shipped Chimera "
           f"draft ({draft_dir}), {len(prompts)} MT-bench questions, greedy, up to "
           f"{max_tokens} tokens, batch 1", flush=True)
     plain = run_offline(target, prompts, params, None, **engine)
@@ -87,3 +87,13 @@ def run_smollm2_demo(draft_dir: str, num_prompts: int = 8, max_tokens: int = 128
     print(f"speedup {speedup:.2f}x | answers identical to plain vLLM: "
           f"{'yes' if identical else 'NO'}")
     return identical
+
+
+def _engine_label() -> str:
+    """What the engines run on and how: e.g. "cpu, float32, vLLM's default compilation"."""
+    from vllm.platforms import current_platform
+
+    from vllm_chimera.vllm.offline import ENGINE_DEFAULTS
+
+    return (f"{current_platform.device_type}, {ENGINE_DEFAULTS.get('dtype', 'model dtype')}, "
+            "vLLM's default compilation")

@@ -10,8 +10,21 @@ import gc
 import time
 from dataclasses import dataclass, field
 
-ENGINE_DEFAULTS = dict(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=256 << 20,
-                       max_model_len=2048, seed=0, disable_log_stats=False)
+from vllm.platforms import current_platform
+
+
+def _engine_defaults() -> dict:
+    """vLLM's own defaults, the way users run it: compile mode on CPU, CUDA graphs and the
+    model's dtype on GPU (never enforce_eager: it flatters a drafter whose own pass is not
+    compiled). On CPU, fp32 (bf16 is slower on a CPU without AVX-512-BF16/AMX) and an
+    explicit KV cache size, which vLLM needs there."""
+    defaults = dict(max_model_len=2048, seed=0, disable_log_stats=False)
+    if current_platform.is_cpu():
+        defaults.update(dtype="float32", kv_cache_memory_bytes=256 << 20)
+    return defaults
+
+
+ENGINE_DEFAULTS = _engine_defaults()
 
 
 @dataclass

