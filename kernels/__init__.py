@@ -5,7 +5,11 @@
 
 `foo` dispatches to `foo_triton` for CUDA tensors and to `foo_reference` otherwise;
 CHIMERA_KERNELS=triton|reference forces one (see _dispatch.py). Importing this package
-does not import triton.
+does not import triton. On a GPU the wrappers read no tensor values (no host sync) unless
+CHIMERA_KERNELS_CHECK=1; tree_attention_mask needs max_kv_len for that.
+
+    chimera_kernels.launches  every launch the dispatch code makes for its callers (vLLM, ...)
+    chimera_kernels.aot       compiling those for sm_80 / sm_90 without a GPU, with ptxas's spills
 """
 from chimera_kernels.tree_mask import (tree_attention_mask, tree_attention_mask_reference,
                                        tree_attention_mask_triton)

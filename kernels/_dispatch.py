@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -109,14 +110,46 @@ def jit_kernel(fn: Callable) -> Callable:
     return _JITTED[key]
 
 
-def can_sync(tensor: torch.Tensor) -> bool:
-    """Whether reading values of `tensor` on the host is allowed (not during CUDA graph capture).
+CHECK_ENV_VAR = "CHIMERA_KERNELS_CHECK"
 
-    The wrappers check the *values* of small index tensors (cu_seqlens, parents, ...),
-    which costs one device-to-host copy; during CUDA graph capture that copy is illegal,
-    so value checks are skipped there (shape and dtype checks always run).
+
+def values_readable(*tensors: torch.Tensor | None) -> bool:
+    """Whether a wrapper may read the *values* of these (small index) tensors for its checks.
+
+    Reading a CUDA tensor on the host (.tolist(), .item(), int(t)) is a device-to-host copy
+    that waits for every kernel queued before it: a pipeline stall on every call of a kernel
+    that runs once per decoding step, and illegal during CUDA graph capture. So values are
+    read only where that is free (CPU tensors; e.g. the tests, the CPU path) or when
+    CHIMERA_KERNELS_CHECK=1 asks for it (debugging on a GPU; never during capture). Shape and
+    dtype checks always run. Meta tensors (used to enumerate launches) have no values.
     """
-    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+    tensors = [t for t in tensors if t is not None]
+    if any(t.is_meta for t in tensors):
+        return False
+    if all(t.device.type == "cpu" for t in tensors):
+        return True
+    if any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
+        return False
+    return os.environ.get(CHECK_ENV_VAR, "").strip() == "1"
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One launch of a kernel, as a wrapper computes it from shapes (never from values).
+
+    The wrappers build this and run it; chimera_kernels.launches builds the same record
+    from meta tensors to enumerate (and compile ahead of time) what the dispatch code
+    launches, so the two can never drift apart.
+    """
+
+    kernel: Callable  # the undecorated kernel function (jit_kernel decorates it)
+    grid: tuple[int, ...]
+    args: dict[str, Any]  # runtime arguments by name: tensors and ints
+    constexprs: dict[str, Any]  # tl.constexpr arguments by name
+
+    def run(self):
+        """Launch on the tensors' device; returns Triton's compiled kernel."""
+        return jit_kernel(self.kernel)[self.grid](**self.args, **self.constexprs)
 
 
 INDEX_DTYPES = (torch.int32, torch.int64)

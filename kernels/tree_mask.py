@@ -19,46 +19,53 @@ from __future__ import annotations
 
 import torch
 
-from chimera_kernels._dispatch import (INDEX_DTYPES, can_sync, cdiv, check_tensor, check_triton_device,
-                                       jit_kernel, next_power_of_2, use_triton)
+from chimera_kernels._dispatch import (INDEX_DTYPES, KernelLaunch, cdiv, check_tensor, check_triton_device,
+                                       next_power_of_2, use_triton, values_readable)
 
 tl = None  # triton.language, bound on first use by jit_kernel (importing this module never imports triton)
 
 
 def _check_inputs(parents: torch.Tensor, prefix_lens: torch.Tensor,
-                  max_kv_len: int | None) -> tuple[int, int | None]:
-    """Validate; return (max_kv_len, tree depth). Depth is None when values cannot be read.
+                  max_kv_len: int | None) -> tuple[int, int]:
+    """Validate; return (max_kv_len, a bound on the tree's depth for the kernel's parent walk).
 
-    The depth (longest root-to-node path, in edges) bounds the parent walk of the kernel.
+    Values are read only where that is free (see values_readable): on a GPU, a caller that
+    passes max_kv_len costs no device-to-host copy, and the depth bound is then T - 1 (a
+    chain is the deepest tree of T nodes; the kernel's walk just idles on -1 past the root).
     """
     check_tensor("tree_attention_mask", "parents", parents, 1, INDEX_DTYPES, "[T]", non_empty=True)
     check_tensor("tree_attention_mask", "prefix_lens", prefix_lens, 1, INDEX_DTYPES, "[B]")
     num_nodes = parents.shape[0]
-    if not (can_sync(parents) and can_sync(prefix_lens)):
-        # During CUDA graph capture the caller must pass max_kv_len; values go unchecked.
-        if max_kv_len is None:
+    depth = _tree_depth(parents.tolist()) if values_readable(parents) else num_nodes - 1
+    if values_readable(prefix_lens):
+        lens = prefix_lens.tolist()
+        if any(n < 0 for n in lens):
+            raise ValueError(f"tree_attention_mask: prefix_lens must be >= 0, got {lens}")
+        needed = max(lens, default=0) + num_nodes
+        if max_kv_len is not None and max_kv_len < needed:
+            raise ValueError(f"tree_attention_mask: max_kv_len = {max_kv_len} < max(prefix_lens) + T = {needed}")
+        return (needed if max_kv_len is None else max_kv_len), depth
+    if max_kv_len is None:
+        if prefix_lens.is_cuda and torch.cuda.is_current_stream_capturing():
             raise ValueError("tree_attention_mask: pass max_kv_len explicitly during CUDA graph capture")
-        return max_kv_len, None
+        # The one sync left, and only for callers that leave max_kv_len out: the mask's
+        # width depends on the values of prefix_lens, and a shape must be known on the host.
+        max_kv_len = int(prefix_lens.max()) + num_nodes if prefix_lens.shape[0] else num_nodes
+    return max_kv_len, depth
 
-    parent_list = parents.tolist()
-    depth = [0] * num_nodes
+
+def _tree_depth(parent_list: list[int]) -> int:
+    """The longest root-to-node path (in edges); ValueError unless parents is a valid tree."""
     if parent_list[0] != -1:
         raise ValueError(f"tree_attention_mask: parents[0] must be -1 (node 0 is the root), "
                          f"got {parent_list[0]}")
-    for i in range(1, num_nodes):
+    depth = [0] * len(parent_list)
+    for i in range(1, len(parent_list)):
         if not 0 <= parent_list[i] < i:
             raise ValueError(f"tree_attention_mask: parents[{i}] = {parent_list[i]}, need "
                              f"0 <= parents[i] < i (nodes in topological order)")
         depth[i] = depth[parent_list[i]] + 1
-    lens = prefix_lens.tolist()
-    if any(n < 0 for n in lens):
-        raise ValueError(f"tree_attention_mask: prefix_lens must be >= 0, got {lens}")
-    needed = max(lens, default=0) + num_nodes
-    if max_kv_len is None:
-        max_kv_len = needed
-    elif max_kv_len < needed:
-        raise ValueError(f"tree_attention_mask: max_kv_len = {max_kv_len} < max(prefix_lens) + T = {needed}")
-    return max_kv_len, max(depth)
+    return max(depth)
 
 
 def tree_attention_mask_reference(parents: torch.Tensor, prefix_lens: torch.Tensor,
@@ -72,7 +79,7 @@ def tree_attention_mask_reference(parents: torch.Tensor, prefix_lens: torch.Tens
     """
     max_kv_len, _ = _check_inputs(parents, prefix_lens, max_kv_len)
     num_nodes, device = parents.shape[0], prefix_lens.device
-    parent_list = parents.tolist()
+    parent_list = parents.tolist()  # the CPU path; on a GPU the dispatcher runs the kernel instead
     # ancestor_or_self[i, a]: a is i or an ancestor of i. Row parents[i] is complete before row i.
     ancestor_or_self = torch.eye(num_nodes, dtype=torch.bool)  # [T, T], built on the host
     for i in range(1, num_nodes):
@@ -109,7 +116,8 @@ def _tree_mask_kernel(
     node = tl.where(i_mask, offs_i, -1)  # [BLOCK_I]
     visible = rel[None, :] == node[:, None]  # [BLOCK_I, BLOCK_J]
     for _ in range(max_depth):
-        node = tl.load(parents_ptr + node, mask=node >= 0, other=-1)
+        # (node < num_nodes: parents are not value-checked on a GPU; never read out of bounds)
+        node = tl.load(parents_ptr + node, mask=(node >= 0) & (node < num_nodes), other=-1)
         visible = visible | (rel[None, :] == node[:, None])
     # rel == node only matches tree columns (nodes are < T), or node -1 at column prefix_len - 1,
     # which is a prefix column anyway: no separate "is a tree column" test is needed.
@@ -125,27 +133,39 @@ def tree_attention_mask_triton(parents: torch.Tensor, prefix_lens: torch.Tensor,
 
     Builds the mask from `parents` directly: each program walks its query nodes' parent
     chains (depth steps), no ancestor matrix is precomputed.
+    No host sync on a GPU when the caller passes max_kv_len (it knows max(prefix_lens) + T
+    on the host); parents may then be a CPU tensor (checked for free, its exact depth
+    bounds the walk) or a CUDA one (unchecked, the walk takes T - 1 steps).
     """
     max_kv_len, depth = _check_inputs(parents, prefix_lens, max_kv_len)
     check_triton_device("tree_attention_mask_triton", prefix_lens)
+    # non_blocking: a host-to-device copy of a few ints need not wait for the GPU's queue.
+    parents = parents.to(device=prefix_lens.device, dtype=torch.int32, non_blocking=True).contiguous()
+    launch, mask = tree_mask_launch(parents, prefix_lens, max_kv_len, depth)
+    if launch is not None:
+        launch.run()
+    return mask.view(torch.bool)
+
+
+def tree_mask_launch(parents: torch.Tensor, prefix_lens: torch.Tensor, max_kv_len: int,
+                     max_depth: int) -> tuple[KernelLaunch | None, torch.Tensor]:
+    """The kernel launch of tree_attention_mask_triton, and its uint8 output [B, T, max_kv_len].
+
+    parents: [T] int32 on prefix_lens' device. Shapes only (meta tensors work, see
+    chimera_kernels.launches); returns (None, mask) when the mask is empty.
+    """
     num_nodes, batch = parents.shape[0], prefix_lens.shape[0]
-    if depth is None:  # values unread (graph capture): a chain of T nodes is the deepest tree
-        depth = num_nodes - 1
     # Stored as uint8 and viewed as bool: same bytes, and no reliance on bool pointers in Triton.
     mask = torch.empty(batch, num_nodes, max_kv_len, dtype=torch.uint8, device=prefix_lens.device)
     if batch == 0 or max_kv_len == 0:
-        return mask.view(torch.bool)
-    parents = parents.to(device=prefix_lens.device, dtype=torch.int32).contiguous()
+        return None, mask
     block_i = min(16, next_power_of_2(num_nodes))
     block_j = min(128, next_power_of_2(max_kv_len))
     grid = (cdiv(max_kv_len, block_j), cdiv(num_nodes, block_i), batch)
-    jit_kernel(_tree_mask_kernel)[grid](
-        parents, prefix_lens.contiguous(), mask,
-        num_nodes, max_kv_len, depth,
-        mask.stride(0), mask.stride(1), mask.stride(2),
-        BLOCK_I=block_i, BLOCK_J=block_j,
-    )
-    return mask.view(torch.bool)
+    args = dict(parents_ptr=parents, prefix_lens_ptr=prefix_lens.contiguous(), mask_ptr=mask,
+                num_nodes=num_nodes, max_kv_len=max_kv_len, max_depth=max_depth,
+                stride_mask_b=mask.stride(0), stride_mask_i=mask.stride(1), stride_mask_j=mask.stride(2))
+    return KernelLaunch(_tree_mask_kernel, grid, args, dict(BLOCK_I=block_i, BLOCK_J=block_j)), mask
 
 
 def tree_attention_mask(parents: torch.Tensor, prefix_lens: torch.Tensor,

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from chimera_kernels._dispatch import (FLOAT_DTYPES, INDEX_DTYPES, can_sync, cdiv, check_tensor,
-                                       check_triton_device, interpreting, jit_kernel, needs_grad,
-                                       next_power_of_2, use_triton)
+from chimera_kernels._dispatch import (FLOAT_DTYPES, INDEX_DTYPES, KernelLaunch, cdiv, check_tensor,
+                                       check_triton_device, interpreting, needs_grad, next_power_of_2,
+                                       use_triton, values_readable)
 
 tl = None  # triton.language, bound on first use by jit_kernel (importing this module never imports triton)
 
@@ -105,9 +105,10 @@ def _check_inputs(token_ids, cu_seqlens, embed_weight, w1, bias, activation, pre
     if bad_prefix:
         raise ValueError(f"trigram_encoder: prefix_ids must be an int32/int64 tensor [num_seqs, 2] = "
                          f"[{num_seqs}, 2], got {prefix_ids.dtype} of shape {tuple(prefix_ids.shape)}")
-    if not can_sync(cu_seqlens):
+    # Value checks: free on CPU; on CUDA only with CHIMERA_KERNELS_CHECK=1, as they would
+    # cost one device-to-host copy (a stall) per call (see values_readable).
+    if not values_readable(token_ids, cu_seqlens, prefix_ids):
         return
-    # Value checks, one device-to-host copy for all of them.
     vocab = embed_weight.shape[0]
     checks = {
         f"cu_seqlens[0] must be 0 and cu_seqlens[-1] must be num_tokens = {token_ids.shape[0]}":
@@ -244,11 +245,26 @@ def trigram_encoder_triton(token_ids: torch.Tensor, cu_seqlens: torch.Tensor, em
                            "CHIMERA_KERNELS=triton)")
     check_triton_device("trigram_encoder_triton", token_ids, cu_seqlens, embed_weight, w1, bias,
                         prefix_ids)
+    launch, out = trigram_launch(token_ids, cu_seqlens, embed_weight, w1, bias, activation, prefix_ids)
+    if launch is not None:
+        launch.run()
+    return out
+
+
+def trigram_launch(token_ids: torch.Tensor, cu_seqlens: torch.Tensor, embed_weight: torch.Tensor,
+                   w1: torch.Tensor, bias: torch.Tensor | None, activation: str,
+                   prefix_ids: torch.Tensor | None) -> tuple[KernelLaunch | None, torch.Tensor]:
+    """The kernel launch of trigram_encoder_triton on these (checked) inputs, and its output.
+
+    Shapes, strides and dtypes only: no value is read, so nothing here waits for the GPU,
+    and meta tensors work (chimera_kernels.launches enumerates launches that way).
+    Returns (None, out) when there is nothing to compute.
+    """
     num_tokens, (d_out, d) = token_ids.shape[0], (w1.shape[0], embed_weight.shape[1])
     # [num_tokens, d_out]
     out = torch.empty(num_tokens, d_out, dtype=embed_weight.dtype, device=embed_weight.device)
     if num_tokens == 0 or d_out == 0:
-        return out
+        return None, out
     cu = cu_seqlens.contiguous()  # [num_seqs + 1]
     # Sequence of each token, computed with torch before the launch (no device sync):
     # e.g. cu_seqlens [0, 3, 4, 6] -> seq_idx [0, 0, 0, 1, 2, 2].
@@ -258,21 +274,26 @@ def trigram_encoder_triton(token_ids: torch.Tensor, cu_seqlens: torch.Tensor, em
     block_m = 16 if num_tokens <= 16 else (32 if num_tokens <= 256 else 64)
     block_n = min(64, max(16, next_power_of_2(d_out)))
     block_k = min(64, max(16, next_power_of_2(d)))
-    grid = (cdiv(num_tokens, block_m), cdiv(d_out, block_n))
-    kernel = jit_kernel(_trigram_kernel)
     prefix = prefix_ids if prefix_ids is not None else seq_idx  # dummy pointer, never read
-    kernel[grid](
-        token_ids, seq_idx, cu, prefix,
-        embed_weight, w1, bias if bias is not None else out, out,  # out: dummy bias pointer, never read
-        num_tokens, d, d_out,
-        token_ids.stride(0), prefix.stride(0), prefix.stride(-1),
-        embed_weight.stride(0), embed_weight.stride(1), w1.stride(0), w1.stride(1),
-        bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
+    args = dict(
+        token_ids_ptr=token_ids, seq_idx_ptr=seq_idx, cu_seqlens_ptr=cu, prefix_ptr=prefix,
+        embed_ptr=embed_weight, w1_ptr=w1,
+        bias_ptr=bias if bias is not None else out,  # out: dummy bias pointer, never read
+        out_ptr=out, num_tokens=num_tokens, d=d, d_out=d_out,
+        stride_tok=token_ids.stride(0), stride_prefix_seq=prefix.stride(0),
+        stride_prefix_col=prefix.stride(-1),
+        stride_embed_row=embed_weight.stride(0), stride_embed_col=embed_weight.stride(1),
+        stride_w1_row=w1.stride(0), stride_w1_col=w1.stride(1),
+        stride_bias=bias.stride(0) if bias is not None else 0,
+        stride_out_row=out.stride(0), stride_out_col=out.stride(1))
+    # Meta tensors describe a compiled (GPU) launch, where bf16 tiles go to tl.dot as they are.
+    interpreted = not embed_weight.is_meta and interpreting()
+    constexprs = dict(
         HAS_PREFIX=prefix_ids is not None, HAS_BIAS=bias is not None, ACTIVATION=activation,
-        DOT_IN_FP32=interpreting() and embed_weight.dtype == torch.bfloat16,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-    )
-    return out
+        DOT_IN_FP32=interpreted and embed_weight.dtype == torch.bfloat16,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    grid = (cdiv(num_tokens, block_m), cdiv(d_out, block_n))
+    return KernelLaunch(_trigram_kernel, grid, args, constexprs), out
 
 
 def trigram_encoder(token_ids: torch.Tensor, cu_seqlens: torch.Tensor, embed_weight: torch.Tensor,

@@ -287,6 +287,68 @@ def test_tree_mask_errors(impl, parents, prefix_lens, max_kv_len, match):
         impl(torch.tensor(parents), torch.tensor(prefix_lens), max_kv_len)
 
 
+# ---------------------------------------------------------------- no host syncs on a GPU
+
+def test_values_readable_policy(monkeypatch):
+    """Values are read where that is free (CPU) or when CHIMERA_KERNELS_CHECK=1 asks for it."""
+    values_readable = chimera_kernels._dispatch.values_readable
+    cuda_like = SimpleNamespace(is_meta=False, is_cuda=True, device=torch.device("cuda", 0))
+    monkeypatch.delenv("CHIMERA_KERNELS_CHECK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (a CPU build has no CUDA)
+    assert values_readable(torch.zeros(2), None)
+    assert not values_readable(torch.zeros(2, device="meta"))
+    assert not values_readable(cuda_like)
+    monkeypatch.setenv("CHIMERA_KERNELS_CHECK", "1")
+    assert values_readable(cuda_like)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not values_readable(cuda_like)  # reading is illegal during CUDA graph capture
+
+
+@pytest.fixture
+def as_on_a_gpu(monkeypatch):
+    """The wrappers' GPU path on CPU tensors: no value may be read (values_readable is False)."""
+    for module in (chimera_kernels.trigram, chimera_kernels.tree_mask):
+        monkeypatch.setattr(module, "values_readable", lambda *tensors: False)
+
+
+@pytest.mark.parametrize("name", ["chain", "star", "medusa-like"])
+def test_tree_mask_gpu_path(as_on_a_gpu, name):
+    """Unread parents: the walk is bounded by T - 1 instead of the depth; same mask."""
+    parents, prefix_lens = torch.tensor(TREES[name]), torch.tensor([0, 5, 130])
+    max_kv_len = 130 + len(parents)
+    assert chimera_kernels.tree_mask._check_inputs(parents, prefix_lens, max_kv_len) == (
+        max_kv_len, len(parents) - 1)
+    expected = tree_attention_mask_reference(parents, prefix_lens, max_kv_len)
+    assert torch.equal(tree_attention_mask_triton(parents, prefix_lens, max_kv_len), expected)
+
+
+def test_tree_mask_gpu_path_never_reads_out_of_bounds(as_on_a_gpu):
+    """Bad parents go unchecked on a GPU; the kernel's walk must still stay inside parents."""
+    # Node 2's parent 7 is past the tree; memory there holds 3, which a read would follow.
+    memory = torch.tensor([-1, 0, 7, 1, 0, 0, 0, 3], dtype=torch.int32)
+    mask = tree_attention_mask_triton(memory[:4], torch.tensor([3]), 8)[0]  # [T, max_kv_len]
+    assert mask[:, :3].all()  # the prefix is visible whatever the tree
+    assert mask[2, 3:].tolist() == [False, False, True, False, False]  # node 2 sees itself only
+
+
+def test_trigram_gpu_path(as_on_a_gpu):
+    args = make_trigram_inputs([3, 1, 9], d=24, d_out=40, with_prefix=True)
+    assert_trigram_close(args, "gelu", torch.float32)
+
+
+def test_meta_tensors_launch_without_values():
+    """The launch is computed from shapes alone: meta tensors (no values) go through."""
+    from chimera_kernels.launches import TreeMaskCall, TrigramCall
+
+    launch = TrigramCall("vllm", torch.bfloat16, torch.int32, "silu", 576, 40, True).launch()
+    assert launch.grid == (2, 9) and launch.constexprs["BLOCK_M"] == 32
+    launch = TreeMaskCall("vllm", 9, 200).launch()
+    assert launch.args["max_depth"] == 8 and launch.grid == (2, 1, 1)
+    with pytest.raises(RuntimeError, match="item"):  # without max_kv_len the width needs values: the one sync left
+        tree_attention_mask_triton(torch.zeros(3, dtype=torch.int32, device="meta"),
+                                   torch.zeros(1, dtype=torch.int64, device="meta"))
+
+
 # ---------------------------------------------------------------- dispatch
 
 @pytest.fixture
@@ -386,34 +448,3 @@ def test_interpreter_when_triton_was_imported_first():
         assert torch.equal(tree_attention_mask_triton(parents, prefix_lens),
                            tree_attention_mask_reference(parents, prefix_lens))
     """)
-
-
-def test_kernels_compile_for_a_gpu(tmp_path):
-    """The non-interpreted path: compile both kernels ahead of time for sm_80 (no GPU needed).
-
-    Catches code the interpreter accepts but the compiler rejects; a fresh cache forces a compile.
-    """
-    run_python("""
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-        from chimera_kernels import trigram, tree_mask
-        from chimera_kernels._dispatch import jit_kernel
-
-        def compile_for_sm80(fn, types, constants):
-            kernel = jit_kernel(fn)
-            signature = {name: types.get(name, "i32") for name in kernel.arg_names}  # ints default to i32
-            signature |= {name: "constexpr" for name in constants}
-            constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
-            return triton.compile(ASTSource(kernel, signature, constexprs),
-                                  target=GPUTarget("cuda", 80, 32))
-
-        ptrs = dict(token_ids_ptr="*i64", seq_idx_ptr="*i32", cu_seqlens_ptr="*i32", prefix_ptr="*i64",
-                    embed_ptr="*bf16", w1_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16")
-        compiled = compile_for_sm80(trigram._trigram_kernel, ptrs, dict(
-            HAS_PREFIX=True, HAS_BIAS=True, ACTIVATION="gelu", DOT_IN_FP32=False,
-            BLOCK_M=32, BLOCK_N=64, BLOCK_K=64))
-        assert "mma" in compiled.asm["ptx"], "bf16 tl.dot should use tensor cores"
-        compile_for_sm80(tree_mask._tree_mask_kernel, dict(parents_ptr="*i32", prefix_lens_ptr="*i64",
-                                                          mask_ptr="*u8"), dict(BLOCK_I=16, BLOCK_J=128))
-    """, TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path))
