@@ -1,8 +1,9 @@
 """Toy targets and drafts built in a folder, for tests and demos (no download needed).
 
-build_tiny_target      a random tiny Llama (tied embeddings, like SmolLM2)
+build_tiny_target      a random tiny Llama (tied embeddings, like SmolLM2), or a Qwen2
+                       (attention biases, tied or untied LM head, like Qwen2.5)
 build_random_draft     a Chimera draft with random weights everywhere (mostly rejected)
-build_vllm_target      a tiny Llama vLLM's CPU attention accepts (head_dim 32), with a tokenizer
+build_vllm_target      a tiny Llama (or Qwen2) vLLM's CPU attention accepts (head_dim 32), with a tokenizer
 build_permutation_pair a target that follows a permutation and a draft that knows it
                        (mostly accepted): the accept path, end to end
 """
@@ -14,22 +15,39 @@ from vllm_chimera.config import ChimeraConfig
 from vllm_chimera.model import ChimeraDraftModel
 
 
+# The architectures build_tiny_target makes, by model_type.
+TINY_TARGET_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
 def build_tiny_target(folder, vocab_size=128, hidden_size=64, num_layers=2, seed=0,
-                      initializer_range=0.3):
-    """Save a random tiny Llama (tied embeddings, like SmolLM2) to `folder` and load it back.
+                      initializer_range=0.3, model_type="llama", tie_word_embeddings=True):
+    """Save a random tiny Llama (tied embeddings, like SmolLM2) or Qwen2 to `folder` and
+    load it back.
 
     initializer_range=0.3 gives varied greedy outputs; at 0.02 a random model repeats one
     token forever, which would make every draft look right and the tests toothless.
+    model_type="qwen2": Qwen2's q/k/v projections have biases, which Hugging Face starts
+    at zero; they are drawn at random here, so that a path that drops them shows.
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    if model_type not in TINY_TARGET_ARCHITECTURES:
+        raise ValueError(f"model_type must be one of {sorted(TINY_TARGET_ARCHITECTURES)}, "
+                         f"got {model_type!r}")
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        model_type,
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, tie_word_embeddings=True,
-        initializer_range=initializer_range, architectures=["LlamaForCausalLM"])
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        max_position_embeddings=512, tie_word_embeddings=tie_word_embeddings,
+        initializer_range=initializer_range, architectures=[TINY_TARGET_ARCHITECTURES[model_type]])
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                if proj.bias is not None:
+                    torch.nn.init.normal_(proj.bias, std=initializer_range)
+    model.save_pretrained(folder)
     target = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                   attn_implementation="sdpa")
     return target.eval()
@@ -60,9 +78,11 @@ def save_word_tokenizer(folder, vocab_size: int) -> None:
                             bos_token="t0").save_pretrained(folder)
 
 
-def build_vllm_target(folder, vocab_size=256, seed=0):
-    """A tiny random Llama that vLLM's CPU attention accepts (head_dim 32), with a tokenizer."""
-    target = build_tiny_target(folder, vocab_size=vocab_size, hidden_size=128, seed=seed)
+def build_vllm_target(folder, vocab_size=256, seed=0, model_type="llama", tie_word_embeddings=True):
+    """A tiny random Llama (or Qwen2) that vLLM's CPU attention accepts (head_dim 32), with a
+    tokenizer."""
+    target = build_tiny_target(folder, vocab_size=vocab_size, hidden_size=128, seed=seed,
+                               model_type=model_type, tie_word_embeddings=tie_word_embeddings)
     save_word_tokenizer(folder, vocab_size)
     return target
 
