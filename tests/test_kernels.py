@@ -2,10 +2,13 @@
 
 Run: .venv/bin/python -m pytest tests/test_kernels.py -q
 """
+import importlib.util
+import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -448,3 +451,35 @@ def test_interpreter_when_triton_was_imported_first():
         assert torch.equal(tree_attention_mask_triton(parents, prefix_lens),
                            tree_attention_mask_reference(parents, prefix_lens))
     """)
+
+
+# ---------------------------------------------------------------- the prepared GPU check, on the CPU
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_smoke(tmp_path):
+    """scripts/gpu_check.sh end to end in its CPU smoke mode (interpreted kernels, --quick), as
+    the device tool runs it: the report lands in $OUT and every check ran and passed."""
+    env = {k: v for k, v in os.environ.items()} | {"TRITON_INTERPRET": "1", "OUT": str(tmp_path),
+                                                   "PYTHON": sys.executable}
+    subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--device", "cpu", "--quick"],
+                   check=True, env=env, timeout=600, capture_output=True)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"], [row for row in report["rows"] if not row["ok"]]
+    assert {row["check"] for row in report["rows"]} == {"kernel", "host sync", "draft", "tree attention"}
+    kernels = {row["case"].split()[0] for row in report["rows"] if row["check"] == "kernel"}
+    assert kernels == {"trigram", "tree_mask"}
+    assert (tmp_path / "report.md").read_text().startswith("# GPU check on")
+    assert (tmp_path / "log.txt").exists()
+
+
+def test_gpu_check_default_output(monkeypatch):
+    """Without --output: $OUT (what the device tool brings back), else results/gpu/<date>/."""
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setenv("OUT", "/some/where")
+    assert gpu_check.default_output() == Path("/some/where")
+    monkeypatch.delenv("OUT")
+    assert gpu_check.default_output().parent == REPO / "results" / "gpu"
