@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import build_permutation_pair
+from vllm_chimera.model import to_target_ids
 from vllm_chimera.reference import SpeculativeDecoder
 from vllm_chimera.training import TrainingSettings, train
 from vllm_chimera.training.cli import train_main
@@ -99,7 +100,7 @@ def test_untrained_reduced_vocabulary_medusa_heads_predict_the_targets_rows(tiny
     with torch.no_grad():
         expected = tiny_target.get_output_embeddings()(h)[:, frequent]  # [5, V_DRAFT]
         torch.testing.assert_close(heads.head_logits(h), expected.expand(3, -1, -1))
-        predicted = heads.to_target_ids(heads.head_logits(h).argmax(-1))  # [3, 5] target ids
+        predicted = to_target_ids(heads.head_logits(h).argmax(-1), heads.token_map)  # [3, 5] target ids
     assert torch.equal(predicted[0], frequent[expected.argmax(-1)])
     heads.export(tmp_path, dtype=torch.float16)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -123,7 +124,8 @@ def test_medusa_labels_outside_the_reduced_vocabulary_teach_nothing(tiny_target)
     loss = MedusaLoss(heads, [1.0, 0.8])
     labels = torch.tensor([[42, 5, -100], [7, 100, 127]])  # target ids, IGNORE = -100
     assert loss.train_labels(labels).tolist() == [[3, -100, -100], [0, 2, -100]]
-    assert loss.to_target_ids(torch.tensor([[3, 0], [1, 2]])).tolist() == [[42, 7], [3, 100]]
+    assert to_target_ids(torch.tensor([[3, 0], [1, 2]]), loss.draft_vocabulary()[0]).tolist() == [
+        [42, 7], [3, 100]]
 
 
 def test_eagle_layer_is_transformers_llama_layer_without_input_norm():
@@ -300,7 +302,8 @@ class PeerDrafter:
         self.hidden.append(new_hidden_states)
         h = torch.cat(self.hidden)  # [n + 1, d]: h_0 .. h_n
         if isinstance(self.peer, MedusaHeads):  # (a reduced vocabulary: back to target ids)
-            return self.peer.to_target_ids(self.peer.head_logits(h[-1]).topk(top_k, dim=-1).indices)
+            return to_target_ids(self.peer.head_logits(h[-1]).topk(top_k, dim=-1).indices,
+                                 self.peer.token_map)
         positions = torch.arange(h.shape[0])[None]
         _, logits = self.peer.rollout(token_ids[1:][None], h[None], positions, K)
         return logits[:, -1].topk(top_k, dim=-1).indices  # the rollout from n

@@ -1,6 +1,6 @@
 """The Chimera draft model in plain PyTorch (no vLLM).
 
-Reading order, bottom to top of the draft (CHIMERA.md, "The draft model"):
+Reading order, bottom to top of the draft (the Chimera paper, arXiv 2402.15758):
 
     x_{t-1}, x_t, x_{t+1} --TrigramEncoder--> u_{t+1}                 short-range context
     z_t = W_f [u_{t+1}; h_t]                                            h_t: target's final hidden state
@@ -160,26 +160,46 @@ class EncoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _plain_linear(in_features: int, out_features: int, name: str) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=False)
+
+
 class ResidualHead(nn.Module):
     """R_i: [h; s] (2d) -> d. Its output layer starts at zero, so an untrained head
     returns h itself and predicts what the target's LM head predicts from h.
 
     A sequential head (config.sequential_heads) also reads e, the target's embedding of the
     token before its own target: R_i = down(silu(up([h; s]) + token_up(e))).
+
+    `linear(in_features, out_features, name)` builds its bias-free layers ("up", "token_up",
+    "down"): plain nn.Linear here, vLLM's linear layers in vllm/model.py (the same head).
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, sequential: bool = False):
+    def __init__(self, hidden_size: int, intermediate_size: int, sequential: bool = False,
+                 linear=_plain_linear):
         super().__init__()
-        self.up = nn.Linear(2 * hidden_size, intermediate_size, bias=False)
-        self.token_up = nn.Linear(hidden_size, intermediate_size, bias=False) if sequential else None
-        self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.up = linear(2 * hidden_size, intermediate_size, "up")
+        self.token_up = linear(hidden_size, intermediate_size, "token_up") if sequential else None
+        self.down = linear(intermediate_size, hidden_size, "down")
         nn.init.zeros_(self.down.weight)
 
     def forward(self, hs: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """hs [..., 2d] (and token_embeds [..., d] for a sequential head) -> [..., d]."""
         x = self.up(hs)
         if self.token_up is not None:
             x = x + self.token_up(token_embeds)
         return self.down(F.silu(x))
+
+
+def to_target_ids(draft_ids: torch.Tensor, draft_to_target_ids: torch.Tensor | None) -> torch.Tensor:
+    """Indices into a draft's logits -> target token ids, any shape.
+
+    draft_to_target_ids [V']: the target id of each id of a reduced draft vocabulary; None
+    for a draft that predicts over the target's whole vocabulary (the ids are target ids).
+    """
+    if draft_to_target_ids is None:
+        return draft_ids
+    return draft_to_target_ids.to(draft_ids.device)[draft_ids]
 
 
 class ChimeraDraftModel(nn.Module):
@@ -217,6 +237,8 @@ class ChimeraDraftModel(nn.Module):
             self.draft_lm_head = nn.Linear(d, config.draft_vocab_size, bias=False)
             self.register_buffer("draft_to_target_ids",
                                  torch.arange(config.draft_vocab_size, dtype=torch.long))
+        else:  # (the ids are target ids: to_target_ids leaves them)
+            self.register_buffer("draft_to_target_ids", None)
         self._init_weights()
         self._target_embed: torch.Tensor | None = None  # [V, d], the target's, not ours
         self._target_lm_head: torch.Tensor | None = None  # [V, d]
@@ -292,7 +314,8 @@ class ChimeraDraftModel(nn.Module):
             positions:      [B, L]     t
             prefix_ids:     [B, 2]     (x_{t0-1}, x_{t0}), -1 where before the sequence start;
                                        a chunk that starts at t0 = 0 passes (-1, x_0), so
-                                       u_1 = f(x_0, x_0, x_1) (CHIMERA.md: repeat x_0).
+                                       u_1 = f(x_0, x_0, x_1) (tokens before the
+                                       start repeat x_0).
             kv_cache:       the encoder's cache for positions < t0 (one LayerKVCache per
                             encoder layer), or None to encode whole sequences causally
                             (training).
@@ -364,12 +387,6 @@ class ChimeraDraftModel(nn.Module):
             return self.draft_lm_head(states)
         return states @ self._target_lm_head.t().to(states.dtype)
 
-    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        """Map head outputs to target token ids (identity without a reduced vocabulary)."""
-        if self.config.draft_vocab_size is None:
-            return draft_ids
-        return self.draft_to_target_ids[draft_ids]
-
     def propose(self, hidden_states: torch.Tensor, s: torch.Tensor, top_k: int = 1,
                 next_token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Top-k draft tokens per head as target ids: [..., d] -> [K, ..., top_k].
@@ -380,7 +397,7 @@ class ChimeraDraftModel(nn.Module):
         """
         if not self.config.sequential_heads:
             logits = self.head_logits(hidden_states, s)
-            return self.to_target_ids(logits.topk(top_k, dim=-1).indices)
+            return to_target_ids(logits.topk(top_k, dim=-1).indices, self.draft_to_target_ids)
         if next_token_ids is None:
             raise ValueError("sequential heads need next_token_ids (x_{t+1}) to propose")
         self._require_target()
@@ -388,7 +405,8 @@ class ChimeraDraftModel(nn.Module):
         previous, candidates = next_token_ids, []
         for head in self.heads:
             state = self._head_state(head, hidden_states, hs, previous)
-            top = self.to_target_ids(self.lm_logits(state).topk(top_k, dim=-1).indices)  # [..., top_k]
+            top = to_target_ids(self.lm_logits(state).topk(top_k, dim=-1).indices,
+                                self.draft_to_target_ids)  # [..., top_k]
             candidates.append(top)
             previous = top[..., 0]
         return torch.stack(candidates)

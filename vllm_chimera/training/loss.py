@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_chimera.context_lookup import lookup_matches
-from vllm_chimera.model import ChimeraDraftModel
+from vllm_chimera.model import ChimeraDraftModel, to_target_ids
 
 IGNORE = -100
 
@@ -161,11 +161,6 @@ class HeadsLoss(nn.Module):
         mapped = self.target_to_draft.to(labels.device)[labels.clamp(min=0)]
         return torch.where((labels != IGNORE) & (mapped >= 0), mapped, IGNORE)
 
-    def to_target_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Indices into the logits [..] -> target ids."""
-        vocabulary = self.draft_vocabulary()
-        return ids if vocabulary is None else vocabulary[0].to(ids.device)[ids]
-
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch_labels(batch, self.loss_on, self.num_heads)  # [K, B, L-1]
         # The LM-head projections dominate the cost: run the heads only where some head has a label.
@@ -199,7 +194,9 @@ class HeadsLoss(nn.Module):
         # Mean over each head's labelled tokens (a head with none contributes 0, not NaN).
         loss = (self.head_weights.to(logits.device) * per_token.sum(-1) / counts.clamp(min=1)).sum()
         with torch.no_grad():
-            predictions = self.to_target_ids(logits.argmax(-1))  # [K, P] target ids
+            vocabulary = self.draft_vocabulary()
+            predictions = to_target_ids(logits.argmax(-1), None if vocabulary is None
+                                        else vocabulary[0])  # [K, P] target ids
             hits = (predictions == labels) & valid  # [K, P]
             # Kept for validation's acceptance-length estimate (needs per-position hits) and
             # its confidence curve (the heads' top-1 probabilities; not computed in training).

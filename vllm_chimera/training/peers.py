@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import LlamaConfig
 
 from vllm_chimera.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from vllm_chimera.config import ChimeraConfig
@@ -175,8 +176,10 @@ class MedusaHeads(PeerDraft):
         self.num_heads, self.num_layers, self.shared_lm_head = num_heads, num_layers, shared_lm_head
         self.draft_vocab_size = draft_vocab_size
         self.blocks = nn.ModuleList(ResidualBlock(hidden_size, num_layers) for _ in range(num_heads))
-        if draft_vocab_size is not None:  # set by bind_target's frequent_token_ids or a load
-            self.register_buffer("token_map", torch.arange(draft_vocab_size))
+        # The target id of each reduced-vocabulary id (vLLM's Medusa name), set by
+        # bind_target's frequent_token_ids or a load; None: the ids are target ids.
+        self.register_buffer("token_map", None if draft_vocab_size is None
+                             else torch.arange(draft_vocab_size))
         # Own LM heads: one per head; one shared reduced head; none (the target's, frozen).
         count = num_heads if not shared_lm_head else 0 if draft_vocab_size is None else 1
         self.lm_heads = nn.ModuleList(nn.Linear(hidden_size, draft_vocab_size or vocab_size,
@@ -216,10 +219,6 @@ class MedusaHeads(PeerDraft):
                 weight = self.lm_heads[0 if self.shared_lm_head else i].weight
             logits.append(states[i] @ weight.t().to(states.dtype))
         return torch.stack(logits)
-
-    def to_target_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Indices into head_logits' last dimension -> target ids."""
-        return ids if self.draft_vocab_size is None else self.token_map[ids]
 
     def export_extras(self):
         # vLLM's original_lm_head loads its one LM head from "lm_heads.0.weight" (with a
@@ -340,8 +339,6 @@ class EagleDraft(PeerDraft):
         """llama_config: the target's config dict (eagle_llama_config); its intermediate_size
         is the draft layer's MLP width. num_steps: the draft steps (K) validated, and the
         num_speculative_tokens the export suggests."""
-        from transformers import LlamaConfig
-
         super().__init__()
         self.llama_config = dict(llama_config)
         self.num_steps = num_steps

@@ -20,10 +20,10 @@ that end each request.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig
 
@@ -36,6 +36,9 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer
 
 from chimera_kernels import ACTIVATION_FUNCTIONS, trigram_encoder, trigram_window_ids
 from vllm_chimera.config import ChimeraConfig
+# The reduced vocabulary's map is a stored id table: vLLM's vocab_mapping.VocabMapping builds
+# its map from two tokenizers instead, so the core's to_target_ids serves here too.
+from vllm_chimera.model import ResidualHead, to_target_ids
 
 ARCHITECTURE = "ChimeraDraftModel"
 
@@ -60,20 +63,9 @@ def _linear(in_features: int, out_features: int, prefix: str) -> ReplicatedLinea
     return ReplicatedLinear(in_features, out_features, bias=False, return_bias=False, prefix=prefix)
 
 
-class _ResidualHead(nn.Module):
-    """R_i([h; s]) (+ token_up(E(y_i)) inside the activation for a sequential head)."""
-
-    def __init__(self, d: int, intermediate_size: int, prefix: str, sequential: bool = False):
-        super().__init__()
-        self.up = _linear(2 * d, intermediate_size, f"{prefix}.up")
-        self.token_up = _linear(d, intermediate_size, f"{prefix}.token_up") if sequential else None
-        self.down = _linear(intermediate_size, d, f"{prefix}.down")
-
-    def forward(self, hs: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.up(hs)
-        if self.token_up is not None:
-            x = x + self.token_up(token_embeds)
-        return self.down(F.silu(x))
+def _head_linear(head_index: int, in_features: int, out_features: int, name: str) -> ReplicatedLinear:
+    """The layers of ResidualHead i, named as in the checkpoint (heads.{i}.up, ...)."""
+    return _linear(in_features, out_features, f"heads.{head_index}.{name}")
 
 
 class ChimeraDraftForVLLM(nn.Module):
@@ -103,13 +95,16 @@ class ChimeraDraftForVLLM(nn.Module):
             self.target_layer_norms = nn.ModuleList(
                 RMSNorm(d, eps=config.rms_norm_eps) for _ in config.target_layer_ids)
             self.target_layer_fuse = _linear(len(config.target_layer_ids) * d, d, "target_layer_fuse")
-        self.heads = nn.ModuleList(_ResidualHead(d, config.head_intermediate_size, f"heads.{i}",
-                                                 config.sequential_heads)
-                                   for i in range(config.num_decoding_heads))
+        self.heads = nn.ModuleList(
+            ResidualHead(d, config.head_intermediate_size, config.sequential_heads,
+                         linear=functools.partial(_head_linear, i))
+            for i in range(config.num_decoding_heads))
         if config.draft_vocab_size is not None:
             self.draft_lm_head = _linear(d, config.draft_vocab_size, "draft_lm_head")
             self.register_buffer("draft_to_target_ids",
                                  torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        else:  # (the ids are target ids: to_target_ids leaves them)
+            self.register_buffer("draft_to_target_ids", None)
         self._target = None  # the target language model, set by bind_target (not a submodule)
 
     def bind_target(self, target: nn.Module) -> None:
@@ -192,7 +187,7 @@ class ChimeraDraftForVLLM(nn.Module):
         """
         if not self.config.sequential_heads:
             ids, probs = self._top_k(self.head_logits(hidden_states, s, num_heads), top_k, return_probs)
-            ids = self.to_target_ids(ids)
+            ids = to_target_ids(ids, self.draft_to_target_ids)
             return (ids, probs) if return_probs else ids
         hs = torch.cat([hidden_states, s], dim=-1)
         previous, candidates, candidate_probs = next_token_ids.long(), [], []
@@ -200,7 +195,7 @@ class ChimeraDraftForVLLM(nn.Module):
             embeds = self.embed_input_ids(previous).to(hidden_states.dtype)  # [B, d]
             ids, probs = self._top_k(self._lm_logits(hidden_states + head(hs, embeds)), top_k,
                                      return_probs)  # [B, top_k] each
-            candidates.append(self.to_target_ids(ids))
+            candidates.append(to_target_ids(ids, self.draft_to_target_ids))
             candidate_probs.append(probs)
             previous = candidates[-1][:, 0]
         ids = torch.stack(candidates, dim=1)
@@ -219,11 +214,6 @@ class ChimeraDraftForVLLM(nn.Module):
         if self.config.draft_vocab_size is not None:
             return self.draft_lm_head(states)
         return self._target.compute_logits(states)
-
-    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        if self.config.draft_vocab_size is None:
-            return draft_ids
-        return self.draft_to_target_ids[draft_ids]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
