@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -152,14 +153,11 @@ class TreeMaskCall:
 def trigram_calls(full: bool = True) -> list[TrigramCall]:
     """Every trigram_encoder call of the callers in the module docstring (and the bias option)."""
     calls = []
-    for caller, id_dtype, prefixes in (("vllm", torch.int32, (True, False)),
+    for caller, id_dtype, prefixes in (("vllm", torch.int32, (True, False)),  # (no prefix: warm-up)
                                        ("torch-draft", torch.int64, (True,))):
-        for dtype in FLOAT_DTYPES:
-            for activation in ACTIVATIONS:
-                for d in HIDDEN_SIZES:
-                    for num_tokens in TOKEN_COUNTS:
-                        calls += [TrigramCall(caller, dtype, id_dtype, activation, d, num_tokens, p)
-                                  for p in prefixes]
+        calls += [TrigramCall(caller, dtype, id_dtype, activation, d, num_tokens, with_prefix)
+                  for dtype, activation, d, num_tokens, with_prefix
+                  in itertools.product(FLOAT_DTYPES, ACTIVATIONS, HIDDEN_SIZES, TOKEN_COUNTS, prefixes)]
     if full:
         calls += [TrigramCall("api", dtype, torch.int64, "silu", 576, 40, True, with_bias=True)
                   for dtype in FLOAT_DTYPES]
