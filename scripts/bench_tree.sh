@@ -16,11 +16,11 @@ draft="$here/vllm_chimera/drafts/smollm2-chimera"
 output="${OUTPUT:-$here/results/bench/smollm2-tree}"
 tree="$("$py" - "$draft" "${NODES:-8}" <<'PY'
 import json, sys
-from vllm_chimera.checkpoint import load_config
+from vllm_chimera.measurements import DeviceMeasurements, load_measurements
 from vllm_chimera.tree import best_paths
-accuracies = load_config(sys.argv[1]).head_top_k_accuracies
+accuracies = load_measurements(sys.argv[1]).get("cpu", DeviceMeasurements()).head_top_k_accuracies
 if not accuracies:
-    raise SystemExit("the draft has no head_top_k_accuracies: run chimera-bench --measure-tree --save-schedule")
+    raise SystemExit("the draft has no head_top_k_accuracies on cpu: run chimera-bench --measure-tree --save-schedule")
 print(json.dumps([list(p) for p in best_paths(accuracies, int(sys.argv[2]))]))
 PY
 )"

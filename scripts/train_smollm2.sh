@@ -365,10 +365,11 @@ for stage in "${stages[@]}"; do
       "$py" - "$src" "$dst" "$shipped" <<'EOF'
 import sys
 from pathlib import Path
-from vllm_chimera.checkpoint import load_config
+from vllm_chimera.measurements import load_measurements
 from vllm_chimera.training.checkpointing import export_draft
 src, dst, shipped = sys.argv[1:]
-kept = load_config(shipped).step_aside_schedules if Path(shipped, "config.json").is_file() else None
+measured = load_measurements(shipped) if Path(shipped, "config.json").is_file() else {}
+kept = {device: m.step_aside_schedule for device, m in measured.items() if m.step_aside_schedule}
 export_draft(src, dst, step_aside_schedules=kept)
 print(f"exported {src} -> {dst}" + (f"; kept the step-aside schedules of the shipped draft, "
       f"{kept}: re-measure them for this draft with chimera-bench --save-schedule" if kept else ""))

@@ -38,8 +38,9 @@ def test_quick_benchmark_writes_json_table_and_plot(tmp_path):
     assert "sampled" in chimera and chimera["sampled"]["output_tokens"] > 0
     assert chimera["sampled"]["batch_size"] == 4  # the largest, by default
     # "chimera:2"'s heads draft exactly 2 tokens, its lookup 4 (vLLM's K); "chimera" all 4
-    # heads (this draft has no schedule).
-    assert chimera["num_speculative_tokens"] == 4 and chimera["schedule"] is None
+    # heads alone (nothing measured of this draft: spec_config.default_step_aside_schedule).
+    assert chimera["num_speculative_tokens"] == 4
+    assert chimera["schedule"] == [[1, 1, 4], [2, 3, 1], [4, 4, 0]]
     assert report["results"]["chimera:2"]["num_head_tokens"] == 2
     assert report["results"]["chimera:2"]["num_speculative_tokens"] == 4
     # Where the step's time goes: every part measured, drafting only where there is a draft.

@@ -81,17 +81,19 @@ def test_weights_that_do_not_match_the_config(saved_draft, edit, message):
 
 
 def test_export_casts_to_fp16_and_stores_the_schedules_given(saved_draft, tmp_path):
+    from vllm_chimera.measurements import load_measurements, save_measurements
     from vllm_chimera.training.checkpointing import export_draft
 
     draft, folder = saved_draft
+    save_measurements(folder, "cpu", step_aside_schedule=[[1, 2, 3]])  # not carried over
     schedules = {"cpu": [[1, 4, 1], [5, 16, 0]]}
     export_draft(folder, tmp_path / "shipped", step_aside_schedules=schedules)
-    config = json.loads((tmp_path / "shipped" / "config.json").read_text())
-    assert config["step_aside_schedules"] == schedules
+    measured = load_measurements(tmp_path / "shipped")
+    assert {d: m.step_aside_schedule for d, m in measured.items()} == schedules
     weights = load_file(tmp_path / "shipped" / "model.safetensors")
     assert {w.dtype for w in weights.values()} == {torch.float16}
     export_draft(folder, tmp_path / "plain")  # none given: none stored
-    assert json.loads((tmp_path / "plain" / "config.json").read_text()).get("step_aside_schedules") is None
+    assert load_measurements(tmp_path / "plain") == {}
     with pytest.raises(ValueError, match=r"step_aside_schedules\['cpu'\]"):
         export_draft(folder, tmp_path / "bad", step_aside_schedules={"cpu": [[4, 1, 1]]})
     assert not (tmp_path / "bad").exists()  # refused before anything is written

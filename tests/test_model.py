@@ -140,18 +140,3 @@ def test_ablations_build_run_and_round_trip(tiny_target, tmp_path, ablation):
     loaded = load_draft_for_target(tmp_path / "d", tiny_target)
     torch.testing.assert_close(loaded.head_logits(hidden, s[0].new_zeros(6, 64)),
                                draft.head_logits(hidden, s[0].new_zeros(6, 64)))
-
-
-@pytest.mark.parametrize("schedule, message", [
-    ([[2, 4, 1]], "start at 1"),
-    ([[1, 4, 1], [3, 8, 0]], "not overlap"),
-    ([[1, 4, 9]], r"K must be in 0\.\.4"),
-    ([[1, 4]], r"\[start, end, K\]"),
-    ([], "non-empty"),
-])
-def test_bad_step_aside_schedule_is_refused(schedule, message):
-    from vllm_chimera.config import ChimeraConfig
-
-    with pytest.raises(ValueError, match=r"step_aside_schedules\['cpu'\]: .*" + message):
-        ChimeraConfig(num_decoding_heads=4, step_aside_schedules={"cpu": schedule})
-    ChimeraConfig(num_decoding_heads=4, step_aside_schedules={"cpu": [[1, 1, 4], [2, 16, 0]]})

@@ -309,14 +309,13 @@ def test_a_second_training_file_reuses_the_first_files_cache(tiny_setup, tmp_pat
 
 def test_init_from_starts_where_the_saved_draft_ended(tiny_setup, tmp_path):
     """--init-from: the saved draft's weights and reduced vocabulary, not fresh ones (with
-    lr 0 the continued draft is the saved one, even on other data); measured fields dropped."""
-    from vllm_chimera.checkpoint import save_draft
+    lr 0 the continued draft is the saved one, even on other data); not what was measured of it."""
+    from vllm_chimera.measurements import load_measurements, save_measurements
 
     vocab = {"draft_vocab_size": 32}
     first = train(settings_for(tiny_setup, tmp_path / "first", epochs=2, draft_overrides=vocab))
     saved = load_draft(tmp_path / "first" / "draft")
-    saved.config.step_aside_schedules = {"cpu": [[1, 2, 1]]}
-    save_draft(saved, tmp_path / "first" / "draft")
+    save_measurements(tmp_path / "first" / "draft", "cpu", step_aside_schedule=[[1, 2, 1]])
     # Other data (whose most frequent tokens differ) and no learning: the draft must not move.
     again = train(settings_for(tiny_setup, tmp_path / "again", epochs=1, lr=0.0,
                                train_data=tiny_setup["val"], batch_size=4,
@@ -325,7 +324,7 @@ def test_init_from_starts_where_the_saved_draft_ended(tiny_setup, tmp_path):
     for (name, x), y in zip(saved.state_dict().items(), continued.state_dict().values()):
         assert torch.equal(x, y), name
     assert again["validation"]["head_accuracy"] == first["validation"]["head_accuracy"]
-    assert continued.config.step_aside_schedules is None  # measured for the other draft
+    assert load_measurements(tmp_path / "again" / "draft") == {}  # measured of the other draft
     # ... and with learning it starts from there: its first step is far better than a fresh one's.
     fresh = train(settings_for(tiny_setup, tmp_path / "fresh", epochs=1, draft_overrides=vocab))
     warm = train(settings_for(tiny_setup, tmp_path / "warm", epochs=1, draft_overrides=vocab,

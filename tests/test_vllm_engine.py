@@ -231,13 +231,13 @@ def test_draft_schedule_is_the_default_and_a_fixed_k_overrides_it(permutation_pa
     uses when the user gives no K; num_speculative_tokens=K means K at every batch size."""
     import shutil
 
-    from vllm_chimera.checkpoint import load_config
+    from vllm_chimera.measurements import load_measurements
     from vllm_chimera.vllm.bench import save_schedule
 
     target_dir, draft_dir = permutation_pair[:2]
     shutil.copytree(draft_dir, tmp_path / "draft")
     save_schedule([[1, 1, 2], [2, 64, 0]], tmp_path / "draft", device_type="cpu")
-    assert load_config(tmp_path / "draft").step_aside_schedules == {"cpu": [[1, 1, 2], [2, 64, 0]]}
+    assert load_measurements(tmp_path / "draft")["cpu"].step_aside_schedule == [[1, 1, 2], [2, 64, 0]]
     for num_prompts, fixed_k, k in [(1, None, 2), (8, None, 0), (8, 3, 3)]:
         prompts = _prompts(num_prompts, 128, seed=9)
         plain = run_engine(target_dir, prompts, GREEDY)

@@ -8,10 +8,10 @@ import torch
 
 import vllm_utils  # noqa: F401  (sets VLLM_ENABLE_V1_MULTIPROCESSING before vLLM loads)
 from conftest import build_permutation_pair, build_random_draft
-from vllm_chimera.checkpoint import save_draft
+from vllm_chimera.checkpoint import load_config, save_draft
 from vllm_chimera.vllm import lookup
-from vllm_chimera.vllm.spec_config import LookupSettings
 from vllm_chimera.vllm.offline import run_offline
+from vllm_chimera.vllm.spec_config import LookupSettings
 from vllm_utils import TEST_ENGINE, run_engine
 
 vllm = pytest.importorskip("vllm")
@@ -54,8 +54,9 @@ def _run(folder, prompts, params, draft="draft", lookup_setting=True, spec_extra
          **engine_kwargs):
     lookup.STATS.reset()
     spec = None
-    if draft:
+    if draft:  # (all heads at every batch size: the draft has no measured schedule)
         spec = {"method": "chimera", "model": str(folder / draft), "lookup": lookup_setting,
+                "num_speculative_tokens": load_config(folder / draft).num_decoding_heads,
                 **(spec_extra or {})}
     run = run_offline(folder / "target", prompts, params, spec,
                       **{**TEST_ENGINE, **engine_kwargs})

@@ -1,6 +1,7 @@
 """The plugin at configuration time: method selection, draft discovery, bad input, patching."""
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 from importlib.metadata import entry_points
@@ -11,6 +12,7 @@ from safetensors.torch import load_file, save_file
 import vllm_utils  # noqa: F401  (environment for vLLM)
 from conftest import build_random_draft, build_tiny_target, build_vllm_target
 from vllm_chimera.checkpoint import save_draft
+from vllm_chimera.measurements import save_measurements
 from vllm_chimera.vllm import patching
 from vllm_chimera.vllm.plugin import ALLOW_UNTESTED_ENV, check_vllm_version, register
 
@@ -53,6 +55,35 @@ def test_method_chimera(folders):
     assert spec.method == "chimera" and spec.num_speculative_tokens == 4  # K = number of heads
     assert spec.draft_model_config.architectures == ["ChimeraDraftModel"]
     assert spec.use_eagle()  # routed through the runner's hidden-state drafting path
+
+
+def test_a_draft_measured_nowhere_runs_with_conservative_defaults(folders, tmp_path, caplog):
+    """No measurements for this device type: the default step-aside schedule, tree "auto"
+    drafts chains, one warning line for each, never a refusal."""
+    shutil.copytree(folders / "draft", tmp_path / "draft")  # (a path of its own: warned once)
+    with caplog.at_level(logging.WARNING):
+        spec = speculative_config(folders / "target", speculative_config={
+            "method": "chimera", "model": str(tmp_path / "draft"), "tree": "auto"})
+    assert spec.num_speculative_tokens_per_batch_size == [(1, 1, 4), (2, 3, 1), (4, 4, 0)]
+    assert spec.num_head_tokens == 4 and spec.tree is False  # chains
+    warnings = [r.getMessage() for r in caplog.records if "nothing measured" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # (the config is resolved twice: each said once)
+    assert "step-aside schedule [[1, 1, 4], [2, 3, 1], [4, 4, 0]]" in warnings[0]
+    assert "tree 'auto' drafts chains" in warnings[1]
+
+
+def test_a_draft_measured_here_runs_with_its_measurements(folders, tmp_path, caplog):
+    shutil.copytree(folders / "draft", tmp_path / "draft")
+    save_measurements(tmp_path / "draft", "cpu", step_aside_schedule=[[1, 2, 3], [3, 3, 0]],
+                      head_top_k_accuracies=[[0.4, 0.2], [0.3, 0.1]],
+                      tree_step_seconds={"1": 0.03, "4": 0.033}, tree_schedule=[[1, 1, 4], [2, 8, 0]])
+    with caplog.at_level(logging.WARNING):
+        spec = speculative_config(folders / "target", speculative_config={
+            "method": "chimera", "model": str(tmp_path / "draft"), "tree": "auto"})
+    # (the step-aside schedule, carried to the tree schedule's last batch size)
+    assert spec.num_speculative_tokens_per_batch_size == [(1, 2, 3), (3, 8, 0)]
+    assert spec.tree == {"paths": [[0], [1], [0, 0]], "schedule": [[1, 1, 4], [2, 8, 0]]}
+    assert not [r for r in caplog.records if "nothing measured" in r.getMessage()]
 
 
 def test_chimera_detected_from_the_checkpoint(folders):

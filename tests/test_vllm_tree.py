@@ -84,6 +84,16 @@ def test_tree_greedy_equals_plain_and_matches_reference(small_pair, plain_small,
         target, draft, prompts, tree, GREEDY.max_tokens)
 
 
+def test_tree_auto_without_measurements_drafts_chains(small_pair, plain_small):
+    """A draft measured on no machine: tree "auto" starts (no refusal) and drafts chains
+    (spec_config.TreeSettings._auto)."""
+    target_dir, draft_dir = small_pair[:2]
+    tree_verify.STATS.reset()
+    spec = run_engine(target_dir, _prompts(8), GREEDY, draft_dir, tree="auto")
+    assert spec.token_ids == plain_small.token_ids
+    assert tree_verify.STATS.num_trees == 0 and spec.counter("vllm:spec_decode_num_drafts") > 0
+
+
 def test_tree_with_an_accepting_draft(tmp_path):
     """The permutation pair: the heads' best candidates are right for 3/4 of the tokens;
     the tree adds their runners-up. Output == plain; accepted == the reference's."""
@@ -159,7 +169,6 @@ def test_tree_sampling_follows_the_target_distribution(tmp_path):
     ([[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0]], {}, "more than the draft's 4"),
     ([[r] for r in range(12)], {"max_num_batched_tokens": 8, "max_num_seqs": 4},
      "at most max_num_batched_tokens - 1 = 7"),
-    ("auto", {}, "needs the draft's measured"),
     ("best", {}, "must be 'auto' or a list of paths"),
     ([[0], ["a"]], {}, "list of top-k ranks"),
 ])

@@ -6,6 +6,7 @@ import os
 # Set before vLLM is imported: an in-process engine starts in ~2 s instead of ~8 s.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
+from vllm_chimera.checkpoint import load_config  # noqa: E402
 from vllm_chimera.vllm.offline import OfflineRun, run_offline  # noqa: E402
 
 # Eager: an engine starts in seconds, where compile mode spends ~15 s compiling. Tests of
@@ -19,10 +20,13 @@ def run_engine(target_dir, prompts, sampling_params, draft_dir=None, method="chi
 
     The context lookup is off unless asked for (`lookup`: True or its settings), so that
     the drafts are the heads' alone, as in the reference decoder; `tree`: the
-    speculative_config tree (paths or "auto"), none by default."""
+    speculative_config tree (paths or "auto"), none by default. K is all the draft's heads
+    at every batch size, as the reference decoder drafts (nothing is measured of a test's
+    draft, and vLLM's default would step aside from batch 4 on: spec_config)."""
     spec = None
     if draft_dir is not None:
-        spec = {"model": str(draft_dir), "lookup": lookup}
+        spec = {"model": str(draft_dir), "lookup": lookup,
+                "num_speculative_tokens": load_config(draft_dir).num_decoding_heads}
         if tree is not None:
             spec["tree"] = tree
         if method is not None:

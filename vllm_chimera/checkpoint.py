@@ -1,7 +1,8 @@
 """Save and load Chimera drafts: the one checkpoint loader everything uses.
 
-Layout (the usual Hugging Face one): `config.json` (a ChimeraConfig) + `model.safetensors`
-(the draft's own weights only; the target's embedding and LM head are not duplicated).
+Layout (the usual Hugging Face one): `config.json` (a ChimeraConfig: the design) +
+`model.safetensors` (the draft's own weights only; the target's embedding and LM head are
+not duplicated), and `measurements.json` once something was measured of it (measurements.py).
 Every way a checkpoint can be wrong raises `ChimeraCheckpointError` saying what is wrong.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PretrainedConfig
 
 from vllm_chimera.config import ChimeraConfig
+from vllm_chimera.measurements import remove_measurements
 from vllm_chimera.model import ChimeraDraftModel
 
 CONFIG_NAME = "config.json"
@@ -33,8 +35,11 @@ class ChimeraCheckpointError(ValueError):
 
 
 def save_draft(model: ChimeraDraftModel, save_dir: str | os.PathLike) -> Path:
+    """Write the draft's config.json and weights; measurements of earlier weights saved
+    there are removed (they do not describe these)."""
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
+    remove_measurements(save_dir)
     model.config.save_pretrained(save_dir)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     # Write to a temporary name first so an interrupted save never leaves a torn file.

@@ -278,7 +278,7 @@ def bench_main(argv=None) -> int:
                              "run it; eager ratios flatter an uncompiled draft: label such runs)")
     parser.add_argument("--save-schedule", action="store_true",
                         help="store the step-aside schedule measured from the chimera:K methods in "
-                             "the --draft folder's config.json, for this device type (used by vLLM "
+                             "the --draft folder's measurements.json, for this device type (used by vLLM "
                              "whenever no K is given)")
     parser.add_argument("--tree", default="auto",
                         help="the tree of methods chimera-tree / chimera-tree-nolookup: 'auto' (the "
@@ -288,7 +288,7 @@ def bench_main(argv=None) -> int:
                         help="instead of the benchmark: measure the draft's per-head top-k accuracies, "
                              "the step time per tree size and the fastest tree per batch size on "
                              "held-out prompts (OUTPUT/tree-measure.*); with --save-schedule store "
-                             "them in the draft's config.json (what tree 'auto' uses)")
+                             "them in the draft's measurements.json (what tree 'auto' uses)")
     parser.add_argument("--tree-top-k", type=int, default=4, help="--measure-tree: ranks per head")
     parser.add_argument("--tree-sizes", default="2,3,4,6,8,12,16,32,64",
                         help="--measure-tree: tree sizes to time, in verified tokens (root + drafts)")

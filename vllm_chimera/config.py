@@ -16,7 +16,9 @@ ACTIVATIONS = tuple(ACTIVATION_FUNCTIONS)
 
 
 class ChimeraConfig(PretrainedConfig):
-    """Hyper-parameters of the draft (see CHIMERA.md, "The draft model").
+    """Hyper-parameters of the draft: its design, the same on every machine (the Chimera
+    paper, arXiv 2402.15758; docs/design/ for this project's additions). What is measured
+    of a draft on a machine lives beside its config.json: measurements.py.
 
     The encoder layer has the target's shape by default (one Llama-style decoder layer:
     RMSNorm, RoPE, GQA, gated MLP, or num_encoder_layers of them); its MLP may be narrower.
@@ -39,20 +41,6 @@ class ChimeraConfig(PretrainedConfig):
         use_trigram_encoder, use_context_encoder: the paper's ablations. Without the trigram
             encoder z_t = W_f h_t; without the context encoder s_t = 0 and the heads are
             Medusa-style residual heads on the target's hidden state alone.
-        step_aside_schedules: measured K per batch size, per device type: e.g.
-            {"cpu": [[1, 1, 2], [2, 4, 1], [5, 16, 0]]} drafts 2 tokens for a lone request,
-            1 for 2-4 concurrent ones and none (steps aside) from 5 on. vLLM's
-            `num_speculative_tokens_per_batch_size` format (inclusive batch-size ranges,
-            the last K carries on); used when the user fixes no K (chimera-bench derives
-            it from chimera:K runs, `--save-schedule` stores it here).
-        head_top_k_accuracies: measured [num_heads][top_k]: how often head i's rank-r
-            candidate was the target's token when the path before it was accepted (inside
-            vLLM, `chimera-bench --measure-tree`); what speculative_config tree "auto" builds
-            the best tree from.
-        tree_step_seconds: measured seconds of a batch-1 decoding step that verifies n
-            tokens, per device type: {"cpu": {"1": 0.031, "4": 0.033, ...}}.
-        tree_schedules: measured tree size (nodes, 0 = a chain) per batch size, per device
-            type, in the step-aside schedule's format: {"cpu": [[1, 1, 8], [2, 256, 0]]}.
         sequential_heads: Hydra's lesson (arXiv 2402.05109), off in the paper's design: head
             i's first layer also reads the target's embedding of the token before its own
             target, x_{t+1} for head 0 and head i-1's draft for the others (teacher-forced in
@@ -73,15 +61,15 @@ class ChimeraConfig(PretrainedConfig):
     """
 
     model_type = "chimera"
-    # Measurements of one trained draft (chimera-bench), not part of its design: a draft
-    # trained on from another (chimera-train --init-from) does not inherit them.
+    # The keys under which drafts saved before measurements.json carried what chimera-bench
+    # measured: accepted when read (measurements.py reads them), never kept or written.
     MEASURED_FIELDS = ("step_aside_schedules", "head_top_k_accuracies", "tree_step_seconds",
                        "tree_schedules")
 
     def design_differences(self, other: "ChimeraConfig", ignored=()) -> list[str]:
-        """The fields (sorted) in which two drafts' designs differ: measured fields,
-        versions and `ignored` aside. Both init_from and averaging refuse a draft by these."""
-        skip = set(self.MEASURED_FIELDS) | {"transformers_version", "architectures"} | set(ignored)
+        """The fields (sorted) in which two drafts' designs differ: versions and `ignored`
+        aside. Both init_from and averaging refuse a draft by these."""
+        skip = {"transformers_version", "architectures"} | set(ignored)
         mine, theirs = self.to_dict(), other.to_dict()
         return sorted(k for k in set(mine) | set(theirs)
                       if k not in skip and mine.get(k) != theirs.get(k))
@@ -107,10 +95,6 @@ class ChimeraConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         use_trigram_encoder: bool = True,
         use_context_encoder: bool = True,
-        step_aside_schedules: dict[str, list[list[int]]] | None = None,
-        head_top_k_accuracies: list[list[float]] | None = None,
-        tree_step_seconds: dict[str, dict[str, float]] | None = None,
-        tree_schedules: dict[str, list[list[int]]] | None = None,
         sequential_heads: bool = False,
         target_layer_ids: list[int] | None = None,
         target_num_hidden_layers: int | None = None,
@@ -136,14 +120,12 @@ class ChimeraConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.use_trigram_encoder = use_trigram_encoder
         self.use_context_encoder = use_context_encoder
-        self.step_aside_schedules = step_aside_schedules
-        self.head_top_k_accuracies = head_top_k_accuracies
-        self.tree_step_seconds = tree_step_seconds
-        self.tree_schedules = tree_schedules
         self.sequential_heads = sequential_heads
         self.target_layer_ids = list(target_layer_ids) if target_layer_ids else None
         self.target_num_hidden_layers = target_num_hidden_layers
         self.num_encoder_layers = num_encoder_layers
+        for name in self.MEASURED_FIELDS:  # (an older config.json's: measurements.py)
+            kwargs.pop(name, None)
         kwargs.setdefault("architectures", ["ChimeraDraftModel"])
         super().__init__(**kwargs)
         self.validate()
@@ -174,14 +156,6 @@ class ChimeraConfig(PretrainedConfig):
         if self.draft_vocab_size is not None and not (0 < self.draft_vocab_size <= self.vocab_size):
             problems.append(f"draft_vocab_size must be in [1, vocab_size={self.vocab_size}], "
                             f"got {self.draft_vocab_size!r}")
-        for device, schedule in (self.step_aside_schedules or {}).items():
-            problem = schedule_problem(schedule, self.num_decoding_heads)
-            if problem:
-                problems.append(f"step_aside_schedules[{device!r}]: {problem}")
-        for device, schedule in (self.tree_schedules or {}).items():
-            problem = schedule_problem(schedule, 1 << 30)
-            if problem:
-                problems.append(f"tree_schedules[{device!r}]: {problem}")
         if self.target_layer_ids is not None:
             if not isinstance(self.target_num_hidden_layers, int):
                 problems.append("target_layer_ids need target_num_hidden_layers (the target's "
@@ -189,14 +163,15 @@ class ChimeraConfig(PretrainedConfig):
             problem = target_layer_ids_problem(self.target_layer_ids, self.target_num_hidden_layers)
             if problem:
                 problems.append(f"target_layer_ids {problem}")
-        accuracies = self.head_top_k_accuracies
-        if accuracies is not None and not (
-                isinstance(accuracies, list) and 0 < len(accuracies) <= self.num_decoding_heads
-                and all(isinstance(a, list) and a and all(0 <= x <= 1 for x in a) for a in accuracies)):
-            problems.append(f"head_top_k_accuracies must be one non-empty list of "
-                            f"probabilities per head, got {accuracies!r}")
         if problems:
             raise ValueError("Invalid ChimeraConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        """The design, as config.json holds it: never a measured field, whoever set one."""
+        output = super().to_dict()
+        for name in self.MEASURED_FIELDS:
+            output.pop(name, None)
+        return output
 
     @classmethod
     def for_target(cls, target_config: PretrainedConfig, **overrides) -> "ChimeraConfig":
@@ -260,25 +235,3 @@ class ChimeraConfig(PretrainedConfig):
             # An unnamed architecture (e.g. a config built in code) is not held against it.
             if found[what] is not None and found[what] != expected[what]
         ]
-
-
-def schedule_problem(schedule, max_k: int) -> str | None:
-    """What is wrong with a K-per-batch-size schedule ([[start, end, K], ...]), or None.
-
-    The ranges must start at batch size 1, be sorted and not overlap; 0 <= K <= max_k.
-    """
-    if not isinstance(schedule, list) or not schedule:
-        return f"must be a non-empty list of [start, end, K], got {schedule!r}"
-    previous_end = 0
-    for entry in schedule:
-        if (not isinstance(entry, (list, tuple)) or len(entry) != 3
-                or not all(isinstance(v, int) for v in entry)):
-            return f"each entry must be [start, end, K] integers, got {entry!r}"
-        start, end, k = entry
-        first = previous_end == 0
-        if (first and start != 1) or (not first and start <= previous_end) or start > end:
-            return f"ranges must start at 1, be sorted and not overlap, got {schedule!r}"
-        if not 0 <= k <= max_k:
-            return f"K must be in 0..{max_k} (the draft's heads), got {entry!r}"
-        previous_end = end
-    return None

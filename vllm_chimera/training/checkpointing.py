@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from vllm_chimera.checkpoint import load_draft, save_draft
-from vllm_chimera.config import ChimeraConfig
+from vllm_chimera.measurements import DeviceMeasurements, save_measurements
 from vllm_chimera.model import ChimeraDraftModel
 from vllm_chimera.training.peers import PeerDraft
 
@@ -124,14 +124,20 @@ def export_draft(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
     """Copy a trained draft to `dst` with its weights cast to `dtype` (half the size in fp16).
 
     The draft was trained in fp32; fp16 keeps its predictions (it only feeds the target's
-    LM head) while halving the checkpoint shipped in the repo. `step_aside_schedules`, if
-    given, is stored in its config (schedules are measured by chimera-bench, not trained).
+    LM head) while halving the checkpoint shipped in the repo. `step_aside_schedules`
+    ({device type: schedule}), if given, go to its measurements.json (schedules are measured
+    by chimera-bench, not trained); nothing else measured is carried over.
     """
     draft = load_draft(src)
-    if step_aside_schedules:
-        draft.config.step_aside_schedules = step_aside_schedules
-        draft.config.validate()
-    return save_draft(draft.to(dtype), dst)
+    for device_type, schedule in (step_aside_schedules or {}).items():  # (before any write)
+        problems = DeviceMeasurements(step_aside_schedule=schedule).problems(
+            draft.config.num_decoding_heads)
+        if problems:
+            raise ValueError(f"step_aside_schedules[{device_type!r}]: " + "; ".join(problems))
+    save_draft(draft.to(dtype), dst)
+    for device_type, schedule in (step_aside_schedules or {}).items():
+        save_measurements(dst, device_type, step_aside_schedule=schedule)
+    return Path(dst)
 
 
 def average_drafts(draft_dirs: list[str | Path], weights: list[float] | None = None,
@@ -146,8 +152,8 @@ def average_drafts(draft_dirs: list[str | Path], weights: list[float] | None = N
 
     Refused unless every draft has the same design (the config, measured fields aside) and
     the same reduced vocabulary (a row of the LM head must be the same token in each), and,
-    with `target_config`, unless each was trained for that target. The result carries no
-    measured fields (schedules are measured per draft).
+    with `target_config`, unless each was trained for that target. Nothing measured of the
+    drafts goes with the result (it is a draft of its own).
     """
     if len(draft_dirs) < 2:
         raise ValueError(f"averaging needs at least two drafts, got {len(draft_dirs)}")
@@ -176,6 +182,4 @@ def average_drafts(draft_dirs: list[str | Path], weights: list[float] | None = N
         else:
             averaged[name] = sum(w / total * state[name] for w, state in zip(weights, states))
     first.load_state_dict(averaged)
-    for name in ChimeraConfig.MEASURED_FIELDS:
-        setattr(first.config, name, None)
     return first

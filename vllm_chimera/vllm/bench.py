@@ -17,9 +17,9 @@ middle one for an even N), with every round's speedup beside it.
 
 A method may carry its K: "chimera:2" runs Chimera with exactly 2 draft tokens, "eagle:1"
 EAGLE with one; "chimera" alone takes the draft's own defaults (its measured step-aside
-schedule for this device, else all heads). Each method's raw run (with its token ids) is
-saved in OUTPUT/runs/ as soon as it finishes, and a rerun with the same settings and prompts
-reuses it: an interrupted benchmark resumes where it stopped.
+schedule for this device, else spec_config.default_step_aside_schedule). Each method's raw
+run (with its token ids) is saved in OUTPUT/runs/ as soon as it finishes, and a rerun with
+the same settings and prompts reuses it: an interrupted benchmark resumes where it stopped.
 
 Methods: plain, ngram, chimera, and vLLM's own medusa and eagle with drafts our trainer made
 (`chimera-train --draft-kind medusa|eagle`, same data and budget as Chimera). On CPU medusa
@@ -427,19 +427,16 @@ def step_aside_schedule(report: dict, method: str = "chimera") -> list[list[int]
 
 def save_schedule(schedule: list[list[int]], draft_dir: str | os.PathLike,
                   device_type: str | None = None) -> Path:
-    """Store a measured step-aside schedule in the draft's config.json, for `device_type`
-    (default: this machine's, as vLLM sees it). vLLM then uses it whenever the user fixes no K."""
-    from vllm_chimera.checkpoint import load_config
+    """Store a measured step-aside schedule in the draft's measurements.json, for
+    `device_type` (default: this machine's, as vLLM sees it). vLLM then uses it whenever the
+    user fixes no K."""
+    from vllm_chimera.measurements import save_measurements
 
     if device_type is None:
         from vllm.platforms import current_platform
 
         device_type = current_platform.device_type
-    config = load_config(draft_dir)
-    config.step_aside_schedules = {**(config.step_aside_schedules or {}), device_type: schedule}
-    config.validate()
-    config.save_pretrained(draft_dir)
-    return Path(draft_dir) / "config.json"
+    return save_measurements(draft_dir, device_type, step_aside_schedule=schedule)
 
 
 def markdown_table(report: dict) -> str:

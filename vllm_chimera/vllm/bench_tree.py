@@ -11,12 +11,13 @@ Its proposer's tree and K are then switched between runs (`_set_drafting`, throu
 2. Cost and rate: at each batch size, no drafts, the chain at every K and the best tree
    (tree.best_paths on those accuracies) of each size; tokens per second and seconds per
    engine step of each. Batch 1's step seconds per verified token count are
-   `tree_step_seconds`; the fastest setting per batch size gives `tree_schedules` (the
+   `tree_step_seconds`; the fastest setting per batch size gives `tree_schedule` (the
    tree's size where a tree wins, 0 where no drafts or a chain do: then the step-aside
    schedule's K applies).
 
-The prompts are the held-out ShareGPT first turns (prepare.heldout_prompts), not the
-benchmark's MT-bench ones.
+The prompts are the held-out ShareGPT first turns (prepare.datasets.heldout_prompts), not
+the benchmark's MT-bench ones. `--save-schedule` stores the results in the draft's
+measurements.json for this device type (save_tree_settings).
 """
 from __future__ import annotations
 
@@ -24,7 +25,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vllm import LLM, SamplingParams
+from vllm.platforms import current_platform
+
+from vllm_chimera.checkpoint import load_config
+from vllm_chimera.measurements import save_measurements
+from vllm_chimera.tree import best_paths, best_tree, spine_accuracies, spine_paths
+from vllm_chimera.vllm import patching, tree_verify
 from vllm_chimera.vllm.offline import ENGINE_DEFAULTS
+from vllm_chimera.vllm.patches import StepTimingPatch
+from vllm_chimera.vllm.spec_config import TreeSettings
 
 
 @dataclass
@@ -38,8 +48,6 @@ class TreeMeasureSettings:
 
 def _set_drafting(worker, paths, num_head_tokens: int) -> None:
     """(In the worker) draft the tree of `paths` (None: a chain) with K heads' tokens."""
-    from vllm_chimera.vllm.spec_config import TreeSettings
-
     drafter = worker.model_runner.drafter
     drafter.tree = None if paths is None else TreeSettings(tuple(tuple(p) for p in paths))
     drafter.num_head_tokens = num_head_tokens
@@ -48,8 +56,6 @@ def _set_drafting(worker, paths, num_head_tokens: int) -> None:
 def _run(llm, prompts, params, batch_size: int, prefill: dict | None = None) -> dict:
     """Timings of the prompts sent batch_size at a time. With `prefill` (the same prompts'
     run at max_tokens=1: their prefill steps alone), decode_step_seconds leaves those out."""
-    from vllm_chimera.vllm.patches import StepTimingPatch
-
     StepTimingPatch.reset()
     num_tokens, start = 0, time.perf_counter()
     for i in range(0, len(prompts), batch_size):
@@ -70,13 +76,6 @@ def _run(llm, prompts, params, batch_size: int, prefill: dict | None = None) -> 
 def measure_tree(bench_settings, settings: TreeMeasureSettings, prompts) -> dict:
     """Run both measurements (see the module's docstring) in this process; returns the
     report `tree_results` turns into the draft's settings."""
-    from vllm import LLM, SamplingParams
-
-    from vllm_chimera.checkpoint import load_config
-    from vllm_chimera.tree import best_paths, spine_accuracies, spine_paths
-    from vllm_chimera.vllm import patching, tree_verify
-    from vllm_chimera.vllm.patches import StepTimingPatch
-
     if not patching.is_applied(StepTimingPatch):
         patching.apply(StepTimingPatch)
     num_heads = load_config(bench_settings.draft).num_decoding_heads
@@ -132,8 +131,6 @@ def tree_results(report: dict) -> dict:
     step-aside schedule. e.g. measured 1: tree 8 fastest, 4: tree 4, 16: chain K=1 ->
     [[1, 1, 8], [2, 4, 4], [5, 16, 0]]
     """
-    from vllm_chimera.tree import best_tree
-
     rows = report["rows"]
     batch_sizes = sorted({row["batch_size"] for row in rows})
     step_seconds = {row["num_tokens"]: row["decode_step_seconds"] for row in rows
@@ -152,21 +149,11 @@ def tree_results(report: dict) -> dict:
 
 def save_tree_settings(results: dict, draft_dir, device_type: str | None = None) -> Path:
     """Store the measured accuracies, step times and tree schedule in the draft's
-    config.json (the step times and schedule for `device_type`, default this machine's)."""
-    from vllm_chimera.checkpoint import load_config
-
-    if device_type is None:
-        from vllm.platforms import current_platform
-
-        device_type = current_platform.device_type
-    config = load_config(draft_dir)
-    config.head_top_k_accuracies = results["head_top_k_accuracies"]
-    config.tree_step_seconds = {**(config.tree_step_seconds or {}),
-                                device_type: results["tree_step_seconds"]}
-    config.tree_schedules = {**(config.tree_schedules or {}), device_type: results["tree_schedule"]}
-    config.validate()
-    config.save_pretrained(draft_dir)
-    return Path(draft_dir) / "config.json"
+    measurements.json, for `device_type` (default: this machine's, as vLLM sees it)."""
+    return save_measurements(
+        draft_dir, device_type or current_platform.device_type,
+        head_top_k_accuracies=results["head_top_k_accuracies"],
+        tree_step_seconds=results["tree_step_seconds"], tree_schedule=results["tree_schedule"])
 
 
 def markdown(report: dict, results: dict) -> str:
@@ -191,6 +178,7 @@ def markdown(report: dict, results: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
+    # (matplotlib, an optional dependency: imported only to plot)
     import matplotlib
 
     matplotlib.use("Agg")

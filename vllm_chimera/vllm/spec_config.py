@@ -13,19 +13,22 @@ before any engine process starts.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from vllm.logger import init_logger
+
 from vllm_chimera.checkpoint import DRAFT_SUBDIR, ChimeraCheckpointError, load_draft
 from vllm_chimera.config import ChimeraConfig
 from vllm_chimera.context_lookup import DEFAULT_MIN_MATCH, OCCURRENCES
+from vllm_chimera.measurements import DeviceMeasurements, load_measurements
+from vllm_chimera.tree import TokenTree, best_paths, best_tree
 
 METHOD = "chimera"
 DRAFT_ENV = "VLLM_CHIMERA_DRAFT"  # a VLLM_ name, so vLLM forwards it to its workers
 
-logger = logging.getLogger(__name__)
+logger = init_logger(__name__)  # (warning_once: the config is resolved more than once)
 
 
 def is_chimera_dir(path: str | os.PathLike | None) -> bool:
@@ -71,39 +74,75 @@ def find_draft_for_target(target_model: str) -> Path:
           f"{{'model': DIR}}), or set {DRAFT_ENV}.")
 
 
+@dataclass(frozen=True)
+class ResolvedDraft:
+    """The draft a speculative_config resolved to: its design and what was measured of it
+    on this device type (an empty DeviceMeasurements where nothing was)."""
+
+    directory: Path
+    config: ChimeraConfig
+    measured: DeviceMeasurements
+
+
+def default_step_aside_schedule(num_heads: int) -> list[list[int]]:
+    """The step-aside schedule of a draft not measured on this device type: all the heads
+    for a lone request, one head for 2-3 concurrent ones, none from 4 on (plain decoding)."""
+    # Conservative, from the one machine measured (SmolLM2 on a 2-core CPU, where a verified
+    # token costs the most): all 4 heads gained 1.37-1.59x at batch 1, one head 1.56x at
+    # batch 2 and 1.12x at batch 3, while at batch 4 every K (and n-gram) lost to plain
+    # decoding (0.82-0.97x) and 4 heads at batch 16 ran at 0.55x (results/bench/README.md:
+    # smollm2-self-prompts-unseen, smollm2-batch3, smollm2-layers-skiplookup,
+    # smollm2-kl3-new6261-batch1). A GPU verifies more tokens per step for free, so it may
+    # gain at larger batches too: `chimera-bench --save-schedule` measures where.
+    return [[1, 1, num_heads], [2, 3, 1], [4, 4, 0]]
+
+
+def _warn_unmeasured(draft: ResolvedDraft, device_type: str, default: str, command: str) -> None:
+    logger.warning_once(f"chimera: nothing measured of the draft {draft.directory} on "
+                        f"{device_type!r}: {default} (a conservative default; "
+                        f"`{command}` measures this machine's)")
+
+
 def resolve_chimera(model: str | None, num_speculative_tokens: int | None,
                     target_model: str, target_hf_config, device_type: str = "cpu",
-                    schedule_given: bool = False) -> tuple[str, int, list | None, ChimeraConfig]:
+                    schedule_given: bool = False) -> tuple[str, int, list | None, ResolvedDraft]:
     """Check the draft against the target and pick K: returns (draft_dir, K, schedule, the
-    draft's config).
+    resolved draft).
 
     Loads the draft's weights once on CPU so that a corrupt file, unknown weights or a
     draft trained for another target are reported here, with the checkpoint loader's
     message, rather than from inside an engine worker.
 
     With no K from the user (and no schedule of theirs), the draft's measured step-aside
-    schedule for this device type is returned, with K its largest entry (at least 1: vLLM
-    needs one); without one for this device, K is all the draft's heads and the schedule
-    None. A K from the user means exactly that K at every batch size.
+    schedule for this device type is returned (default_step_aside_schedule where there is
+    none), with K its largest entry (at least 1: vLLM needs one). A K from the user means
+    exactly that K at every batch size (schedule None).
     """
     draft_dir = find_draft_for_target(target_model) if model in (None, METHOD) else Path(model)
     config: ChimeraConfig = load_draft(draft_dir, target_hf_config).config
+    draft = ResolvedDraft(Path(draft_dir), config,
+                          load_measurements(draft_dir).get(device_type, DeviceMeasurements()))
     num_heads = config.num_decoding_heads
     schedule = None
     if num_speculative_tokens is None:
-        if not schedule_given:
-            schedule = (config.step_aside_schedules or {}).get(device_type)
-        if schedule is not None:
-            num_speculative_tokens = max(1, max(k for _, _, k in schedule))
-            logger.info("chimera: the draft's step-aside schedule for %s (batch from, to, K): "
-                        "%s; give num_speculative_tokens for a fixed K", device_type, schedule)
-        else:
+        if schedule_given:
             num_speculative_tokens = num_heads
+        else:
+            schedule = draft.measured.step_aside_schedule
+            if schedule is None:
+                schedule = default_step_aside_schedule(num_heads)
+                _warn_unmeasured(draft, device_type, f"step-aside schedule {schedule} (batch "
+                                 "from, to, K)", "chimera-bench --save-schedule")
+            else:
+                logger.info("chimera: the draft's step-aside schedule for %s (batch from, to, "
+                            "K): %s; give num_speculative_tokens for a fixed K", device_type,
+                            schedule)
+            num_speculative_tokens = max(1, max(k for _, _, k in schedule))
     if not 1 <= num_speculative_tokens <= num_heads:
         raise ValueError(
             f"num_speculative_tokens={num_speculative_tokens} is out of range for the Chimera "
             f"draft {draft_dir}: it has {num_heads} decoding heads, so K must be in 1..{num_heads}")
-    return str(draft_dir), num_speculative_tokens, schedule, config
+    return str(draft_dir), num_speculative_tokens, schedule, draft
 
 
 def schedule_value(schedule, batch_size: int) -> int:
@@ -142,9 +181,9 @@ class LookupSettings:
     occurred before in the request (prompt and output), propose the `num_tokens` tokens that
     followed them instead of the heads' tokens. The longest such suffix counts; of its
     occurrences, `occurrence` "latest" drafts from the last one (context_lookup.latest_match,
-    the default: +5% tokens per step on held-out answers), "earliest" from the first (vLLM's
-    n-gram matcher, as vLLM's ngram method drafts). Where there is no match the heads draft
-    as without the lookup.
+    the default: it drafted more tokens per step on held-out answers, results/bench/README.md,
+    "The lookup's latest occurrence"), "earliest" from the first (vLLM's n-gram matcher, as
+    vLLM's ngram method drafts). Where there is no match the heads draft as without the lookup.
     """
 
     min_match: int = DEFAULT_MIN_MATCH
@@ -194,8 +233,8 @@ def parse_min_confidence(value) -> float | None:
     With it, a request's chain of head drafts ends before the first head at which the
     product of the heads' top-1 probabilities so far falls below it (the draft's own
     estimate that the whole chain is accepted); head 0 always drafts. A drafted token
-    costs verification time even when rejected (on CPU at batch 1 about 5% of a step per
-    token), so unlikely ones are better not drafted. Raises ValueError naming the problem.
+    costs verification time even when rejected, so unlikely ones are better not drafted.
+    Raises ValueError naming the problem.
     """
     if value is None:
         return None
@@ -217,10 +256,11 @@ class TreeSettings:
     speculative_config["tree"] is a Medusa-style list of paths of top-k ranks
     ([[0], [1], [0, 0], ...]: see vllm_chimera/tree.py) or "auto": the tree that maximises
     expected tokens per second from the draft's measured per-head top-k accuracies and the
-    measured step time per verified token count (both stored in the draft's config.json by
-    `chimera-bench --measure-tree`). `schedule` is the draft's measured tree size per batch
-    size ([[from, to, num_nodes]], 0 = no tree: the chain K of the step-aside schedule), used
-    with "auto"; a tree given as paths is used at every batch size.
+    measured step time per verified token count on this device type (its measurements.json,
+    written by `chimera-bench --measure-tree --save-schedule`). Where they were not measured,
+    "auto" drafts chains (`_auto` says why). `schedule` is the draft's measured tree size
+    per batch size ([[from, to, num_nodes]], 0 = no tree: the chain K of the step-aside
+    schedule), used with "auto"; a tree given as paths is used at every batch size.
     """
 
     paths: tuple[tuple[int, ...], ...]
@@ -244,39 +284,47 @@ class TreeSettings:
                    None if schedule is None else tuple(tuple(e) for e in schedule))
 
     @classmethod
-    def parse(cls, value, config: ChimeraConfig, device_type: str) -> "TreeSettings | None":
+    def parse(cls, value, draft: ResolvedDraft, device_type: str) -> "TreeSettings | None":
         """None / False (no tree), "auto", or a list of paths; ValueError naming the problem."""
-        from vllm_chimera.tree import TokenTree, best_paths, best_tree
-
         if value is None or value is False:
             return None
         if isinstance(value, dict):  # already normalized (the config is validated twice)
-            return cls._checked(value.get("paths"), config, value.get("schedule"))
+            return cls._checked(value.get("paths"), draft.config, value.get("schedule"))
         if value == "auto":
-            accuracies = config.head_top_k_accuracies
-            step_seconds = (config.tree_step_seconds or {}).get(device_type)
-            if not accuracies or not step_seconds:
-                raise ValueError(
-                    f"chimera: tree 'auto' needs the draft's measured per-head top-k accuracies "
-                    f"and step times on {device_type!r} (config.json head_top_k_accuracies, "
-                    f"tree_step_seconds); measure them with `chimera-bench --measure-tree "
-                    f"--save-schedule`, or give the tree as a list of paths")
-            step_seconds = {int(n): s for n, s in step_seconds.items()}
-            schedule = ((config.tree_schedules or {}).get(device_type)
-                        or [[1, 1 << 30, best_tree(accuracies, step_seconds).num_nodes]])
-            max_nodes = max(num_nodes for _, _, num_nodes in schedule)
-            if max_nodes < 2:  # no tree paid at any measured batch size
-                logger.info("chimera: tree 'auto': the draft's measured tree schedule on %s "
-                            "drafts no tree at any batch size (%s); chains only", device_type, schedule)
-                return None
-            # Best node first, so that the first n paths are the best n-node tree; only as
-            # many as the schedule's largest tree (vLLM reserves a slot per draft).
-            return cls._checked(best_paths(accuracies, max_nodes), config, schedule)
+            return cls._auto(draft, device_type)
         if isinstance(value, str):
             raise ValueError(f"chimera: tree must be 'auto' or a list of paths of top-k ranks "
                              f"such as [[0], [1], [0, 0]], got {value!r}")
         TokenTree.from_paths(cls._as_paths(value))  # (its own errors: a missing parent, ...)
-        return cls._checked(value, config, None)
+        return cls._checked(value, draft.config, None)
+
+    @classmethod
+    def _auto(cls, draft: ResolvedDraft, device_type: str) -> "TreeSettings | None":
+        """tree "auto": the best tree by the draft's measurements on this device type."""
+        accuracies = draft.measured.head_top_k_accuracies
+        step_seconds = draft.measured.tree_step_seconds
+        if not accuracies or not step_seconds:
+            # Chains, conservatively: on the one machine measured (SmolLM2, 2-core CPU) no
+            # tree beat the best chain at any batch size; at batch 1 the best tree (6
+            # verified tokens) ran 26.4 tok/s against the 4-token chain's 29.2, and the
+            # 8-node tree 21.7 against the best chain's 31.9 on 80 MT-bench prompts
+            # (results/bench/smollm2-tree-measure/tree-measure.md, results/bench/smollm2-tree/).
+            # A tree pays only where verifying more tokens is nearly free: a measurement of
+            # the machine shows where.
+            _warn_unmeasured(draft, device_type, "tree 'auto' drafts chains",
+                             "chimera-bench --measure-tree --save-schedule")
+            return None
+        step_seconds = {int(n): s for n, s in step_seconds.items()}
+        schedule = (draft.measured.tree_schedule
+                    or [[1, 1 << 30, best_tree(accuracies, step_seconds).num_nodes]])
+        max_nodes = max(num_nodes for _, _, num_nodes in schedule)
+        if max_nodes < 2:  # no tree paid at any measured batch size
+            logger.info("chimera: tree 'auto': the draft's measured tree schedule on %s "
+                        "drafts no tree at any batch size (%s); chains only", device_type, schedule)
+            return None
+        # Best node first, so that the first n paths are the best n-node tree; only as
+        # many as the schedule's largest tree (vLLM reserves a slot per draft).
+        return cls._checked(best_paths(accuracies, max_nodes), draft.config, schedule)
 
     @staticmethod
     def _as_paths(value) -> list[tuple[int, ...]]:
@@ -289,8 +337,6 @@ class TreeSettings:
 
     @classmethod
     def _checked(cls, value, config: ChimeraConfig, schedule) -> "TreeSettings":
-        from vllm_chimera.tree import TokenTree
-
         paths = cls._as_paths(value)
         tree = TokenTree.from_paths(paths)
         if tree.max_depth > config.num_decoding_heads:
@@ -313,8 +359,6 @@ class TreeSettings:
 
         A schedule entry's n nodes are the tree of the first n - 1 paths ("auto" lists
         them best first); past the last entry its size carries on."""
-        from vllm_chimera.tree import TokenTree
-
         num_nodes = (len(self.paths) + 1 if not self.schedule
                      else schedule_value(self.schedule, batch_size))
         if num_nodes < 2:
