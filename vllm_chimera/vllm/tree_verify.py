@@ -39,6 +39,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from vllm.config import CUDAGraphMode
+from vllm.sampling_params import _SAMPLING_EPS
+from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
 from vllm_chimera.tree import TokenTree
 from vllm_chimera.verify import accept_greedy, accept_sampling
@@ -53,8 +56,6 @@ def tree_allowed(sampling_params) -> bool:
     tokens, min-tokens, grammars and logprobs to draft rows as if they were a chain, so
     those requests draft chains; greedy and temperature / top-k / top-p sampling are
     per-row and verify as trees."""
-    from vllm.sampling_params import _SAMPLING_EPS
-
     p = sampling_params
     return not (p.logprobs is not None or p.prompt_logprobs is not None
                 or abs(p.presence_penalty) > _SAMPLING_EPS or abs(p.frequency_penalty) > _SAMPLING_EPS
@@ -65,8 +66,6 @@ def tree_allowed(sampling_params) -> bool:
 
 def check_engine_supports_trees(vllm_config, tree) -> None:
     """Refuse, at start-up, engine settings a tree cannot run under (ValueError)."""
-    from vllm.config import CUDAGraphMode
-
     problems = []
     if vllm_config.scheduler_config.async_scheduling:
         problems.append("asynchronous scheduling (set async_scheduling=False)")
@@ -210,8 +209,6 @@ def _set_tree_positions(runner, requests: list[_TreeRequest]) -> None:
 def verify_trees(runner, state: _StepState, logits: torch.Tensor, spec_decode_metadata,
                  sampler_output) -> None:
     """Accept each tree request's path, rewrite its output row, compact its rows and KV."""
-    from vllm.sampling_params import _SAMPLING_EPS
-
     num_draft_tokens = spec_decode_metadata.num_draft_tokens  # list, per request
     # Request r's logits rows start after every earlier request's drafts + bonus row.
     logits_start = [sum(num_draft_tokens[:r]) + r for r in range(len(num_draft_tokens) + 1)]
@@ -236,8 +233,6 @@ def verify_trees(runner, state: _StepState, logits: torch.Tensor, spec_decode_me
 def _target_probs(node_logits: torch.Tensor, params) -> torch.Tensor:
     """The target's distribution at each node under the request's temperature, top-k and
     top-p, as vLLM's sampler builds it ([T, V] -> [T, V])."""
-    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
-
     num_rows, device = node_logits.shape[0], node_logits.device
     top_k = (torch.full((num_rows,), params.top_k, device=device, dtype=torch.long)
              if 0 < params.top_k < node_logits.shape[-1] else None)
