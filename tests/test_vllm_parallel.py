@@ -14,7 +14,8 @@ from vllm_chimera.checkpoint import save_draft
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).parent / "scripts" / "run_parallel.py"
-# Two CPU workers, one core each (see CHIMERA.md: how TP=2 runs on these machines).
+# Two CPU workers, one core each: how vLLM on CPU runs tensor parallel 2 (one OpenMP thread
+# set per worker, no core reserved for the front end).
 PARALLEL_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
