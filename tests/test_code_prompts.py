@@ -168,3 +168,27 @@ def test_code_bench_prompts_render_with_chat_template(tmp_path):
     rows = cp.code_bench_records()
     assert len(prompts) == 8 and prompts[0] == f"<user>{rows[0]['messages'][0]['content']}<assistant>"
     assert prompts[1].startswith(f"<user>{rows[3]['messages'][0]['content'][:20]}")
+
+
+def test_mix_is_prefix_stable():
+    """scripts/mix_prompts.py: the pattern repeats until a source runs out, and a longer
+    source only extends the mix (answers already written stay valid)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "mix_prompts.py"
+    spec = importlib.util.spec_from_file_location("mix_prompts", path)
+    mix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mix)
+    pattern = ["code", "self", "code", "sharegpt"]
+
+    def streams(num_self):
+        return {"code": iter(f"c{i}" for i in range(100)),
+                "self": iter(f"s{i}" for i in range(num_self)),
+                "sharegpt": iter(f"g{i}" for i in range(100))}
+
+    short, counts, ran_out = mix.interleave(streams(2), pattern)
+    assert short == ["c0", "s0", "c1", "g0", "c2", "s1", "c3", "g1", "c4"]
+    assert ran_out == "self" and counts == {"code": 5, "self": 2, "sharegpt": 2}
+    longer, _, _ = mix.interleave(streams(5), pattern)
+    assert longer[:len(short)] == short and len(longer) > len(short)

@@ -314,10 +314,17 @@ def request(unit: CodeUnit, kind: str, rng: random.Random) -> tuple[str, dict] |
     return rng.choice(TEMPLATES[kind]).format(code=_fenced(code)), meta
 
 
-def _kind_for(unit: CodeUnit, kinds: tuple[str, ...], rng: random.Random) -> list[str]:
+def _kind_order(unit: CodeUnit, kinds: tuple[str, ...], made: dict | None,
+                rng: random.Random) -> list[str]:
+    """The kinds to try on unit, in order: shuffled by the seeded rng, or with `made` (the
+    count of each kind so far) the rarest first, ties shuffled, so that the kinds few units
+    can carry (complete, fix) are not crowded out."""
     allowed = [k for k in kinds if not unit.is_class or k in CLASS_KINDS]
-    rng.shuffle(allowed)
-    return allowed  # tried in this order until one fits the unit
+    if made is None:
+        rng.shuffle(allowed)
+        return allowed
+    ties = {k: rng.random() for k in allowed}
+    return sorted(allowed, key=lambda k: (made.get(k, 0), ties[k]))
 
 
 def iter_units(sources, seed: int, max_files_per_source: int) -> Iterator[CodeUnit]:
@@ -334,10 +341,11 @@ def iter_units(sources, seed: int, max_files_per_source: int) -> Iterator[CodeUn
 
 def code_records(units, kinds: tuple[str, ...], seed: int, count_tokens: Callable[[str], int],
                  max_prompt_tokens: int, contaminated: Callable[[str], bool],
-                 banned_names: set[str], counts: dict) -> Iterator[dict]:
-    """One request per unit (kind and wording seeded by the unit's name), deduplicated on
-    the code, benchmark-clean and at most max_prompt_tokens long; `counts` tallies drops."""
-    seen = set()
+                 banned_names: set[str], counts: dict, balance: bool = True) -> Iterator[dict]:
+    """One request per unit (kinds balanced, _kind_order; wording seeded by the unit's
+    name), deduplicated on the code, benchmark-clean and at most max_prompt_tokens long;
+    `counts` tallies drops."""
+    seen, made = set(), {}
     for unit in units:
         key = hashlib.sha1(" ".join(unit.code.split()).encode()).hexdigest()
         if key in seen:
@@ -348,17 +356,18 @@ def code_records(units, kinds: tuple[str, ...], seed: int, count_tokens: Callabl
             counts["benchmark"] = counts.get("benchmark", 0) + 1
             continue
         rng = random.Random(f"{seed}:{unit.module}:{unit.name}")
-        for kind in _kind_for(unit, kinds, rng):
-            made = request(unit, kind, rng)
-            if made is not None:
+        for kind in _kind_order(unit, kinds, made if balance else None, rng):
+            made_request = request(unit, kind, rng)
+            if made_request is not None:
                 break
         else:
             counts["no_kind"] = counts.get("no_kind", 0) + 1
             continue
-        text, meta = made
+        text, meta = made_request
         if count_tokens(text) > max_prompt_tokens:
             counts["too_long"] = counts.get("too_long", 0) + 1
             continue
+        made[kind] = made.get(kind, 0) + 1
         yield {"id": f"code/{unit.module}:{unit.name}", "kind": kind,
                "messages": [{"role": "user", "content": text}], "meta": meta}
 
@@ -414,7 +423,8 @@ def build_code_bench(output: Path, sources: list[Source], count_tokens, contamin
     bench_sources = [s for s in sources if s.name in HELD_OUT_SOURCES]
     by_kind: dict = {kind: [] for kind in BENCH_KINDS}
     for row in code_records(iter_units(bench_sources, seed, 10_000), BENCH_KINDS, seed,
-                            count_tokens, max_prompt_tokens, contaminated, banned_names, {}):
+                            count_tokens, max_prompt_tokens, contaminated, banned_names, {},
+                            balance=False):
         by_kind[row["kind"]].append(row)
     for i, rows in enumerate(by_kind.values()):
         random.Random(seed + i).shuffle(rows)

@@ -65,9 +65,25 @@ SELF_PROMPT_OPENERS = (
 )
 
 
-def self_prompt_opener(index: int) -> tuple[str, str]:
-    """(kind, opening words) of the index-th self-written prompt (a fixed rotation)."""
-    return SELF_PROMPT_OPENERS[index % len(SELF_PROMPT_OPENERS)]
+# For a code model (Qwen2.5-Coder): ten of sixteen openings ask for code, in several
+# languages and kinds of request; a quarter start free (a coder writes mostly code requests
+# anyway); the rest keep a few of MT-bench's other kinds.
+SELF_PROMPT_OPENERS_CODE = (
+    ("free", ""), ("coding", "Write a Python function"), ("coding", "How do I"),
+    ("coding", "Write a JavaScript function"), ("free", ""), ("coding", "Fix this code"),
+    ("coding", "Write a SQL query"), ("stem", "Explain how"), ("free", ""),
+    ("coding", "Implement a class"), ("coding", "Write a bash script"), ("math", "Solve"),
+    ("free", ""), ("coding", "What is the difference between"), ("coding", "Write a C++ program"),
+    ("writing", "Write"),
+)
+SELF_PROMPT_ROTATIONS = {"mtbench": SELF_PROMPT_OPENERS, "code": SELF_PROMPT_OPENERS_CODE}
+
+
+def self_prompt_opener(index: int, rotation: str = "mtbench") -> tuple[str, str]:
+    """(kind, opening words) of the index-th self-written prompt (a fixed rotation:
+    "mtbench", SELF_PROMPT_OPENERS, or "code", SELF_PROMPT_OPENERS_CODE)."""
+    openers = SELF_PROMPT_ROTATIONS[rotation]
+    return openers[index % len(openers)]
 
 
 def clean_self_prompt(text: str, finished: bool, contaminated: "Decontaminator",
