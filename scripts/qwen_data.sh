@@ -18,7 +18,8 @@
 #      source runs out (scripts/mix_prompts.py; growing a source only extends the mix)
 #   4. answers.jsonl       the target's greedy answers to the mix (scripts/generate_responses.py,
 #      MAX_TOKENS (512) new tokens, BATCH (64) sequences at a time, vLLM's default compile
-#      mode; answers.summary.json in the results folder follows every chunk)
+#      mode, written every CHUNK (128); answers.summary.json in the results folder follows
+#      every chunk)
 #   5. results/training/qwen-data/summary.json: counts, tokens, sha256 of every file, and
 #      gzipped copies under results/training/qwen-data/data/ of those under 5 MB
 # All prompt and answer files are restored from those copies when the cache lacks them, so a
@@ -41,6 +42,7 @@ main() {
   NUM_ANSWERS="${NUM_ANSWERS:-1000000}"
   MAX_TOKENS="${MAX_TOKENS:-512}"
   BATCH="${BATCH:-64}"
+  CHUNK="${CHUNK:-128}"  # answers per write: what a kill can lose
   export VLLM_ENABLE_V1_MULTIPROCESSING=0
   mkdir -p "$data/prompts" "$results"
 
@@ -102,7 +104,7 @@ main() {
     echo "== $(date '+%F %T') stage 4: answers"
     "$py" "$here/scripts/generate_responses.py" --target "$target" --prompts "$data/prompts/mix.jsonl" \
       --output "$data/answers.jsonl" --num-prompts "$NUM_ANSWERS" --max-prompt-tokens 768 \
-      --max-tokens "$MAX_TOKENS" --max-num-seqs "$BATCH" --chunk-size 256 --kv-cache-gib 3 \
+      --max-tokens "$MAX_TOKENS" --max-num-seqs "$BATCH" --chunk-size "$CHUNK" --kv-cache-gib 3 \
       --keep-fields kind,meta --summary "$results/answers.summary.json"
     echo "== $(date '+%F %T') stage 5: summary"
     summarise
