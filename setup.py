@@ -44,11 +44,11 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "chimera-demo=vllm_chimera.cli:demo_main",
-            "chimera-bench=vllm_chimera.cli:bench_main",
-            "chimera-prepare=vllm_chimera.prepare.cli:prepare_main",
-            "chimera-train=vllm_chimera.training.cli:train_main",
-            "vllm-chimera=vllm_chimera.vllm.cli:main",
+            "chimera-demo=vllm_chimera.commands.demo:demo_main",
+            "chimera-bench=vllm_chimera.commands.bench:bench_main",
+            "chimera-prepare=vllm_chimera.commands.prepare:prepare_main",
+            "chimera-train=vllm_chimera.commands.train:train_main",
+            "vllm-chimera=vllm_chimera.commands.serve:main",
         ],
         "vllm.general_plugins": [
             "chimera=vllm_chimera.vllm.plugin:register",

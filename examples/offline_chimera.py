@@ -29,7 +29,7 @@ if __name__ == "__main__":
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
-    from vllm_chimera.vllm.offline import compare
+    from vllm_chimera.harness.offline import compare
 
     # Instruction-tuned targets answer the prompt as a chat turn.
     tokenizer = AutoTokenizer.from_pretrained(args.target)

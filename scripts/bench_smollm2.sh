@@ -39,6 +39,6 @@ if [[ ",$methods," =~ ,suffix[,:] ]]; then  # vLLM's suffix decoding: arctic-inf
   export PYTHONPATH="$(bash "$here/scripts/build_arctic_suffix.sh")${PYTHONPATH:+:$PYTHONPATH}"
 fi
 mkdir -p "$(dirname "$output")"
-"$py" -c "from vllm_chimera.cli import bench_main; raise SystemExit(bench_main())" --target smollm2 \
+"$py" -c "from vllm_chimera.commands.bench import bench_main; raise SystemExit(bench_main())" --target smollm2 \
   --draft "$here/vllm_chimera/drafts/smollm2-chimera" "${peer_drafts[@]}" \
   --methods "$methods" "${size[@]}" --rounds "${ROUNDS:-1}" --output "$output" ${EXTRA:-} 2>&1 | tee -a "$output.log"

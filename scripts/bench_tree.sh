@@ -26,7 +26,7 @@ PY
 )"
 echo "tree: $tree"
 mkdir -p "$(dirname "$output")"
-"$py" -c "from vllm_chimera.cli import bench_main; raise SystemExit(bench_main())" --target smollm2 \
+"$py" -c "from vllm_chimera.commands.bench import bench_main; raise SystemExit(bench_main())" --target smollm2 \
   --draft "$draft" --tree "$tree" --temperature 0 \
   --methods "${METHODS:-plain,chimera-nolookup:1,chimera-nolookup:2,chimera-nolookup:4,chimera-tree-nolookup}" \
   --num-prompts "${NUM_PROMPTS:-80}" --max-tokens 128 --batch-sizes "${BATCH_SIZES:-1,4,16}" \

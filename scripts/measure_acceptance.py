@@ -12,7 +12,7 @@ outputs are checked against plain decoding's, token for token.
 
 Acceptance does not depend on the batch size (greedy drafting and verification are per
 request), so the prompts are sent 16 at a time to keep the run short on a CPU. Each
-engine runs in a fresh process (see vllm_chimera.vllm.bench).
+engine runs in a fresh process (see vllm_chimera.harness.bench).
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def main():
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm_chimera.prepare.datasets import heldout_prompts, mtbench_prompts
     from vllm_chimera.prepare.targets import prepare_target
-    from vllm_chimera.vllm.bench import DRAFT_OPTIONS, BenchSettings, run_method
+    from vllm_chimera.harness.bench import DRAFT_OPTIONS, BenchSettings, run_method
 
     target = str(prepare_target("smollm2")) if args.target == "smollm2" else args.target
     prompts = (mtbench_prompts if args.prompts == "mtbench" else heldout_prompts)(
@@ -123,7 +123,7 @@ def num_tokens(args, method: str, folder: str | None) -> int | None:
 
 
 def write_report(args, target, prompts, settings, rows) -> None:
-    from vllm_chimera.vllm.bench import environment
+    from vllm_chimera.harness.bench import environment
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

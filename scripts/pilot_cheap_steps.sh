@@ -56,7 +56,7 @@ data() {
 }
 
 cache() {
-  "$py" -m vllm_chimera.training.cli "${common[@]}" --output-dir "$out/cache" --cache-only
+  "$py" -m vllm_chimera.commands.train "${common[@]}" --output-dir "$out/cache" --cache-only
   # (the variants' caches are fp32 alike: bf16 changes the draft's arithmetic only)
 }
 
@@ -68,7 +68,7 @@ variant() {
   fi
   local epochs
   epochs="$("$py" -c "print($steps / 80)")"
-  "$py" -m vllm_chimera.training.cli "${common[@]}" --epochs "$epochs" --eval-every "$every" \
+  "$py" -m vllm_chimera.commands.train "${common[@]}" --epochs "$epochs" --eval-every "$every" \
     --output-dir "$out/$name" "$@"
   mkdir -p "$results/$name"
   cp "$out/$name/metrics.json" "$out/$name/log.jsonl" "$out/$name/loss_curve.png" "$results/$name/"

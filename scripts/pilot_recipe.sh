@@ -11,7 +11,7 @@ common=(--target smollm2 --num-heads 4 --max-length 512 --train-tokens 80000 --v
         --seed 0 --no-progress --epochs 3 --stop-at-step 60)
 pilot() {
   local name="$1"; shift
-  "$py" -m vllm_chimera.training.cli "${common[@]}" --output-dir "$out/$name" "$@"
+  "$py" -m vllm_chimera.commands.train "${common[@]}" --output-dir "$out/$name" "$@"
   mkdir -p "$here/results/training/pilot-$name"
   cp "$out/$name/metrics.json" "$here/results/training/pilot-$name/"
 }

@@ -52,7 +52,7 @@ def parse_args():
 def settings_for(args) -> "TrainingSettings":
     """chimera-train's settings for a validation pass over args.val_data."""
     from vllm_chimera.prepare.cache import cache_dir
-    from vllm_chimera.training.cli import settings_from_args, train_parser
+    from vllm_chimera.commands.train import settings_from_args, train_parser
 
     parser = train_parser()
     val_data = args.val_data or str(cache_dir() / "data" / "sharegpt" / "validation.smollm2-self.jsonl")

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from vllm_chimera.prepare.targets import prepare_target
-from vllm_chimera.vllm import storm
+from vllm_chimera.harness import storm
 
 HERE = Path(__file__).resolve().parent.parent
 ENGINE = ["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(1 << 30)]

@@ -133,9 +133,9 @@ data="${DATA:-self}"
 num_cores="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
-"$py" -m vllm_chimera.training.cli --help >/dev/null  # fail early on a broken install
-"$py" -c "from vllm_chimera.prepare.cli import prepare_main; prepare_main(['target', 'smollm2'])"
-"$py" -c "from vllm_chimera.prepare.cli import prepare_main; prepare_main(['data'])"
+"$py" -m vllm_chimera.commands.train --help >/dev/null  # fail early on a broken install
+"$py" -c "from vllm_chimera.commands.prepare import prepare_main; prepare_main(['target', 'smollm2'])"
+"$py" -c "from vllm_chimera.commands.prepare import prepare_main; prepare_main(['data'])"
 sharegpt="$cache/data/sharegpt"
 # The target's answers are the expensive part of the data (about 50 min for all three files
 # on this CPU), so stage ship-data keeps them in the repository, gzipped; a fresh machine
@@ -284,7 +284,7 @@ fi
 
 run() {  # run NAME [extra flags]: train, then copy the small outputs into results/training/NAME
   local name="$1$suffix"; shift
-  "$py" -m vllm_chimera.training.cli "${common[@]}" --num-threads "$threads" \
+  "$py" -m vllm_chimera.commands.train "${common[@]}" --num-threads "$threads" \
     --output-dir "$runs/smollm2-$name" "$@"
   mkdir -p "$here/results/training/$name"
   cp "$runs/smollm2-$name"/{metrics.json,log.jsonl,loss_curve.png} "$here/results/training/$name/"
@@ -295,7 +295,7 @@ stages=("$@")
 for stage in "${stages[@]}"; do
   case "$stage" in
     cache)  # fill the shared cache of target outputs once, with every core
-      OMP_NUM_THREADS="$num_cores" MKL_NUM_THREADS="$num_cores" "$py" -m vllm_chimera.training.cli \
+      OMP_NUM_THREADS="$num_cores" MKL_NUM_THREADS="$num_cores" "$py" -m vllm_chimera.commands.train \
         "${common[@]}" --num-threads "$num_cores" --output-dir "$runs/cache" --cache-only ;;
     more-data)  # the target's answers to the next MORE_PROMPTS ShareGPT prompts (resumable,
       # and a larger MORE_PROMPTS later extends the file; then DATA=self+more trains on both
@@ -305,7 +305,7 @@ for stage in "${stages[@]}"; do
         --max-tokens 384 --output "$sharegpt/train.smollm2-self-more.jsonl" ;;
     varied-data)  # the target's answers to the role-play and writing prompts, then to the
       # EXTRA_PROMPTS ShareGPT first turns after the 1100 + 2048 above (both resumable)
-      "$py" -c "from vllm_chimera.prepare.cli import prepare_main; prepare_main(['prompts'])"
+      "$py" -c "from vllm_chimera.commands.prepare import prepare_main; prepare_main(['prompts'])"
       "$py" "$here/scripts/generate_responses.py" --target "$cache/targets/smollm2" \
         --prompts "$cache/data/prompts/act-as.jsonl" --num-prompts 100000 \
         --max-tokens 384 --output "$sharegpt/train.smollm2-self-actas.jsonl"

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vllm_chimera.vllm.bench import markdown_table
+from vllm_chimera.harness.bench import markdown_table
 
 COMMAND = "bash scripts/bench_smollm2.sh"
 

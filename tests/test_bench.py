@@ -10,7 +10,7 @@ from vllm_chimera.checkpoint import save_draft
 from vllm_chimera.toy import build_permutation_pair
 
 pytest.importorskip("vllm")
-from vllm_chimera.vllm.bench import BenchSettings, run_benchmark  # noqa: E402
+from vllm_chimera.harness.bench import BenchSettings, run_benchmark  # noqa: E402
 
 
 def test_quick_benchmark_writes_json_table_and_plot(tmp_path):
@@ -63,7 +63,7 @@ def test_quick_benchmark_writes_json_table_and_plot(tmp_path):
     assert again["results"]["chimera"]["startup_seconds"] == chimera["startup_seconds"]
     # ... but not with another draft at the same path (here: a step-aside schedule saved into it,
     # which "chimera" then runs with); plain's run does not depend on the draft.
-    from vllm_chimera.vllm.bench import save_schedule
+    from vllm_chimera.harness.bench import save_schedule
 
     save_schedule([[1, 1, 3], [2, 64, 0]], tmp_path / "draft", device_type="cpu")
     redrafted = run_benchmark(dataclasses.replace(settings, methods=("plain", "chimera")), prompts,
@@ -93,7 +93,7 @@ def test_quick_benchmark_writes_json_table_and_plot(tmp_path):
 
 
 def test_bench_cli_rejects_bad_arguments(capsys):
-    from vllm_chimera.cli import bench_main
+    from vllm_chimera.commands.bench import bench_main
 
     cases = [  # (arguments after --target x, what the error says)
         (["--batch-sizes", "1,a"], "comma-separated integers"),
@@ -112,7 +112,7 @@ def test_bench_cli_rejects_bad_arguments(capsys):
 
 
 def test_method_specs():
-    from vllm_chimera.vllm.bench import method_config, parse_method
+    from vllm_chimera.harness.bench import method_config, parse_method
 
     assert parse_method("chimera:3") == ("chimera", 3) and parse_method("plain") == ("plain", None)
     for bad in ("chimera:0", "chimera:x", "plain:2"):
@@ -127,7 +127,7 @@ def test_method_specs():
 
 
 def test_chimera_methods_with_and_without_the_lookup():
-    from vllm_chimera.vllm.bench import method_config
+    from vllm_chimera.harness.bench import method_config
 
     settings = BenchSettings(target="t", draft="d")
     assert method_config("chimera:1", settings) == {
@@ -142,8 +142,8 @@ def test_the_lookup_flags_reach_chimeras_config():
     plugin's defaults, `True`); bad values: test_bench_cli_rejects_bad_arguments."""
     import argparse
 
-    from vllm_chimera.cli import lookup_settings
-    from vllm_chimera.vllm.bench import method_config
+    from vllm_chimera.commands.bench import lookup_settings
+    from vllm_chimera.harness.bench import method_config
 
     def lookup(**flags):
         args = argparse.Namespace(**{"lookup_tokens": None, "lookup_occurrence": None, **flags})
@@ -157,8 +157,8 @@ def test_the_lookup_flags_reach_chimeras_config():
 
 
 def test_tree_methods_and_options(capsys):
-    from vllm_chimera.cli import bench_main
-    from vllm_chimera.vllm.bench import method_config
+    from vllm_chimera.commands.bench import bench_main
+    from vllm_chimera.harness.bench import method_config
 
     settings = BenchSettings(target="t", draft="d")
     assert method_config("chimera-tree", settings) == {"method": "chimera", "model": "d",
@@ -187,7 +187,7 @@ def _fake_run(tokens_per_second: list[float], token_ids: list[list[int]], sample
 
 
 def test_rounds_take_each_rounds_own_plain_and_the_median_round():
-    from vllm_chimera.vllm.bench import combine_rounds, markdown_table
+    from vllm_chimera.harness.bench import combine_rounds, markdown_table
 
     ids = [[1, 2, 3], [4, 5]]
     wrong = [[1, 2, 3], [4, 6]]

@@ -145,7 +145,7 @@ def test_average_refuses_drafts_that_are_not_one_design(two_drafts, tiny_target,
 
 
 def test_average_from_the_command_line(two_drafts, tmp_path, capsys):
-    from vllm_chimera.training.cli import train_main
+    from vllm_chimera.commands.train import train_main
 
     target = tmp_path / "target"
     build_tiny_target(target)

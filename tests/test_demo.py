@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from vllm_chimera.checkpoint import SHIPPED_DRAFTS
-from vllm_chimera.cli import demo_main
+from vllm_chimera.commands.demo import demo_main
 
 
 def test_toy_demo_reference_decoder(capsys):

@@ -20,7 +20,7 @@ from conftest import build_permutation_pair
 from vllm_chimera.model import to_target_ids
 from vllm_chimera.reference import SpeculativeDecoder
 from vllm_chimera.training import TrainingSettings, train
-from vllm_chimera.training.cli import train_main
+from vllm_chimera.commands.train import train_main
 from vllm_chimera.training.peers import (REDUCED_MEDUSA_ENGINE_KWARGS, EagleDraft, MedusaHeads,
                                          MedusaLoss, build_peer, eagle_llama_config, load_peer,
                                          peer_kind, vllm_engine_kwargs)
@@ -327,8 +327,8 @@ def test_exported_peer_runs_in_vllm_losslessly(setup, trained, vllm_prompts_and_
     """vLLM's own method loads the export; greedy output = plain; and vLLM accepts exactly
     the tokens the reference decoder accepts with our PyTorch peer (so vLLM computes what
     we trained; with a reduced vocabulary, vLLM maps the drafts back through token_map)."""
-    from vllm_chimera.vllm.bench import BenchSettings, method_config
-    from vllm_chimera.vllm.offline import run_offline
+    from vllm_chimera.harness.bench import BenchSettings, method_config
+    from vllm_chimera.harness.offline import run_offline
     from vllm_utils import TEST_ENGINE
 
     kind = RUNS[name][0]
@@ -351,7 +351,7 @@ def test_exported_peer_runs_in_vllm_losslessly(setup, trained, vllm_prompts_and_
 
 def test_bench_needs_the_peer_drafts():
     pytest.importorskip("vllm")
-    from vllm_chimera.vllm.bench import BenchSettings, method_config
+    from vllm_chimera.harness.bench import BenchSettings, method_config
 
     with pytest.raises(ValueError, match="--eagle-draft DIR"):
         method_config("eagle", BenchSettings(target="t"))

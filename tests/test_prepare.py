@@ -14,7 +14,7 @@ import zipfile
 import pytest
 
 from vllm_chimera.prepare import cache, datasets, install, prompts, targets
-from vllm_chimera.prepare.cli import prepare_main
+from vllm_chimera.commands.prepare import prepare_main
 
 RECORDS = [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"question {i} \"quoted\" ]"},
                                             {"from": "gpt", "value": f"answer {i}, {{braces}}"}]}

@@ -116,7 +116,7 @@ def test_a_sequential_draft_trains_resumes_and_round_trips(tiny_setup, tmp_path)
 
 
 def test_the_cli_flag_is_for_chimera_only(tiny_setup, tmp_path, capsys):  # noqa: F811
-    from vllm_chimera.training.cli import settings_from_args, train_parser
+    from vllm_chimera.commands.train import settings_from_args, train_parser
 
     parser = train_parser()
     argv = ["--target", tiny_setup["target"], "--train-data", tiny_setup["train"],

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from vllm_chimera.prepare.targets import prepare_target
-from vllm_chimera.vllm import storm
+from vllm_chimera.harness import storm
 
 pytestmark = pytest.mark.slow
 MAX_MODEL_LEN = 1024

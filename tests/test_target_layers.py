@@ -170,7 +170,7 @@ def test_init_from_a_draft_without_layers_starts_from_its_function(tiny_setup, t
 
 
 def test_the_layer_flag_reaches_the_settings(tiny_setup, tmp_path):
-    from vllm_chimera.training.cli import settings_from_args, train_parser
+    from vllm_chimera.commands.train import settings_from_args, train_parser
 
     parser = train_parser()
     argv = ["--target", tiny_setup["target"], "--output-dir", str(tmp_path),

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from conftest import build_tiny_target
 from vllm_chimera.checkpoint import load_draft
 from vllm_chimera.training import TrainingSettings, train
-from vllm_chimera.training.cli import train_main
+from vllm_chimera.commands.train import train_main
 from vllm_chimera.training.data import CachedData, build_cache, cache_key, tokenize_conversation
 from vllm_chimera.training.loss import IGNORE, head_labels
 
@@ -189,7 +189,7 @@ def test_two_process_gloo_matches_one_process(tiny_setup, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
          "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-         "-m", "vllm_chimera.training.cli", *args, "--output-dir", str(tmp_path / "ddp")],
+         "-m", "vllm_chimera.commands.train", *args, "--output-dir", str(tmp_path / "ddp")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
@@ -499,7 +499,7 @@ def test_init_from_a_shallower_draft_deepens_it(tiny_setup, tmp_path):
 
 
 def test_the_encoder_layers_flag_reaches_the_settings(tiny_setup, tmp_path):
-    from vllm_chimera.training.cli import settings_from_args, train_parser
+    from vllm_chimera.commands.train import settings_from_args, train_parser
 
     parser = train_parser()
     argv = ["--target", tiny_setup["target"], "--output-dir", str(tmp_path),
@@ -513,7 +513,7 @@ def test_the_encoder_layers_flag_reaches_the_settings(tiny_setup, tmp_path):
 
 
 def test_the_width_flags_reach_the_settings(tiny_setup, tmp_path):
-    from vllm_chimera.training.cli import settings_from_args, train_parser
+    from vllm_chimera.commands.train import settings_from_args, train_parser
 
     parser = train_parser()
     argv = ["--target", tiny_setup["target"], "--output-dir", str(tmp_path),

@@ -17,7 +17,7 @@ from test_training import settings_for, tiny_setup  # noqa: F401 (a fixture)
 from vllm_chimera.checkpoint import load_draft
 from vllm_chimera.training import TrainingSettings, train
 from vllm_chimera.training import trainer
-from vllm_chimera.training.cli import settings_from_args, train_parser
+from vllm_chimera.commands.train import settings_from_args, train_parser
 from vllm_chimera.training.data import CachedData, build_cache, cache_key
 
 CPU = torch.device("cpu")

@@ -11,7 +11,7 @@ import torch
 from test_training import settings_for, tiny_setup  # noqa: F401 (a fixture)
 from vllm_chimera.checkpoint import load_draft
 from vllm_chimera.training import TrainingSettings, train
-from vllm_chimera.training.cli import settings_from_args, train_parser
+from vllm_chimera.commands.train import settings_from_args, train_parser
 from vllm_chimera.training.loss import (IGNORE, DraftLoss, batch_labels, position_seeds,
                                         subsample_positions)
 from vllm_chimera.training.trainer import build_draft, build_loss, evaluate, load_target_and_data

@@ -147,7 +147,7 @@ def test_schedules():
 
 
 def test_tree_results_schedule_and_step_times():
-    from vllm_chimera.vllm.bench_tree import tree_results
+    from vllm_chimera.harness.bench_tree import tree_results
 
     def row(batch, kind, n, rate, step):
         return {"batch_size": batch, "kind": kind, "num_tokens": n, "tokens_per_second": rate,

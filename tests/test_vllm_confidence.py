@@ -9,7 +9,7 @@ import torch
 import vllm_utils  # noqa: F401  (sets VLLM_ENABLE_V1_MULTIPROCESSING before vLLM loads)
 from conftest import build_permutation_pair
 from vllm_chimera.checkpoint import save_draft
-from vllm_chimera.vllm.offline import run_offline
+from vllm_chimera.harness.offline import run_offline
 from vllm_chimera.vllm.spec_config import parse_min_confidence
 from vllm_utils import TEST_ENGINE
 
@@ -68,7 +68,7 @@ def test_confident_chains_inside_vllm(tmp_path):
 def test_min_confidence_is_chimeras_and_needs_a_threshold_in_the_bench():
     from vllm.config import SpeculativeConfig
 
-    from vllm_chimera.cli import bench_main
+    from vllm_chimera.commands.bench import bench_main
 
     with pytest.raises(Exception, match="is a setting of the 'chimera' method"):
         SpeculativeConfig(method="ngram", num_speculative_tokens=2, prompt_lookup_max=2,

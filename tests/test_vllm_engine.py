@@ -10,7 +10,7 @@ from vllm_chimera.checkpoint import save_draft
 from vllm_chimera.reference import ChimeraDrafter, SpeculativeDecoder
 from vllm_chimera.tree import TokenTree
 from vllm_utils import TEST_ENGINE, run_engine
-from vllm_chimera.vllm.offline import run_offline
+from vllm_chimera.harness.offline import run_offline
 
 vllm = pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
@@ -232,7 +232,7 @@ def test_draft_schedule_is_the_default_and_a_fixed_k_overrides_it(permutation_pa
     import shutil
 
     from vllm_chimera.measurements import load_measurements
-    from vllm_chimera.vllm.bench import save_schedule
+    from vllm_chimera.harness.bench import save_schedule
 
     target_dir, draft_dir = permutation_pair[:2]
     shutil.copytree(draft_dir, tmp_path / "draft")

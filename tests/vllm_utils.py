@@ -7,7 +7,7 @@ import os
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from vllm_chimera.checkpoint import load_config  # noqa: E402
-from vllm_chimera.vllm.offline import OfflineRun, run_offline  # noqa: E402
+from vllm_chimera.harness.offline import OfflineRun, run_offline  # noqa: E402
 
 # Eager: an engine starts in seconds, where compile mode spends ~15 s compiling. Tests of
 # compile mode (vLLM's default, what users run) override it: test_vllm_compile_mode.py.

@@ -19,7 +19,7 @@ def run_vllm_demo(num_prompts: int = 8, max_tokens: int = 64, seed: int = 0) -> 
 
     from vllm_chimera.checkpoint import save_draft
     from vllm_chimera.toy import build_permutation_pair
-    from vllm_chimera.vllm.offline import compare
+    from vllm_chimera.harness.offline import compare
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -62,7 +62,7 @@ def run_smollm2_demo(draft_dir: str, num_prompts: int = 8, max_tokens: int = 128
 
     from vllm_chimera.prepare.datasets import mtbench_prompts, mtbench_questions
     from vllm_chimera.prepare.targets import prepare_target
-    from vllm_chimera.vllm.offline import run_offline
+    from vllm_chimera.harness.offline import run_offline
 
     target = str(prepare_target("smollm2"))
     prompts = mtbench_prompts(target, num_prompts)
@@ -93,7 +93,7 @@ def _engine_label() -> str:
     """What the engines run on and how: e.g. "cpu, float32, vLLM's default compilation"."""
     from vllm.platforms import current_platform
 
-    from vllm_chimera.vllm.offline import ENGINE_DEFAULTS
+    from vllm_chimera.harness.offline import ENGINE_DEFAULTS
 
     return (f"{current_platform.device_type}, {ENGINE_DEFAULTS.get('dtype', 'model dtype')}, "
             "vLLM's default compilation")

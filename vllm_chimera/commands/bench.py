@@ -1,131 +1,21 @@
-"""Command-line entry points (argparse lives here and nowhere else).
-(`vllm-chimera`, vLLM's own command line, lives in vllm_chimera/vllm/cli.py: only the
-vLLM glue imports vLLM.)
-
-chimera-demo: SmolLM2-135M-Instruct (prepared from PyPI on first use) with the Chimera draft
-shipped in the package, inside vLLM against plain vLLM: answers to MT-bench questions, the
-mean acceptance length and the speedup measured in the same run.
-
-chimera-demo --toy: no download. (1) the reference decoder on a tiny random Llama target
-built in a temporary folder: greedy speculative output equals plain output, with a random
-draft (mostly rejected) and with an oracle draft (always accepted), for a chain and a tree;
-(2) the same property inside vLLM on toy models, with tokens/s against plain vLLM.
+"""chimera-bench: every method vLLM offers and Chimera, side by side in one run (one engine
+per method, each in a fresh process), at vLLM's default compilation; or, with
+--measure-tree, the draft's tree measurements. The work is vllm_chimera.harness.bench and
+.bench_tree; this module is the command line.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-import time
-from dataclasses import dataclass
+import multiprocessing
+import os
 from pathlib import Path
 
-import torch
-
-from vllm_chimera.checkpoint import SHIPPED_DRAFTS, load_draft_for_target, save_draft
-from vllm_chimera.config import ChimeraConfig
 from vllm_chimera.context_lookup import OCCURRENCES
-from vllm_chimera.model import ChimeraDraftModel
-from vllm_chimera.reference import (ChimeraDrafter, SpeculativeDecoder, TargetOracleDrafter,
-                                    generate_plain)
-from vllm_chimera.tree import TokenTree
-
-DEMO_TREE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 0, 0)]
-
-
-@dataclass
-class DemoSettings:
-    num_heads: int = 4
-    num_prompts: int = 4
-    max_new_tokens: int = 64
-    seed: int = 0
-
-
-def _tiny_target(folder: str, seed: int):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=True, initializer_range=0.3,
-                         architectures=["LlamaForCausalLM"])
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def run_demo(settings: DemoSettings) -> bool:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    with tempfile.TemporaryDirectory() as tmp:
-        target = _tiny_target(f"{tmp}/target", settings.seed)
-        draft = ChimeraDraftModel(ChimeraConfig.for_target(target.config,
-                                                           num_decoding_heads=settings.num_heads))
-        save_draft(draft, f"{tmp}/draft")  # exercise the real save/load path
-        draft = load_draft_for_target(f"{tmp}/draft", target).eval()
-        g = torch.Generator().manual_seed(settings.seed)
-        prompts = [torch.randint(0, 512, (n,), generator=g) for n in range(3, 3 + 5 * settings.num_prompts, 5)]
-        print(f"tiny random Llama target (d=128, 4 layers, V=512), {len(prompts)} prompts, "
-              f"{settings.max_new_tokens} greedy tokens each, K={settings.num_heads}")
-        print(f"{'drafter':<24}{'verification':<14}{'tokens/step':>12}{'exact':>8}{'seconds':>10}")
-        plain = [generate_plain(target, p, settings.max_new_tokens).token_ids for p in prompts]
-        all_exact = True
-        for drafter_name, drafter in [("chimera (untrained)", ChimeraDrafter(draft)),
-                                      ("oracle (target itself)", TargetOracleDrafter(target, settings.num_heads))]:
-            for tree_name, tree in [("chain", TokenTree.chain(settings.num_heads)),
-                                    ("tree", TokenTree.from_paths(DEMO_TREE))]:
-                decoder = SpeculativeDecoder(target, drafter, tree)
-                start = time.perf_counter()
-                results = [decoder.generate(p, settings.max_new_tokens) for p in prompts]
-                seconds = time.perf_counter() - start
-                exact = all(r.token_ids == ref for r, ref in zip(results, plain))
-                all_exact &= exact
-                steps = [n for r in results for n in r.accept_lengths]
-                print(f"{drafter_name:<24}{tree_name:<14}{sum(steps) / len(steps):>12.2f}"
-                      f"{'yes' if exact else 'NO':>8}{seconds:>10.2f}")
-        print("greedy speculative output equals plain output:", "yes" if all_exact else "NO")
-        return all_exact
-
-
-def demo_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="chimera-demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--toy", action="store_true",
-                        help="toy models instead (no download): the reference decoder and vLLM")
-    parser.add_argument("--draft", default=str(SHIPPED_DRAFTS["smollm2"]),
-                        help="the SmolLM2 draft (default: the one shipped in the package)")
-    parser.add_argument("--num-heads", type=int, default=DemoSettings.num_heads)
-    parser.add_argument("--num-prompts", type=int, help="prompts (default: 8 MT-bench questions, "
-                        f"{DemoSettings.num_prompts} with --toy)")
-    parser.add_argument("--max-new-tokens", type=int, help="tokens per answer (default: 128, "
-                        f"{DemoSettings.max_new_tokens} with --toy)")
-    parser.add_argument("--seed", type=int, default=DemoSettings.seed)
-    parser.add_argument("--no-vllm", action="store_true", help="only the reference decoder")
-    args = parser.parse_args(argv)
-    if not args.toy:
-        from vllm_chimera.vllm.demo import run_smollm2_demo
-
-        if not Path(args.draft, "config.json").is_file():
-            parser.error(f"no draft in {args.draft} (train one: bash scripts/train_smollm2.sh "
-                         "chimera export), or run the toy demo: chimera-demo --toy")
-        return 0 if run_smollm2_demo(args.draft, args.num_prompts or 8,
-                                     args.max_new_tokens or 128) else 1
-    if args.num_heads < 4:
-        parser.error("--num-heads must be >= 4 (the demo tree is 4 levels deep)")
-    settings = DemoSettings(args.num_heads, args.num_prompts or DemoSettings.num_prompts,
-                            args.max_new_tokens or DemoSettings.max_new_tokens, args.seed)
-    ok = run_demo(settings)
-    if not args.no_vllm:
-        from vllm_chimera.vllm.demo import run_vllm_demo
-
-        ok &= run_vllm_demo(max_tokens=settings.max_new_tokens, seed=args.seed)
-    return 0 if ok else 1
 
 
 def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """BenchSettings from chimera-bench's arguments; every usage error before any work."""
-    import os
-
     if args.quick:
         args.num_prompts, args.max_tokens, args.batch_sizes = 8, 32, "1,4"
     try:
@@ -139,7 +29,7 @@ def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
     if args.lookup_tokens is not None and args.lookup_tokens < 1:
         parser.error(f"--lookup-tokens must be at least 1, got {args.lookup_tokens}")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm_chimera.vllm.bench import BenchSettings, parse_method
+    from vllm_chimera.harness.bench import BenchSettings, parse_method
 
     try:
         methods = [parse_method(spec) for spec in args.methods.split(",")]
@@ -203,11 +93,8 @@ def _rerun(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[s
 
 def _measure_tree(parser: argparse.ArgumentParser, args: argparse.Namespace, settings) -> int:
     """chimera-bench --measure-tree (bench_tree.py), in a fresh process as every method."""
-    import multiprocessing
-    from pathlib import Path
-
+    from vllm_chimera.harness import bench_tree  # (imports vLLM)
     from vllm_chimera.prepare.datasets import heldout_prompts
-    from vllm_chimera.vllm import bench_tree
 
     try:
         sizes = tuple(int(n) for n in args.tree_sizes.split(","))
@@ -238,8 +125,6 @@ def _measure_tree(parser: argparse.ArgumentParser, args: argparse.Namespace, set
 def bench_main(argv=None) -> int:
     """chimera-bench: plain, n-gram, Chimera (and vLLM's Medusa and EAGLE with drafts from
     chimera-train --draft-kind medusa|eagle) inside vLLM, side by side in one run."""
-    from pathlib import Path
-
     parser = argparse.ArgumentParser(prog="chimera-bench", description=bench_main.__doc__)
     parser.add_argument("--target", required=True, help="target folder, or 'smollm2' (prepared)")
     parser.add_argument("--draft", help="Chimera draft folder (needed for method chimera)")
@@ -316,7 +201,7 @@ def bench_main(argv=None) -> int:
     if args.measure_tree:
         return _measure_tree(parser, args, settings)
     from vllm_chimera.prepare.datasets import mtbench_prompts
-    from vllm_chimera.vllm.bench import run_benchmark, save_schedule
+    from vllm_chimera.harness.bench import run_benchmark, save_schedule
 
     prompts = mtbench_prompts(settings.target, args.num_prompts)
     report = run_benchmark(settings, prompts, Path(args.output), rerun=rerun)
@@ -329,4 +214,4 @@ def bench_main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(demo_main())
+    raise SystemExit(bench_main())

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from vllm_chimera.vllm.offline import ENGINE_DEFAULTS
+from vllm_chimera.harness.offline import ENGINE_DEFAULTS
 
 _COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
              "vllm:spec_decode_num_accepted_tokens")
@@ -143,7 +143,7 @@ def _counters(llm) -> dict[str, object]:
 
 def _measure(llm, prompts, params, batch_size: int, step_times: bool) -> dict:
     """Send the prompts `batch_size` at a time; timings and spec-decode counter deltas."""
-    from vllm_chimera.vllm.patches import StepTimingPatch
+    from vllm_chimera.harness.step_timing import StepTimingPatch
 
     from vllm_chimera.vllm import lookup, tree_verify
 
@@ -211,7 +211,7 @@ def run_method(spec: str, settings: BenchSettings, prompts) -> dict:
     from vllm import LLM, SamplingParams
 
     from vllm_chimera.vllm import patching
-    from vllm_chimera.vllm.patches import StepTimingPatch
+    from vllm_chimera.harness.step_timing import StepTimingPatch
 
     if settings.step_times and not patching.is_applied(StepTimingPatch):
         patching.apply(StepTimingPatch)  # (this is a fresh process per method)

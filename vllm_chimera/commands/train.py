@@ -1,9 +1,9 @@
 """The command line of training (argparse lives here only; `chimera-prepare` is
-vllm_chimera.prepare.cli).
+vllm_chimera.commands.prepare).
 
     chimera-train --target smollm2 --output-dir runs/chimera [options]
     chimera-train --draft-kind medusa|eagle --target smollm2 --output-dir runs/medusa [options]
-    torchrun --nproc-per-node 2 -m vllm_chimera.training.cli --target ... (several GPUs)
+    torchrun --nproc-per-node 2 -m vllm_chimera.commands.train --target ... (several GPUs)
 """
 from __future__ import annotations
 
@@ -288,5 +288,5 @@ def average_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
-if __name__ == "__main__":  # torchrun -m vllm_chimera.training.cli ... runs training
+if __name__ == "__main__":  # torchrun -m vllm_chimera.commands.train ... runs training
     sys.exit(train_main())

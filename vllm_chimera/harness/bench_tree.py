@@ -32,8 +32,8 @@ from vllm_chimera.checkpoint import load_config
 from vllm_chimera.measurements import save_measurements
 from vllm_chimera.tree import best_paths, best_tree, spine_accuracies, spine_paths
 from vllm_chimera.vllm import patching, tree_verify
-from vllm_chimera.vllm.offline import ENGINE_DEFAULTS
-from vllm_chimera.vllm.patches import StepTimingPatch
+from vllm_chimera.harness.offline import ENGINE_DEFAULTS
+from vllm_chimera.harness.step_timing import StepTimingPatch
 from vllm_chimera.vllm.spec_config import TreeSettings
 
 
