@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import random
 
+import pytest
+
 from vllm_chimera.prepare import code_prompts as cp
 from vllm_chimera.prepare.cache import read_jsonl
 
@@ -167,7 +169,9 @@ def test_code_bench_prompts_render_with_chat_template(tmp_path):
     prompts = cp.code_bench_prompts(str(tmp_path / "tok"), 8)
     rows = cp.code_bench_records()
     assert len(prompts) == 8 and prompts[0] == f"<user>{rows[0]['messages'][0]['content']}<assistant>"
-    assert prompts[1].startswith(f"<user>{rows[3]['messages'][0]['content'][:20]}")
+    assert prompts[1] == f"<user>{rows[1]['messages'][0]['content']}<assistant>"
+    with pytest.raises(ValueError, match="num_prompts"):
+        cp.code_bench_prompts(str(tmp_path / "tok"), 25)
 
 
 def test_mix_is_prefix_stable():

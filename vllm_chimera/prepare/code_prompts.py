@@ -455,14 +455,18 @@ def code_bench_records(path: Path = CODE_BENCH_FILE) -> list[dict]:
 
 def code_bench_prompts(tokenizer_dir: str, num_prompts: int,
                        path: Path = CODE_BENCH_FILE) -> list[str]:
-    """num_prompts of the held-out code benchmark's requests (spread evenly over the file,
-    whose kinds rotate: complete, fix, annotate, refactor), rendered with the target's chat
-    template, like datasets.mtbench_prompts does for MT-bench."""
+    """The first num_prompts of the held-out code benchmark's requests, rendered with the
+    target's chat template, like datasets.mtbench_prompts does for MT-bench. The file's kinds
+    rotate (complete, fix, annotate, refactor) and its sources alternate, so any first four
+    hold every kind (an evenly spaced sample would not: every 2nd row is two kinds only)."""
     from transformers import AutoTokenizer
 
-    from vllm_chimera.prepare.datasets import chat_prompts, spread_sample
+    from vllm_chimera.prepare.datasets import chat_prompts
 
-    rows = spread_sample(code_bench_records(path), num_prompts)
+    rows = code_bench_records(path)
+    if not 0 < num_prompts <= len(rows):
+        raise ValueError(f"num_prompts must be 1..{len(rows)}, got {num_prompts}")
+    rows = rows[:num_prompts]
     return chat_prompts(AutoTokenizer.from_pretrained(tokenizer_dir),
                         [row["messages"][0]["content"] for row in rows])
 
