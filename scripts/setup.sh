@@ -41,4 +41,11 @@ else
   "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 pip_install -e "$here[test]"
+# arctic-inference's suffix tree: Chimera's lookup matcher "suffix" and vLLM's `suffix`
+# method draft with it. A source package: built once into a cached wheel (the script says
+# how), installed without requirements (it needs none to run; its optional ones would
+# replace vLLM's); its own vLLM plugin does nothing unless ARCTIC_INFERENCE_ENABLED=1.
+if ! "$venv/bin/python" -c "import arctic_inference.suffix_decoding._C" 2>/dev/null; then
+  pip_install --no-deps "$(PYTHON="$venv/bin/python" bash "$here/scripts/build_arctic_suffix.sh" --wheel)"
+fi
 "$venv/bin/python" -c "import torch, vllm, transformers, vllm_chimera; print('torch', torch.__version__, '| vllm', vllm.__version__, '| transformers', transformers.__version__)"

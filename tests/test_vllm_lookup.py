@@ -10,7 +10,7 @@ import vllm_utils  # noqa: F401  (sets VLLM_ENABLE_V1_MULTIPROCESSING before vLL
 from conftest import build_permutation_pair, build_random_draft
 from vllm_chimera.checkpoint import load_config, save_draft
 from vllm_chimera.vllm import lookup
-from vllm_chimera.vllm.offline import run_offline
+from vllm_chimera.harness.offline import run_offline
 from vllm_chimera.vllm.spec_config import LookupSettings
 from vllm_utils import TEST_ENGINE, run_engine
 
@@ -63,12 +63,17 @@ def _run(folder, prompts, params, draft="draft", lookup_setting=True, spec_extra
     return run, lookup.STATS.as_dict()
 
 
-@pytest.mark.parametrize("num_prompts", [1, 8])
-def test_lookup_greedy_equals_plain_and_fires(pair, num_prompts):
+SUFFIX = {"matcher": "suffix"}
+
+
+@pytest.mark.parametrize("num_prompts, setting", [(1, True), (8, True), (1, SUFFIX), (8, SUFFIX)])
+def test_lookup_greedy_equals_plain_and_fires(pair, num_prompts, setting):
+    """Either matcher (the suffix one by its measured choice: the quote's continuation
+    scores high enough from the start)."""
     folder, pi = pair
     prompts = _repeating_prompts(pi, num_prompts)
     plain, _ = _run(folder, prompts, GREEDY, draft=None)
-    with_lookup, stats = _run(folder, prompts, GREEDY, draft="random_draft")
+    with_lookup, stats = _run(folder, prompts, GREEDY, draft="random_draft", lookup_setting=setting)
     without, no_stats = _run(folder, prompts, GREEDY, draft="random_draft", lookup_setting=False)
     assert with_lookup.token_ids == plain.token_ids == without.token_ids
     assert no_stats["num_draft_tokens"]["lookup"] == 0
@@ -103,19 +108,43 @@ def test_lookup_and_heads_disagree(pair):
     assert stats["num_accepted_tokens"]["heads"] > stats["num_accepted_tokens"]["lookup"]
 
 
-def test_lookup_with_schedule_chunked_prefill_and_preemption(pair):
-    """The lookup drafts its own length (4) even where the schedule gives the heads K=1;
-    long prompts in 16-token chunks and a KV cache too small for the batch."""
+@pytest.mark.parametrize("setting", [True, SUFFIX])
+def test_lookup_with_schedule_chunked_prefill_and_preemption(pair, setting):
+    """The lookup drafts its own length (4, the suffix lookup's up to 24) even where the
+    schedule gives the heads K=1; long prompts in 16-token chunks (no draft until the
+    prompt is in: the suffix lookup's tree must not see a chunk's placeholder token) and a
+    KV cache too small for the batch (preempted requests stay followed)."""
     folder, pi = pair
     prompts = [p * 3 for p in _repeating_prompts(pi, 6, seed=4)]  # 60 tokens each
     engine = dict(enable_chunked_prefill=True, max_num_batched_tokens=16, max_num_seqs=6,
                   kv_cache_memory_bytes=600 << 10, max_model_len=256)
     plain, _ = _run(folder, prompts, GREEDY, draft=None, **engine)
-    run, stats = _run(folder, prompts, GREEDY, draft="random_draft",
+    run, stats = _run(folder, prompts, GREEDY, draft="random_draft", lookup_setting=setting,
                       spec_extra={"num_speculative_tokens_per_batch_size": [[1, 8, 1]]},
                       **engine)
     assert run.token_ids == plain.token_ids
     assert stats["num_draft_tokens"]["lookup"] > stats["num_drafts"]["lookup"]  # > 1 per draft
+
+
+def test_suffix_lookup_drafts_from_finished_requests(pair):
+    """Prompts of 3 random tokens: a request's own text never repeats (its output is a
+    path of pi), but requests one after another walk pi's cycles where earlier ones
+    walked: the global cache of finished requests drafts those stretches, the target
+    accepts them, and the outputs stay plain vLLM's. With the cache off, no such drafts."""
+    folder, _ = pair
+    g = torch.Generator().manual_seed(11)
+    prompts = torch.randint(0, 128, (8, 3), generator=g).tolist()
+    engine = dict(max_num_seqs=1)  # one request at a time: each finds the earlier ones
+    plain, _ = _run(folder, prompts, GREEDY, draft=None, **engine)
+    run, stats = _run(folder, prompts, GREEDY, draft="random_draft", lookup_setting=SUFFIX, **engine)
+    assert run.token_ids == plain.token_ids
+    choice = stats["choice"]
+    assert sum(choice["chose_cache"]) > 0 and sum(choice["cache_accepted"]) > 10, choice
+    assert stats["num_accepted_tokens"]["lookup"] > 10, stats
+    off, off_stats = _run(folder, prompts, GREEDY, draft="random_draft",
+                          lookup_setting={**SUFFIX, "cache_tokens": 0}, **engine)
+    assert off.token_ids == plain.token_ids
+    assert sum(off_stats["choice"]["cache_drafts"]) == 0 and sum(off_stats["choice"]["chose_cache"]) == 0
 
 
 def test_lookup_sampling_follows_the_target_distribution(tmp_path):
@@ -144,7 +173,7 @@ def test_lookup_sampling_follows_the_target_distribution(tmp_path):
 @pytest.mark.parametrize("value, message", [
     ("yes", "must be true, false or a dict"),
     ({"min_match": 0}, "min_match must be a positive integer"),
-    ({"num_tokens": 2.5}, "num_tokens must be a positive integer"),
+    ({"num_tokens": 2.5}, "num_tokens must be an integer in 1..128"),
     ({"min_match": 5, "max_match": 3}, "min_match=5 must be <= max_match=3"),
     ({"min_len": 2}, "unknown 'lookup' settings ['min_len']"),
     ({"occurrence": "last"}, "occurrence must be one of ('latest', 'earliest')"),
@@ -166,6 +195,9 @@ def test_lookup_settings_reach_the_engine(pair):
     assert LookupSettings.parse(False) is None
     with pytest.raises(Exception, match="min_match must be a positive integer"):
         run_engine(folder / "target", [[1, 2]], GREEDY, folder / "draft", lookup={"min_match": -1})
+    with pytest.raises(Exception, match="cache_tokens must be an integer >= 0"):
+        run_engine(folder / "target", [[1, 2]], GREEDY, folder / "draft",
+                   lookup={"matcher": "suffix", "cache_tokens": -1})
     with pytest.raises(Exception, match="is a setting of the 'chimera' method"):
         SpeculativeConfig(method="ngram", num_speculative_tokens=2, prompt_lookup_max=2,
                           lookup=True)
@@ -178,10 +210,21 @@ def test_lookup_settings_reach_the_engine(pair):
     try:
         spec = llm.llm_engine.vllm_config.speculative_config
         assert (spec.num_speculative_tokens, spec.num_head_tokens) == (6, 2)
-        assert spec.lookup == {"min_match": 3, "max_match": 4, "num_tokens": 6,
-                               "occurrence": "latest"}
+        assert spec.lookup == {"matcher": "ngram", "min_match": 3, "max_match": 4,
+                               "num_tokens": 6, "occurrence": "latest"}
     finally:
         del llm
+    # The suffix lookup's K: its num_tokens (24 unset), the heads keep theirs.
+    from vllm.engine.arg_utils import EngineArgs
+
+    spec = EngineArgs(model=str(folder / "target"), dtype="float32", max_model_len=512,
+                      kv_cache_memory_bytes=64 << 20, speculative_config={
+                          "method": "chimera", "model": str(folder / "draft"),
+                          "num_speculative_tokens": 2,
+                          "lookup": {"matcher": "suffix", "cache_tokens": 0}},
+                      ).create_engine_config().speculative_config
+    assert (spec.num_speculative_tokens, spec.num_head_tokens) == (24, 2)
+    assert spec.lookup["matcher"] == "suffix" and spec.lookup["cache_tokens"] == 0
 
 
 @pytest.mark.parametrize("occurrence", ["latest", "earliest"])

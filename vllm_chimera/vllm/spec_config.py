@@ -12,6 +12,7 @@ before any engine process starts.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import asdict, dataclass, fields, replace
@@ -21,7 +22,7 @@ from vllm.logger import init_logger
 
 from vllm_chimera.checkpoint import DRAFT_SUBDIR, ChimeraCheckpointError, load_draft
 from vllm_chimera.config import ChimeraConfig
-from vllm_chimera.context_lookup import DEFAULT_MIN_MATCH, OCCURRENCES
+from vllm_chimera.context_lookup import CHOICES, DEFAULT_MIN_MATCH, OCCURRENCES
 from vllm_chimera.measurements import DeviceMeasurements, load_measurements
 from vllm_chimera.tree import TokenTree, best_paths, best_tree
 
@@ -175,21 +176,55 @@ def with_tree_steps(step_aside, tree_schedule) -> list[list[int]]:
 
 
 # -- The context lookup (speculative_config["lookup"]) ------------------------------------
+MATCHERS = ("ngram", "suffix")
+# Each matcher's own settings (a dict naming another matcher's is an error).
+MATCHER_KEYS = {"ngram": ("min_match", "max_match", "occurrence"),
+                "suffix": ("max_depth", "cache_tokens", "max_spec_factor", "min_token_prob",
+                           "choice")}
+# num_tokens when unset: the n-gram lookup's 4; the suffix lookup's as vLLM's suffix method
+# (its K defaults to its tree depth): the tree's counts shorten each draft.
+DEFAULT_NUM_TOKENS = {"ngram": 4, "suffix": 24}
+MAX_LOOKUP_TOKENS = 128  # vLLM's rejection sampler handles at most this many drafts per request
+
+
 @dataclass(frozen=True)
 class LookupSettings:
-    """Drafting from the request's own text: where the last `min_match`..`max_match` tokens
-    occurred before in the request (prompt and output), propose the `num_tokens` tokens that
-    followed them instead of the heads' tokens. The longest such suffix counts; of its
-    occurrences, `occurrence` "latest" drafts from the last one (context_lookup.latest_match,
-    the default: it drafted more tokens per step on held-out answers, results/bench/README.md,
-    "The lookup's latest occurrence"), "earliest" from the first (vLLM's n-gram matcher, as
-    vLLM's ngram method drafts). Where there is no match the heads draft as without the lookup.
+    """Drafting from text instead of the heads, by one of two matchers.
+
+    matcher "ngram": from the request's own text: where the last `min_match`..`max_match`
+    tokens occurred before in the request (prompt and output), propose the `num_tokens`
+    tokens that followed them instead of the heads' tokens. The longest such suffix
+    counts; of its occurrences, `occurrence` "latest" drafts from the last one
+    (context_lookup.latest_match, the default: it drafted more tokens per step on held-out
+    answers, results/bench/README.md, "The lookup's latest occurrence"), "earliest" from
+    the first (vLLM's n-gram matcher, as vLLM's ngram method drafts). Where there is no
+    match the heads draft as without the lookup.
+
+    matcher "suffix" (lookup.SuffixLookup, vLLM's suffix decoding as a Chimera lookup):
+    suffix trees of depth `max_depth` over the request's context and over earlier
+    requests' prompts and outputs (`cache_tokens` tokens at most, the oldest requests
+    evicted first; 0: no global cache); up to `num_tokens` tokens (<= max_depth) of the
+    most frequent continuation, cut where its estimated probability falls below
+    `min_token_prob` or its length passes `max_spec_factor` x the match's (vLLM's
+    suffix_decoding_* settings of the same names). `choice` "measured" drafts it where
+    its measured acceptance beats the heads' (context_lookup.DraftChoice), "lookup-first"
+    wherever there is one.
     """
 
+    matcher: str = "ngram"
+    num_tokens: int | None = None  # the most tokens drafted from a match (None: the matcher's default)
     min_match: int = DEFAULT_MIN_MATCH
     max_match: int = 4
-    num_tokens: int = 4  # tokens drafted from a match (the heads' K applies elsewhere)
     occurrence: str = "latest"
+    max_depth: int = 24
+    cache_tokens: int = 1 << 18  # the global cache's size cap, in tokens (0: off)
+    max_spec_factor: float = 1.0
+    min_token_prob: float = 0.1
+    choice: str = "measured"
+
+    def __post_init__(self):
+        if self.num_tokens is None and self.matcher in DEFAULT_NUM_TOKENS:
+            object.__setattr__(self, "num_tokens", DEFAULT_NUM_TOKENS[self.matcher])
 
     @classmethod
     def parse(cls, value) -> "LookupSettings | None":
@@ -205,25 +240,58 @@ class LookupSettings:
         unknown = sorted(set(value) - set(LOOKUP_KEYS))
         if unknown:
             raise ValueError(f"chimera: unknown 'lookup' settings {unknown}; known: {LOOKUP_KEYS}")
-        for key, number in value.items():
-            if key == "occurrence":
-                if number not in OCCURRENCES:
-                    raise ValueError(f"chimera: lookup occurrence must be one of {OCCURRENCES}, "
-                                     f"got {number!r}")
-            elif isinstance(number, bool) or not isinstance(number, int) or number < 1:
-                raise ValueError(f"chimera: lookup {key} must be a positive integer, "
-                                 f"got {number!r}")
-        settings = replace(cls(), **value)
+        matcher = value.get("matcher", cls.matcher)
+        if matcher not in MATCHERS:
+            raise ValueError(f"chimera: lookup matcher must be one of {MATCHERS}, got {matcher!r}")
+        for other, keys in MATCHER_KEYS.items():
+            foreign = [key for key in keys if key in value and other != matcher]
+            if foreign:
+                raise ValueError(f"chimera: lookup {foreign} are settings of matcher {other!r}, "
+                                 f"not of {matcher!r}")
+        for key, setting in value.items():
+            _check_lookup_setting(key, setting)
+        settings = replace(cls(matcher=matcher), **value)
         if settings.min_match > settings.max_match:
             raise ValueError(f"chimera: lookup min_match={settings.min_match} must be <= "
                              f"max_match={settings.max_match}")
+        if matcher == "suffix" and settings.num_tokens > settings.max_depth:
+            raise ValueError(f"chimera: lookup num_tokens={settings.num_tokens} must be <= "
+                             f"max_depth={settings.max_depth} (a draft continues a match "
+                             f"inside the tree's depth)")
+        if matcher == "suffix" and importlib.util.find_spec("arctic_inference") is None:
+            raise ValueError("chimera: lookup matcher 'suffix' needs arctic-inference 0.3.0 "
+                             "(its suffix tree, a source package): `bash scripts/setup.sh` "
+                             "builds and installs it; or use matcher 'ngram'")
         return settings
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        own = ("matcher", "num_tokens") + MATCHER_KEYS[self.matcher]
+        return {key: value for key, value in asdict(self).items() if key in own}
 
 
 LOOKUP_KEYS = tuple(f.name for f in fields(LookupSettings))
+
+
+def _check_lookup_setting(key: str, value) -> None:
+    """One speculative_config["lookup"] setting's type and range; ValueError if wrong."""
+    choices = {"occurrence": OCCURRENCES, "choice": CHOICES, "matcher": MATCHERS}.get(key)
+    if choices is not None:
+        ok, rule = value in choices, f"one of {choices}"
+    else:
+        number = not isinstance(value, bool) and isinstance(value, (int, float))
+        integer = number and isinstance(value, int)
+        if key == "max_spec_factor":
+            ok, rule = number and value > 0, "a number > 0"
+        elif key == "min_token_prob":
+            ok, rule = number and 0 <= value <= 1, "a number in [0, 1]"
+        elif key == "cache_tokens":  # (0 turns the global cache off)
+            ok, rule = integer and value >= 0, "an integer >= 0"
+        elif key == "num_tokens":
+            ok, rule = integer and 1 <= value <= MAX_LOOKUP_TOKENS, f"an integer in 1..{MAX_LOOKUP_TOKENS}"
+        else:
+            ok, rule = integer and value >= 1, "a positive integer"
+    if not ok:
+        raise ValueError(f"chimera: lookup {key} must be {rule}, got {value!r}")
 
 
 # -- Confident chains (speculative_config["min_confidence"]) -------------------------------
