@@ -7,16 +7,22 @@ EAGLE's draft layer is; a deeper encoder's further layers follow as
 `model.layers.{num_target_layers + 1}`, ...). The target's embedding table and logits computation are bound by
 the proposer after loading; they are not part of this module's weights.
 
-One call of `forward` is one encoder pass over a packed batch of new positions:
-    input_ids      [num_tokens]           x_{t+1} (shifted by one, as EAGLE's first pass)
+One call of `forward` is one encoder pass over a batch of new positions (rows):
+    window_ids     [num_tokens, 3]        (x_{t-1}, x_t, x_{t+1}), the trigram window of row t
+                                          (the proposer resolves the packed layout:
+                                          chimera_kernels.trigram_window_ids)
     positions      [num_tokens]           t
     hidden_states  [num_tokens, d]        h_t, the target's final-normed hidden states (for a
                                           draft with target_layer_ids: `fuse_target_layers`'
                                           output, h_t enriched by the target's layers)
-    cu_seqlens     [num_seqs + 1]         where each request's rows start
-    prefix_ids     [num_seqs, 2]          (x_{t0-1}, x_{t0}) before each request's first row
 and returns s [num_tokens, d]. `head_logits` then gives the K heads' logits for the rows
 that end each request.
+
+The pass runs in `ChimeraEncoder`, compiled by vLLM the way EAGLE's draft model is
+(`support_torch_compile`: one graph, dynamic in num_tokens; on GPU captured in vLLM's
+piecewise CUDA graphs). Its inputs are per row, so the graph never depends on the number of
+requests and rows vLLM adds as padding (CUDA-graph sizes) change nothing in the real rows;
+the packed layout (cu_seqlens, prefix_ids) is resolved into window ids before the call.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig
 
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -34,7 +41,8 @@ from vllm.model_executor.layers.linear import ReplicatedLinear
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaDecoderLayer
 
-from chimera_kernels import ACTIVATION_FUNCTIONS, trigram_encoder, trigram_window_ids
+from chimera_kernels import ACTIVATION_FUNCTIONS
+from chimera_kernels import trigram_op  # noqa: F401  (registers torch.ops.chimera.*)
 from vllm_chimera.config import ChimeraConfig
 # The reduced vocabulary's map is a stored id table: vLLM's vocab_mapping.VocabMapping builds
 # its map from two tokenizers instead, so the core's to_target_ids serves here too.
@@ -46,6 +54,8 @@ ARCHITECTURE = "ChimeraDraftModel"
 _STACKED = [(".q_proj", ".qkv_proj", "q"), (".k_proj", ".qkv_proj", "k"),
             (".v_proj", ".qkv_proj", "v"), (".gate_proj", ".gate_up_proj", 0),
             (".up_proj", ".gate_up_proj", 1)]
+# The checkpoint's top-level names that live in ChimeraEncoder (loaded as "encoder.<name>").
+_ENCODER_PARTS = ("trigram_w1", "trigram_w2", "fuse", "layer", "extra_layers", "norm")
 
 
 def _encoder_layer_config(config: ChimeraConfig) -> LlamaConfig:
@@ -68,29 +78,84 @@ def _head_linear(head_index: int, in_features: int, out_features: int, name: str
     return _linear(in_features, out_features, f"heads.{head_index}.{name}")
 
 
+@support_torch_compile(dynamic_arg_dims={"window_ids": 0, "positions": 0, "hidden_states": 0})
+class ChimeraEncoder(nn.Module):
+    """The encoder pass, s = norm(layers(W_f [u_{t+1}; h_t])), u from the trigram encoder.
+
+    vLLM compiles this module (its forward, traced once, guards dropped) unless the engine
+    is eager; the heads run outside it. Every input is per row (num_tokens is the one
+    dynamic dimension) and nothing in it reads a value on the host, so on GPU the graph's
+    pieces between attention calls are captured in CUDA graphs. The trigram encoder is the
+    opaque custom op chimera::trigram_encoder_rows (chimera_kernels.trigram_op): the Triton
+    kernel on CUDA, the PyTorch reference on CPU, as in eager mode.
+    """
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config: ChimeraConfig = vllm_config.speculative_config.draft_model_config.hf_config
+        self.config = config
+        d = config.hidden_size
+        if config.use_trigram_encoder:
+            # A plain Linear: the fused kernel reads W1 itself, and vLLM's CPU linear
+            # method repacks (and empties) the .weight of its own linear layers.
+            self.trigram_w1 = nn.Linear(3 * d, d, bias=False)
+            self.trigram_w2 = _linear(d, d, "trigram_w2")
+            # With tensor parallelism the target's table is vocabulary-sharded: rows are
+            # looked up through its layer (an all-reduce) instead of the kernel.
+            self.vocab_sharded = get_tensor_model_parallel_world_size() > 1
+        self.fuse = _linear((2 if config.use_trigram_encoder else 1) * d, d, "fuse")
+        num_target_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+        # The names hold exactly one integer each: vLLM orders KV layers by it.
+        layer_config = _encoder_layer_config(config)
+        self.layer = LlamaDecoderLayer(vllm_config, prefix=f"model.layers.{num_target_layers}",
+                                       config=layer_config)
+        self.extra_layers = nn.ModuleList(  # config.num_encoder_layers - 1 of them
+            LlamaDecoderLayer(vllm_config, prefix=f"model.layers.{num_target_layers + i}",
+                              config=layer_config)
+            for i in range(1, config.num_encoder_layers))
+        self.norm = RMSNorm(d, eps=config.rms_norm_eps)
+
+    def bind_embedding(self, embed_tokens: nn.Module) -> None:
+        """Share the target's embedding layer (a plain attribute, not a submodule)."""
+        self.__dict__["embed_tokens"] = embed_tokens
+
+    def _trigram(self, window_ids: torch.Tensor) -> torch.Tensor:
+        """u = W2 act(W1 [E(w_0); E(w_1); E(w_2)]): [N, 3] window ids -> [N, d]."""
+        activation = self.config.trigram_activation
+        if not self.vocab_sharded:
+            u = torch.ops.chimera.trigram_encoder_rows(
+                window_ids, self.embed_tokens.weight, self.trigram_w1.weight, activation)
+        else:
+            rows = self.embed_tokens(window_ids.reshape(-1))  # [3N, d]
+            rows = rows.view(window_ids.shape[0], -1)  # [N, 3d]
+            u = ACTIVATION_FUNCTIONS[activation](self.trigram_w1(rows))
+        return self.trigram_w2(u)
+
+    def forward(self, window_ids: torch.Tensor | None, positions: torch.Tensor,
+                hidden_states: torch.Tensor) -> torch.Tensor:
+        # window_ids [N, 3] (None without the trigram encoder), positions [N],
+        # hidden_states [N, d] -> s [N, d]
+        if self.config.use_trigram_encoder:
+            u = self._trigram(window_ids)  # [N, d]
+            z = self.fuse(torch.cat([u.to(hidden_states.dtype), hidden_states], dim=-1))
+        else:
+            z = self.fuse(hidden_states)  # [N, d]
+        x, residual = self.layer(positions, z, None)  # [N, d] each
+        for layer in self.extra_layers:  # (each adds the last one's output to the residual)
+            x, residual = layer(positions, x, residual)
+        s, _ = self.norm(x, residual)  # norm(x + residual): the last layer's output, normed
+        return s
+
+
 class ChimeraDraftForVLLM(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config: ChimeraConfig = vllm_config.speculative_config.draft_model_config.hf_config
         self.config = config
         d = config.hidden_size
-        if config.use_context_encoder:
-            if config.use_trigram_encoder:
-                # A plain Linear: the fused kernel reads W1 itself, and vLLM's CPU linear
-                # method repacks (and empties) the .weight of its own linear layers.
-                self.trigram_w1 = nn.Linear(3 * d, d, bias=False)
-                self.trigram_w2 = _linear(d, d, "trigram_w2")
-            self.fuse = _linear((2 if config.use_trigram_encoder else 1) * d, d, "fuse")
-            num_target_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-            # The name holds exactly one integer: vLLM orders KV layers by it.
-            layer_config = _encoder_layer_config(config)
-            self.layer = LlamaDecoderLayer(vllm_config, prefix=f"model.layers.{num_target_layers}",
-                                           config=layer_config)
-            self.extra_layers = nn.ModuleList(  # config.num_encoder_layers - 1 of them
-                LlamaDecoderLayer(vllm_config, prefix=f"model.layers.{num_target_layers + i}",
-                                  config=layer_config)
-                for i in range(1, config.num_encoder_layers))
-            self.norm = RMSNorm(d, eps=config.rms_norm_eps)
+        # The encoder pass (None without the context layer: the Medusa-style ablation).
+        self.encoder = (ChimeraEncoder(vllm_config=vllm_config, prefix="encoder")
+                        if config.use_context_encoder else None)
         if config.target_layer_ids:  # (vllm_chimera.model.ChimeraDraftModel.fuse_target_layers)
             self.target_layer_norms = nn.ModuleList(
                 RMSNorm(d, eps=config.rms_norm_eps) for _ in config.target_layer_ids)
@@ -110,6 +175,8 @@ class ChimeraDraftForVLLM(nn.Module):
     def bind_target(self, target: nn.Module) -> None:
         """Share the target's embedding table and logits (LM head + logits processor)."""
         self.__dict__["_target"] = target  # a plain attribute: not in named_parameters()
+        if self.encoder is not None:
+            self.encoder.bind_embedding(target.model.embed_tokens)
 
     def fuse_target_layers(self, aux_hidden_states: torch.Tensor) -> torch.Tensor:
         """h_t as a draft with target_layer_ids reads it, from what vLLM's runner hands an
@@ -130,37 +197,17 @@ class ChimeraDraftForVLLM(nn.Module):
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._target.embed_input_ids(input_ids)
 
-    def _trigram(self, input_ids, cu_seqlens, prefix_ids) -> torch.Tensor:
-        """u = W2 act(W1 [E(x_{t-1}); E(x_t); E(x_{t+1})]) for the shifted ids: [N, d]."""
-        embed = self._target.model.embed_tokens
-        if get_tensor_model_parallel_world_size() == 1:
-            u = trigram_encoder(input_ids, cu_seqlens, embed.weight, self.trigram_w1.weight, None,
-                                self.config.trigram_activation, prefix_ids)
-        else:  # the table is vocabulary-sharded: look rows up through the layer (all-reduce)
-            window = trigram_window_ids(input_ids, cu_seqlens, prefix_ids)  # [N, 3]
-            rows = embed(window.reshape(-1)).view(window.shape[0], -1)  # [N, 3d]
-            u = ACTIVATION_FUNCTIONS[self.config.trigram_activation](self.trigram_w1(rows))
-        return self.trigram_w2(u)
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 hidden_states: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None,
-                prefix_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.config.use_context_encoder:  # ablation: heads on h alone
+                window_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """One encoder pass: s [num_tokens, d] (input_ids, inputs_embeds: EAGLE's model
+        arguments, unused: the trigram encoder reads window_ids [num_tokens, 3])."""
+        if self.encoder is None:  # ablation: heads on h alone
             return torch.zeros_like(hidden_states)
-        if self.config.use_trigram_encoder:
-            if cu_seqlens is None:  # warm-up runs: treat the rows as one sequence
-                cu_seqlens = torch.tensor([0, input_ids.shape[0]], dtype=torch.int32,
-                                          device=input_ids.device)
-            u = self._trigram(input_ids, cu_seqlens, prefix_ids)
-            z = self.fuse(torch.cat([u.to(hidden_states.dtype), hidden_states], dim=-1))
-        else:
-            z = self.fuse(hidden_states)
-        x, residual = self.layer(positions, z, None)  # [N, d] each
-        for layer in self.extra_layers:  # (each adds the last one's output to the residual)
-            x, residual = layer(positions, x, residual)
-        s, _ = self.norm(x, residual)  # norm(x + residual): the last layer's output, normed
-        return s
+        if not self.config.use_trigram_encoder:
+            window_ids = None  # (a compiled graph's None argument stays None)
+        return self.encoder(window_ids=window_ids, positions=positions,
+                            hidden_states=hidden_states)
 
     def head_logits(self, hidden_states: torch.Tensor, s: torch.Tensor,
                     num_heads: int) -> torch.Tensor:
@@ -220,6 +267,8 @@ class ChimeraDraftForVLLM(nn.Module):
         buffers = dict(self.named_buffers())
         loaded = set()
         for name, weight in weights:
+            if name.split(".", 1)[0] in _ENCODER_PARTS:  # e.g. layer.mlp.* -> encoder.layer.mlp.*
+                name = f"encoder.{name}"
             for ckpt_part, param_part, shard_id in _STACKED:
                 if ckpt_part in name:
                     name = name.replace(ckpt_part, param_part)

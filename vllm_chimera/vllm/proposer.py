@@ -66,6 +66,7 @@ from vllm.forward_context import set_forward_context
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.v1.spec_decode.eagle import EagleProposer
 
+from chimera_kernels import trigram_window_ids
 from vllm_chimera.model import confident_lengths
 from vllm_chimera.tree import TokenTree
 from vllm_chimera.vllm import lookup, tree_verify
@@ -90,7 +91,7 @@ class ChimeraProposer(EagleProposer):
         self.num_head_tokens = spec.num_head_tokens
         settings = LookupSettings.parse(spec.lookup)
         self.lookup = (None if settings is None else  # (after the kernel fix: numba)
-                       lookup.ContextLookup(settings, vllm_config.model_config.max_model_len))
+                       lookup.make_lookup(settings, vllm_config.model_config.max_model_len))
         if vllm_config.scheduler_config.async_scheduling:  # (vLLM refuses it for chimera)
             raise ValueError("chimera drafts need synchronous scheduling (drafts of different "
                              "lengths per request): drop async_scheduling")
@@ -131,6 +132,11 @@ class ChimeraProposer(EagleProposer):
                     "EAGLE-3 aux hidden states); use a draft trained without target_layer_ids")
         self.model.bind_target(language_model)
         self.supports_mm_inputs = False  # a text-only draft
+        # [max_num_tokens, 3] each row's trigram window (ChimeraEncoder's input): a
+        # persistent buffer, as EAGLE's input_ids, since CUDA graphs read fixed addresses.
+        uses_windows = self.model.encoder is not None and self.model.config.use_trigram_encoder
+        self.window_ids = (torch.zeros(self.max_num_tokens, 3, dtype=torch.int64,
+                                       device=self.device) if uses_windows else None)
         if self.tree is not None:
             tree_verify.check_target_supports_trees(self.runner, self._draft_attn_layer_names)
             if self.tree.max_depth_needed > len(self.model.heads):
@@ -165,9 +171,15 @@ class ChimeraProposer(EagleProposer):
             self.kv_cache_gid = 0
 
     def initialize_cudagraph_keys(self, cudagraph_mode: CUDAGraphMode) -> None:
-        # The draft is not torch.compiled (its packed trigram inputs vary per step), so it
-        # always runs eagerly; the target keeps its own CUDA graphs.
-        self.cudagraph_dispatcher.initialize_cudagraph_keys(CUDAGraphMode.NONE)
+        # EAGLE's rule: piecewise CUDA graphs of the compiled encoder (ChimeraEncoder)
+        # whenever the target has CUDA graphs, never full ones (attention and the heads
+        # run outside the graphs). Trees need nothing more: the draft's attention over a
+        # tree step's rows is causal over the accepted path, compacted to the front
+        # (tree_verify), and runs outside the piecewise graphs with its own metadata.
+        # Without the context layer there is no compiled pass to capture.
+        if self.model.encoder is None:
+            cudagraph_mode = CUDAGraphMode.NONE
+        super().initialize_cudagraph_keys(cudagraph_mode)
 
     def _prefix_ids(self, num_reqs: int) -> torch.Tensor:
         """(x_{t0-1}, x_{t0}) before each request's first row this step: [num_reqs, 2].
@@ -208,7 +220,8 @@ class ChimeraProposer(EagleProposer):
             h = target_hidden_states[token_indices_to_sample]  # [num_reqs, d]
             return self._combine(h, torch.zeros_like(h), num_speculative_tokens,
                                  next_token_ids, num_rejected_tokens_gpu)
-        prefix_ids = self._prefix_ids(common_attn_metadata.num_reqs)
+        prefix_ids = (self._prefix_ids(common_attn_metadata.num_reqs)
+                      if self.window_ids is not None else None)
         num_tokens, token_indices_to_sample, cad = self.set_inputs_first_pass(
             target_token_ids=target_token_ids, next_token_ids=next_token_ids,
             target_positions=target_positions, target_hidden_states=target_hidden_states,
@@ -217,16 +230,25 @@ class ChimeraProposer(EagleProposer):
         _, per_layer_attn_metadata = self.build_per_group_and_layer_attn_metadata(cad)
         runtime_mode, num_input_tokens, num_tokens_across_dp = (
             self._determine_batch_execution_and_padding(num_tokens))
+        # num_input_tokens >= num_tokens: vLLM pads the batch to a CUDA-graph size. Rows
+        # num_tokens.. keep stale positions and hidden states, get window ids 0 and the
+        # padding slot (_get_slot_mapping: no KV is written for them); every row is
+        # computed on its own, so they change nothing in the real rows, and nothing reads
+        # their outputs (token_indices_to_sample < num_tokens).
         model_kwargs, slot_mapping_size = self.build_model_inputs_first_pass(
             num_tokens, num_input_tokens, None)
-        model_kwargs.update(cu_seqlens=cad.query_start_loc, prefix_ids=prefix_ids)
-        if num_input_tokens != num_tokens:  # padded rows would break the packed layout
-            raise RuntimeError("ChimeraProposer does not support padded draft batches")
+        if self.window_ids is not None:  # the packed layout, resolved per row
+            # Rows hold (x_{t+1}, t) (shifted by one), so row t's window is
+            # (x_{t-1}, x_t, x_{t+1}); prefix_ids supply what precedes each request's rows.
+            self.window_ids[:num_tokens] = trigram_window_ids(
+                self.input_ids[:num_tokens], cad.query_start_loc, prefix_ids)  # [num_tokens, 3]
+            self.window_ids[num_tokens:num_input_tokens] = 0
+            model_kwargs["window_ids"] = self.window_ids[:num_input_tokens]
         with set_forward_context(
                 per_layer_attn_metadata, self.vllm_config, num_tokens=num_input_tokens,
                 num_tokens_across_dp=num_tokens_across_dp, cudagraph_runtime_mode=runtime_mode,
                 slot_mapping=self._get_slot_mapping(slot_mapping_size, cad.slot_mapping)):
-            s = self.model(**model_kwargs)  # [num_tokens, d]
+            s = self.model(**model_kwargs)  # [num_input_tokens, d]
         # (With K = 0 here the pass above kept the draft KV in sync: ASIDE_KEEPS_KV_ENV.)
         rows = token_indices_to_sample  # [num_reqs] each request's last accepted position
         return self._combine(self.hidden_states[rows], s[rows], num_speculative_tokens,
@@ -261,7 +283,9 @@ class ChimeraProposer(EagleProposer):
             for i, tokens in zip(tree_rows, node_tokens.tolist()):
                 drafts[i] = tokens[1:]  # the root is the token just sampled
                 self._tree_drafts[self.runner.input_batch.req_ids[i]] = (tree, drafts[i])
-        self._count(matches, [len(drafts[i]) for i in missed])
+        chunks = set(np.flatnonzero(self._prefill_chunks(num_reqs)).tolist())  # (not drafting)
+        self._count([match for i, match in enumerate(matches) if i not in chunks],
+                    [len(drafts[i]) for i in missed if i not in chunks])
         return drafts
 
     def _max_lookup_tokens(self, num_tokens: int) -> int:
@@ -296,9 +320,14 @@ class ChimeraProposer(EagleProposer):
         rejected = (np.zeros(num_reqs, dtype=np.int64) if num_rejected_tokens is None
                     else num_rejected_tokens.cpu().numpy())  # [num_reqs]
         max_model_len = self.lookup.max_model_len
+        chunks = self._prefill_chunks(num_reqs)  # [num_reqs] bool
         matches, previous, self._last_sources = [], self._last_sources, {}
         for i in range(num_reqs):
+            if chunks[i]:  # its context is not complete yet (and vLLM drops its drafts)
+                matches.append(np.empty(0, dtype=np.int32))
+                continue
             num_drafted = len(batch.spec_token_ids[i])  # verified this step
+            num_accepted = None  # (unknown after the bookkeeping)
             if self.drafts_after_bookkeeping:  # the history holds this step's tokens
                 num_context = int(batch.num_tokens_no_spec[i]) - 1
             else:
@@ -307,13 +336,22 @@ class ChimeraProposer(EagleProposer):
                 if source is not None and num_drafted:
                     lookup.STATS.num_accepted_tokens[source] += num_accepted
                 num_context = int(batch.num_tokens_no_spec[i]) + num_accepted
+                num_accepted = num_accepted if num_drafted else None
             room = max_model_len - num_context - 1
-            matches.append(self.lookup.propose(batch.token_ids_cpu[i], num_context,
-                                               int(next_ids[i]), min(num_tokens, room))
+            matches.append(self.lookup.draft(batch.req_ids[i], batch.token_ids_cpu[i], num_context,
+                                             int(next_ids[i]), min(num_tokens, room), num_accepted)
                            if room > 0 else np.empty(0, dtype=np.int32))
             self._last_sources[batch.req_ids[i]] = lookup.LOOKUP if len(matches[-1]) else lookup.HEADS
+        self.lookup.retire(self.runner.requests)  # (finished requests have left it)
         lookup.STATS.lookup_seconds += time.perf_counter() - start
         return matches
+
+    def _prefill_chunks(self, num_reqs: int) -> np.ndarray:
+        """[num_reqs] bool: the rows whose prompt is not all computed yet this step (the
+        runner samples no token for them; its discard mask)."""
+        mask = getattr(self.runner, "discard_request_mask", None)
+        return (mask.np[:num_reqs].astype(bool) if mask is not None
+                else np.zeros(num_reqs, dtype=bool))
 
     @staticmethod
     def _count(matches: list[np.ndarray], num_head_drafts: list[int]) -> None:
@@ -349,16 +387,24 @@ class ChimeraProposer(EagleProposer):
     @torch.inference_mode()
     def dummy_run(self, num_tokens, use_cudagraphs=True, is_graph_capturing=False,
                   slot_mappings=None) -> None:
-        """Warm-up: one encoder pass (EAGLE runs K) and the heads."""
+        """Warm-up: one encoder pass (EAGLE runs K) at the size vLLM asks for, padded as
+        propose pads it (the first call compiles ChimeraEncoder; under graph capture this
+        pass is captured), and the heads."""
         runtime_mode, num_input_tokens, num_tokens_across_dp = (
             self._determine_batch_execution_and_padding(num_tokens, use_cudagraphs=use_cudagraphs))
+        # As EAGLE: during capture the graphs must read the slot buffer propose fills.
+        if (self._draft_attn_layer_names and slot_mappings is not None
+                and next(iter(self._draft_attn_layer_names)) in slot_mappings):
+            slot_mappings = self._get_slot_mapping(num_input_tokens)
+        window_ids = None if self.window_ids is None else self.window_ids[:num_input_tokens]
         with set_forward_context(None, self.vllm_config, num_tokens=num_input_tokens,
                                  num_tokens_across_dp=num_tokens_across_dp,
                                  cudagraph_runtime_mode=runtime_mode,
                                  slot_mapping=slot_mappings or {}):
             s = self.model(input_ids=self.input_ids[:num_input_tokens],
                            positions=self._get_positions(num_input_tokens),
-                           hidden_states=self.hidden_states[:num_input_tokens])
+                           hidden_states=self.hidden_states[:num_input_tokens],
+                           window_ids=window_ids)
         # The heads as propose runs them. vLLM's K (num_speculative_tokens) also sizes the
         # lookup's drafts and the tree's nodes, so it can exceed the number of heads: the
         # chain uses the heads' own K, a tree its depth and top-k.
