@@ -11,7 +11,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING="${VLLM_ENABLE_V1_MULTIPROCESSING:-0}"
 "$here/.venv/bin/vllm-chimera" serve "$target" \
   --speculative-model "$draft" \
   --host 127.0.0.1 --port "${PORT:-8000}" \
-  --dtype float32 --enforce-eager --kv-cache-memory-bytes $((1 << 30)) &
+  --dtype float32 --kv-cache-memory-bytes $((1 << 30)) &
 server=$!
 trap 'kill $server' EXIT
 until curl -sf "http://127.0.0.1:${PORT:-8000}/health" >/dev/null; do sleep 1; done

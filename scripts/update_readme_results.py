@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vllm_chimera.harness.bench import markdown_table
+from vllm_chimera.harness.bench import PROMPT_SETS, markdown_table
 
 COMMAND = "bash scripts/bench_smollm2.sh"
 
@@ -35,7 +35,7 @@ def section(report: dict, json_path: Path, root: Path, block: str = "bench",
         f"Generated from `{relative}` by `scripts/update_readme_results.py`; made by "
         f"`{command}` on {env['date'][:10]}: {env['processor']} ({env['cpu_count']} cores, {device}), "
         f"torch {env['torch']}, vLLM {env['vllm']}, {env['dtype']}, {env['torch_threads']} threads. "
-        f"{settings['num_prompts']} MT-bench first turns, up to {settings['max_tokens']} new tokens, "
+        f"{settings['num_prompts']} {PROMPT_SETS[settings.get('prompt_set', 'mtbench')]}, up to {settings['max_tokens']} new tokens, "
         "B concurrent requests (batch), greedy unless said otherwise; one engine per method, "
         "each in a fresh process. `= plain`: every greedy output identical to plain decoding's, "
         "token for token. Accept len: tokens per drafting step (vLLM's metric); tokens/forward: "

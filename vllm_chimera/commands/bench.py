@@ -73,7 +73,7 @@ def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
         sampled_temperature=args.temperature or None, sampled_batch_size=args.sampled_batch_size,
         step_times=not args.no_step_times, engine_kwargs=engine_kwargs,
         lookup=lookup_settings(args), tree=tree,
-        rounds=args.rounds, min_confidence=args.min_confidence)
+        rounds=args.rounds, min_confidence=args.min_confidence, prompt_set=args.prompts)
 
 
 def lookup_settings(args: argparse.Namespace) -> dict | None:
@@ -136,6 +136,9 @@ def bench_main(argv=None) -> int:
                              "eagle; METHOD:K fixes K (chimera:2); "
                              "chimera alone uses the draft's defaults")
     parser.add_argument("--batch-sizes", default="1,4,16")
+    parser.add_argument("--prompts", choices=("mtbench", "code"), default="mtbench",
+                        help="MT-bench first turns, or the held-out code requests "
+                             "(prepare/data/code_bench.jsonl: 24, from sources no draft trains on)")
     parser.add_argument("--num-prompts", type=int, default=80)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--num-tokens", type=int, default=None,
@@ -200,10 +203,12 @@ def bench_main(argv=None) -> int:
     settings = _bench_settings(parser, args)
     if args.measure_tree:
         return _measure_tree(parser, args, settings)
-    from vllm_chimera.prepare.datasets import mtbench_prompts
     from vllm_chimera.harness.bench import run_benchmark, save_schedule
+    from vllm_chimera.prepare.code_prompts import code_bench_prompts
+    from vllm_chimera.prepare.datasets import mtbench_prompts
 
-    prompts = mtbench_prompts(settings.target, args.num_prompts)
+    load_prompts = code_bench_prompts if args.prompts == "code" else mtbench_prompts
+    prompts = load_prompts(settings.target, args.num_prompts)
     report = run_benchmark(settings, prompts, Path(args.output), rerun=rerun)
     print((Path(args.output) / "bench.md").read_text())
     if args.save_schedule:

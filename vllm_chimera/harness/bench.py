@@ -67,6 +67,12 @@ class BenchSettings:
     step_times: bool = True  # time the target's forward, sampling and drafting per step
     engine_kwargs: dict = field(default_factory=dict)
     rounds: int = 1  # every method this many times, round after round (module docstring)
+    prompt_set: str = "mtbench"  # PROMPT_SETS: MT-bench first turns, or the held-out code requests
+
+
+# chimera-bench --prompts: what each prompt set is (for the tables' captions).
+PROMPT_SETS = {"mtbench": "MT-bench first turns",
+               "code": "held-out code requests (vllm_chimera/prepare/data/code_bench.jsonl)"}
 
 
 def parse_method(spec: str) -> tuple[str, int | None]:
