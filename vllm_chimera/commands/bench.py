@@ -77,9 +77,11 @@ def _bench_settings(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
 
 def lookup_settings(args: argparse.Namespace) -> dict | None:
-    """Chimera's lookup settings from --lookup-tokens and --lookup-occurrence (None: the
-    plugin's defaults, so that runs saved without them stay reusable)."""
-    settings = {"num_tokens": args.lookup_tokens, "occurrence": args.lookup_occurrence}
+    """Chimera's lookup settings from --lookup-matcher, --lookup-tokens and
+    --lookup-occurrence (None: the plugin's defaults, so that runs saved without them stay
+    reusable)."""
+    settings = {"matcher": getattr(args, "lookup_matcher", None),
+                "num_tokens": args.lookup_tokens, "occurrence": args.lookup_occurrence}
     return {key: value for key, value in settings.items() if value is not None} or None
 
 
@@ -132,7 +134,8 @@ def bench_main(argv=None) -> int:
     parser.add_argument("--eagle-draft", help="EAGLE-1 draft folder (method eagle)")
     parser.add_argument("--methods", default="plain,ngram,chimera",
                         help="comma-separated: plain, ngram, chimera (with the context lookup), "
-                             "chimera-nolookup, chimera-confident (--min-confidence), medusa, "
+                             "chimera-nolookup, chimera-suffix (the suffix-tree lookup), chimera-confident "
+                             "(--min-confidence), medusa, "
                              "eagle; METHOD:K fixes K (chimera:2); "
                              "chimera alone uses the draft's defaults")
     parser.add_argument("--batch-sizes", default="1,4,16")
@@ -146,6 +149,10 @@ def bench_main(argv=None) -> int:
     parser.add_argument("--lookup-tokens", type=int, default=None,
                         help="tokens chimera drafts from a context-lookup match (default: the "
                              "plugin's); method chimera-nolookup turns the lookup off")
+    parser.add_argument("--lookup-matcher", choices=("ngram", "suffix"), default=None,
+                        help="chimera's lookup: 'ngram' (the request's own text, the plugin's "
+                             "default) or 'suffix' (suffix trees over the request and earlier "
+                             "requests, as vLLM's suffix method)")
     parser.add_argument("--lookup-occurrence", choices=OCCURRENCES, default=None,
                         help="which earlier occurrence of the matched suffix chimera's lookup "
                              "drafts from (default: the plugin's, latest; earliest = vLLM's "

@@ -102,8 +102,10 @@ def method_config(spec: str, settings: BenchSettings) -> dict | None:
             raise ValueError(f"method {method!r} needs a draft ({flag} DIR)")
         config = {"method": method, "model": str(draft)}
         if method.startswith("chimera"):  # with and without the context lookup, a tree
-            config.update(method="chimera", lookup=False if method.endswith("-nolookup")
-                          else (settings.lookup or True))
+            lookup = settings.lookup or True
+            if method == "chimera-suffix":  # the suffix-tree lookup (needs arctic-inference)
+                lookup = {"matcher": "suffix"}
+            config.update(method="chimera", lookup=False if method.endswith("-nolookup") else lookup)
             if method.startswith("chimera-tree"):
                 config["tree"] = settings.tree
             if method == "chimera-confident":
@@ -122,6 +124,7 @@ def method_config(spec: str, settings: BenchSettings) -> dict | None:
 
 # The methods that need a draft, and the BenchSettings field that holds it.
 DRAFT_OPTIONS = {"chimera": "draft", "chimera-nolookup": "draft", "chimera-tree": "draft",
+                 "chimera-suffix": "draft",
                  "chimera-confident": "draft",
                  "chimera-tree-nolookup": "draft", "medusa": "medusa_draft", "eagle": "eagle_draft"}
 
