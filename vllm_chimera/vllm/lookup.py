@@ -3,8 +3,8 @@ the suffix matcher from earlier requests' text too.
 
 Small models repeat themselves, answers quote their prompt, code repeats identifiers: there
 the continuation of an earlier occurrence of the last few tokens is a far better draft than
-the heads' (vLLM's n-gram method accepts 60% of its first tokens on SmolLM2's MT-bench
-answers, Chimera's first head 28%), and costs no model pass. Elsewhere the lookup has
+the heads' where a match exists (docs/history.md, "The context lookup"), and costs no
+model pass. Elsewhere the lookup has
 nothing to say and the heads draft. `ContextLookup` finds the context's longest suffix
 that occurred before and drafts what followed its latest occurrence
 (`vllm_chimera.context_lookup.latest_match`, the default), or its earliest, as vLLM's own

@@ -199,9 +199,9 @@ class RejectionSamplerPatch(ClassPatch):
 
     vLLM 0.32 verifies every step once speculation is configured, drafts or not; with
     sampled requests that costs an exponential draw over the whole vocabulary for every
-    request (`sample_recovered_tokens`), thrown away when nothing was drafted: 15 ms of a
-    ~80 ms step at batch 16 on this CPU (SmolLM2's 49k vocabulary), so stepping aside
-    was not free. With no drafts the verified output is the bonus token alone, which vLLM
+    request (`sample_recovered_tokens`), thrown away when nothing was drafted: a large
+    share of a step at large batches with a large vocabulary (docs/history.md), so
+    stepping aside was not free. With no drafts the verified output is the bonus token alone, which vLLM
     samples with the plain sampler and the request's own generator either way: the
     shortcut returns exactly that, so seeded outputs are unchanged.
     """

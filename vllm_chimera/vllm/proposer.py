@@ -14,8 +14,8 @@ and the runner's token history, so finished, preempted and reordered requests ne
 bookkeeping, and rejected positions are simply re-encoded when they are recomputed.
 
 Stepping aside (K = 0 for this step, from a batch-size schedule): by default the proposer
-then does nothing at all, so a large batch pays no draft cost (chimera-bench: a K=1 draft
-pass is 7% of a batch-16 step on CPU; stepped aside, 0.2 ms per step remain). The price:
+then does nothing at all, so a large batch pays no draft cost (chimera-bench's step
+breakdown measures what is left; results/bench/). The price:
 the draft layer's KV for the positions computed meanwhile is not written, so a request
 that lives on until the batch shrinks and drafting resumes drafts from an incomplete
 context (verification stays lossless; only its acceptance suffers).
