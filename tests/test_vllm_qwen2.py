@@ -11,11 +11,10 @@ import vllm_utils  # noqa: F401  (sets VLLM_ENABLE_V1_MULTIPROCESSING before vLL
 from conftest import build_random_draft, build_vllm_target
 from test_vllm_target_layers import GREEDY, _reference_drafts
 from vllm_chimera.checkpoint import save_draft
-from vllm_utils import run_engine
+from vllm_utils import record_head_drafts, run_engine
 
 vllm = pytest.importorskip("vllm")
 
-from vllm_chimera.vllm.proposer import ChimeraProposer  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +29,7 @@ def test_qwen2_target_greedy_equals_plain_and_drafts_match_reference(tmp_path, m
     draft = build_random_draft(target, num_heads=3)
     assert draft.config.target_model_type == "qwen2"
     save_draft(draft, tmp_path / "draft")
-    recorded = []
-    original = ChimeraProposer._draft_tokens
-
-    def recording(self, h, s, num_tokens, next_token_ids):
-        drafts = original(self, h, s, num_tokens, next_token_ids)
-        recorded.extend(drafts.tolist())
-        return drafts
-
-    monkeypatch.setattr(ChimeraProposer, "_draft_tokens", recording)
+    recorded = record_head_drafts(monkeypatch)
     prompt = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(7)).tolist()
     plain = run_engine(tmp_path / "target", [prompt], GREEDY)
     spec = run_engine(tmp_path / "target", [prompt], GREEDY, tmp_path / "draft")

@@ -10,12 +10,11 @@ from conftest import build_random_draft, build_vllm_target
 from vllm_chimera.checkpoint import save_draft
 from vllm_chimera.reference import ChimeraDrafter, SpeculativeDecoder
 from vllm_chimera.tree import TokenTree
-from vllm_utils import run_engine
+from vllm_utils import record_head_drafts, run_engine
 
 vllm = pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
 
-from vllm_chimera.vllm.proposer import ChimeraProposer  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
@@ -44,15 +43,7 @@ def test_vllm_drafts_what_the_reference_drafts(tmp_path, monkeypatch):
     draft = build_random_draft(target, num_heads=3, target_layer_ids=[0, 1])
     torch.nn.init.normal_(draft.target_layer_fuse.weight, std=0.2)
     save_draft(draft, tmp_path / "draft")
-    recorded = []
-    original = ChimeraProposer._draft_tokens
-
-    def recording(self, h, s, num_tokens, next_token_ids):
-        drafts = original(self, h, s, num_tokens, next_token_ids)
-        recorded.extend(drafts.tolist())
-        return drafts
-
-    monkeypatch.setattr(ChimeraProposer, "_draft_tokens", recording)
+    recorded = record_head_drafts(monkeypatch)
     prompt = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(7)).tolist()
     plain = run_engine(tmp_path / "target", [prompt], GREEDY)
     spec = run_engine(tmp_path / "target", [prompt], GREEDY, tmp_path / "draft")

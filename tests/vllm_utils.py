@@ -33,3 +33,20 @@ def run_engine(target_dir, prompts, sampling_params, draft_dir=None, method="chi
             spec["method"] = method
     return run_offline(target_dir, prompts, sampling_params, spec, num_rounds,
                        **{**TEST_ENGINE, **engine_kwargs})
+
+
+def record_head_drafts(monkeypatch) -> list:
+    """A list that collects every row of head drafts the ChimeraProposer makes (in-process
+    engines), to compare with the reference decoder's drafts step by step."""
+    from vllm_chimera.vllm.proposer import ChimeraProposer
+
+    recorded = []
+    original = ChimeraProposer._draft_tokens
+
+    def recording(self, h, s, num_tokens, next_token_ids):
+        drafts = original(self, h, s, num_tokens, next_token_ids)
+        recorded.extend(drafts.tolist())
+        return drafts
+
+    monkeypatch.setattr(ChimeraProposer, "_draft_tokens", recording)
+    return recorded
