@@ -1,31 +1,72 @@
-"""The command line of training (argparse lives here only; `chimera-prepare` is
-vllm_chimera.commands.prepare).
+"""The command line of training (argparse lives here only; the logic is vllm_chimera.training).
 
-    chimera-train --target smollm2 --output-dir runs/chimera [options]
-    chimera-train --draft-kind medusa|eagle --target smollm2 --output-dir runs/medusa [options]
-    torchrun --nproc-per-node 2 -m vllm_chimera.commands.train --target ... (several GPUs)
+    chimera-train recipe recipes/smollm2-chimera.toml        a whole recipe file, resumable
+    chimera-train train --target smollm2 --output-dir runs/chimera [options]
+    chimera-train cache ...                                  the target's outputs only
+    chimera-train evaluate DRAFT_DIR --target ... --val-data ... --output-dir OUT
+    chimera-train average DRAFT_DIR DRAFT_DIR ... --target ... --output-dir OUT
+    chimera-train export SRC_DRAFT DST [--keep-schedules-from SHIPPED_DRAFT]
+    chimera-train --target smollm2 --output-dir runs/chimera [options]   (= train; the flat
+        form keeps --cache-only, --evaluate and --average)
+    torchrun --nproc-per-node 2 -m vllm_chimera.commands.train train --target ... (GPUs)
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from vllm_chimera.prepare.cache import sharegpt_dir, target_dir
+import torch
+from transformers import AutoConfig
+
+from vllm_chimera.checkpoint import ChimeraCheckpointError
+from vllm_chimera.prepare.cache import cache_dir, sharegpt_dir, target_dir
 from vllm_chimera.target_layers import default_target_layer_ids, target_layer_ids_problem
+from vllm_chimera.training.checkpointing import average_into, export_draft_keeping_schedules
+from vllm_chimera.training.recipe import (RecipeError, dumps_table, load_recipe,
+                                          precision_settings, run_recipe, stage_init)
 from vllm_chimera.training.settings import TrainingSettings
+from vllm_chimera.training.trainer import cache_only, evaluate_to_file, train
+
+SUBCOMMANDS = ("recipe", "train", "cache", "evaluate", "average", "export")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+TRAIN_DESCRIPTION = (
+    "Self-distil a Chimera draft (or, for the benchmark, Medusa-1 heads or an EAGLE-1 draft) "
+    "from a frozen target. The finished draft is written to OUTPUT_DIR/draft: for "
+    "--draft-kind medusa/eagle in the format vLLM's own method loads, speculative_config="
+    "{'method': 'medusa' or 'eagle', 'model': 'OUTPUT_DIR/draft', 'num_speculative_tokens': K}.")
 
 
 def train_parser() -> argparse.ArgumentParser:
+    """The flat form, `chimera-train --target ... --output-dir ...`: training, or one of the
+    modes --cache-only, --evaluate, --average."""
+    p = argparse.ArgumentParser(
+        prog="chimera-train", description=TRAIN_DESCRIPTION,
+        epilog=f"Subcommands: chimera-train {{{','.join(SUBCOMMANDS)}}} --help "
+               "(recipe: a whole recipe file, e.g. recipes/smollm2-chimera.toml).")
+    add_training_arguments(p)
+    g = p.add_argument_group("modes (the flat form; each is also a subcommand)")
+    g.add_argument("--cache-only", action="store_true",
+                   help="only cache the target's outputs over the data (shared by later runs)")
+    g.add_argument("--evaluate", metavar="DRAFT_DIR",
+                   help="do not train: report DRAFT_DIR's per-head accuracy on --val-data "
+                        "(written to OUTPUT_DIR/evaluation.json)")
+    g.add_argument("--average", metavar="DRAFT_DIR,DRAFT_DIR[,...]",
+                   help="do not train: write the weighted mean of these drafts' weights (same "
+                        "design and vocabulary, e.g. drafts continued from one draft on "
+                        "different data) to OUTPUT_DIR/draft, a model soup")
+    g.add_argument("--average-weights", metavar="W,W[,...]",
+                   help="one positive weight per --average draft (default: equal)")
+    return p
+
+
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """Every TrainingSettings flag (train, cache, evaluate and the flat form share them)."""
     d = TrainingSettings.__dataclass_fields__
     default = lambda name: d[name].default  # noqa: E731
-    p = argparse.ArgumentParser(
-        prog="chimera-train",
-        description="Self-distil a Chimera draft (or, for the benchmark, Medusa-1 heads or an "
-                    "EAGLE-1 draft) from a frozen target. The finished draft is written to "
-                    "OUTPUT_DIR/draft: for --draft-kind medusa/eagle in the format vLLM's own "
-                    "method loads, speculative_config={'method': 'medusa' or 'eagle', "
-                    "'model': 'OUTPUT_DIR/draft', 'num_speculative_tokens': K}.")
     p.add_argument("--target", required=True,
                    help="a prepared target's name (`chimera-prepare target NAME`) or a Hugging Face folder")
     p.add_argument("--output-dir", required=True, help="checkpoints, final draft, metrics, plot")
@@ -125,18 +166,6 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=default("device"))
     g.add_argument("--num-threads", type=int, help="torch CPU threads")
     g.add_argument("--no-progress", action="store_true")
-    g.add_argument("--cache-only", action="store_true",
-                   help="only cache the target's outputs over the data (shared by later runs)")
-    g.add_argument("--evaluate", metavar="DRAFT_DIR",
-                   help="do not train: report DRAFT_DIR's per-head accuracy on --val-data "
-                        "(written to OUTPUT_DIR/evaluation.json)")
-    g.add_argument("--average", metavar="DRAFT_DIR,DRAFT_DIR[,...]",
-                   help="do not train: write the weighted mean of these drafts' weights (same "
-                        "design and vocabulary, e.g. drafts continued from one draft on "
-                        "different data) to OUTPUT_DIR/draft, a model soup")
-    g.add_argument("--average-weights", metavar="W,W[,...]",
-                   help="one positive weight per --average draft (default: equal)")
-    return p
 
 
 def target_folder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
@@ -219,8 +248,6 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
 
 def parse_target_layer_ids(value: str, target: str, parser: argparse.ArgumentParser) -> list[int]:
     """--target-layer-ids: "2,15,27" or "default", checked against the target's layers."""
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(target)
     num_layers = (getattr(config, "text_config", None) or config).num_hidden_layers
     if value == "default":
@@ -235,11 +262,60 @@ def parse_target_layer_ids(value: str, target: str, parser: argparse.ArgumentPar
     return layer_ids
 
 
+def subcommand_parser() -> argparse.ArgumentParser:
+    """`chimera-train SUBCOMMAND ...`: one subcommand per job the scripts used to do inline."""
+    p = argparse.ArgumentParser(prog="chimera-train", description=TRAIN_DESCRIPTION)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("recipe", help="run a recipe file's stages (resumable)")
+    r.add_argument("recipe_file", help="a recipe, e.g. recipes/smollm2-chimera.toml")
+    r.add_argument("--stage", action="append", dest="stages", metavar="NAME",
+                   help="run only this stage (repeatable; default: every stage in order)")
+    r.add_argument("--runs-dir", help="where the stages' runs go (default: $CHIMERA_RUNS_DIR, "
+                                      "else CACHE/runs)")
+    r.add_argument("--cache-dir", help="cache root for prepared targets, data and hidden states")
+    r.add_argument("--num-threads", type=int, help="torch CPU threads (default: torch's)")
+    r.add_argument("--ship", action="store_true",
+                   help="write the last stage's draft to the recipe's `ship` folder (fp16, "
+                        "keeping the step-aside schedules measured there)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print each stage's settings and data; run nothing")
+    for name, text in (("train", "train a draft (the flat form's default)"),
+                       ("cache", "only cache the target's outputs over the data")):
+        add_training_arguments(sub.add_parser(name, help=text, description=TRAIN_DESCRIPTION))
+    e = sub.add_parser("evaluate", help="per-head accuracy of a saved draft on --val-data "
+                                        "(OUTPUT_DIR/evaluation.json)")
+    e.add_argument("draft_dir", help="a saved draft (Chimera, or an exported Medusa/EAGLE peer)")
+    add_training_arguments(e)
+    a = sub.add_parser("average", help="the weighted mean of drafts' weights (a model soup) "
+                                       "in OUTPUT_DIR/draft")
+    a.add_argument("draft_dirs", nargs="+", metavar="DRAFT_DIR")
+    a.add_argument("--target", required=True, help="a prepared target's name or a folder")
+    a.add_argument("--output-dir", required=True)
+    a.add_argument("--weights", type=float, nargs="+", metavar="W",
+                   help="one positive weight per draft (default: equal)")
+    a.add_argument("--cache-dir")
+    x = sub.add_parser("export", help="a trained draft in its shipped form: one file, half "
+                                      "precision")
+    x.add_argument("src", help="a trained draft folder (a run's OUTPUT_DIR/draft)")
+    x.add_argument("dst", help="the folder to write (e.g. vllm_chimera/drafts/NAME)")
+    x.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
+    x.add_argument("--keep-schedules-from", metavar="DRAFT_DIR",
+                   help="carry this draft's measured step-aside schedules (e.g. the shipped "
+                        "draft being replaced; default: DST when it holds a draft)")
+    return p
+
+
 def train_main(argv: list[str] | None = None) -> int:
-    import json
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        parser = subcommand_parser()
+        args = parser.parse_args(argv)
+        return COMMANDS[args.command](args, parser)
+    return flat_main(argv)
 
-    from vllm_chimera.training.trainer import cache_only, evaluate_draft, train
 
+def flat_main(argv: list[str]) -> int:
+    """`chimera-train --target ... --output-dir ...` with --cache-only / --evaluate / --average."""
     parser = train_parser()
     args = parser.parse_args(argv)
     if args.average_weights and not args.average:
@@ -247,45 +323,83 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.average and (args.evaluate or args.cache_only):
         parser.error("--average is a run of its own: evaluate its draft afterwards")
     if args.average:  # (no data, so before the settings, which check it)
-        return average_main(args, parser)
-    settings = settings_from_args(args, parser)
+        try:
+            weights = ([float(w) for w in args.average_weights.split(",")]
+                       if args.average_weights else None)
+        except ValueError as e:
+            parser.error(f"--average-weights: {e}")
+        return average_drafts_main(args, parser, [d for d in args.average.split(",") if d], weights)
     if args.evaluate:
-        if settings.val_data is None:
-            parser.error("--evaluate needs validation data (--val-data)")
-        metrics = evaluate_draft(settings, args.evaluate)
-        Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
-        Path(settings.output_dir, "evaluation.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        return 0
-    if args.cache_only:
-        cache_only(settings)
-        return 0
-    train(settings)
+        args.draft_dir = args.evaluate
+        return evaluate_main(args, parser)
+    return (cache_main if args.cache_only else training_main)(args, parser)
+
+
+def training_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    train(settings_from_args(args, parser))
+    return 0
+
+
+def cache_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    cache_only(settings_from_args(args, parser))
+    return 0
+
+
+def evaluate_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    settings = settings_from_args(args, parser)
+    if settings.val_data is None:
+        parser.error("evaluating a draft needs validation data (--val-data)")
+    evaluate_to_file(settings, args.draft_dir)
     return 0
 
 
 def average_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """chimera-train --average: the model soup of the drafts given, in OUTPUT_DIR/draft."""
-    import json
+    return average_drafts_main(args, parser, args.draft_dirs, args.weights)
 
-    from transformers import AutoConfig
 
-    from vllm_chimera.checkpoint import ChimeraCheckpointError, save_draft
-    from vllm_chimera.training.checkpointing import average_drafts
-
+def average_drafts_main(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                        draft_dirs: list[str], weights: list[float] | None) -> int:
+    """The model soup of `draft_dirs` in OUTPUT_DIR/draft (training.checkpointing)."""
     target_config = AutoConfig.from_pretrained(target_folder(args, parser))
-    draft_dirs = [d for d in args.average.split(",") if d]
     try:
-        weights = ([float(w) for w in args.average_weights.split(",")]
-                   if args.average_weights else None)
-        draft = average_drafts(draft_dirs, weights, target_config)
+        average_into(draft_dirs, weights, target_config, args.output_dir)
     except (ValueError, ChimeraCheckpointError) as e:
-        parser.error(f"--average: {e}")
-    out = Path(args.output_dir)
-    save_draft(draft, out / "draft")
-    record = {"drafts": draft_dirs, "weights": weights or [1.0] * len(draft_dirs)}
-    (out / "average.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"averaged {len(draft_dirs)} drafts -> {out / 'draft'}", flush=True)
+        parser.error(f"average: {e}")
     return 0
+
+
+def export_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not Path(args.src, "config.json").is_file():
+        parser.error(f"export: no draft in {args.src} (no config.json)")
+    try:
+        export_draft_keeping_schedules(args.src, args.dst, args.keep_schedules_from or args.dst,
+                                       DTYPES[args.dtype])
+    except (ValueError, ChimeraCheckpointError) as e:
+        parser.error(f"export: {e}")
+    return 0
+
+
+def recipe_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run (or with --dry-run, print) a recipe file's stages."""
+    runs = args.runs_dir or os.environ.get("CHIMERA_RUNS_DIR") or cache_dir(args.cache_dir) / "runs"
+    try:
+        recipe = load_recipe(args.recipe_file)
+        stages = [recipe.stage(name) for name in args.stages or [s.name for s in recipe.stages]]
+        if args.dry_run:
+            for stage in stages:
+                table = {**recipe.settings, **precision_settings(recipe.precision), **stage.settings,
+                         "train_data": [str(d) for d in stage.train_data],
+                         "init_from": stage_init(recipe, stage, Path(runs)) or "scratch"}
+                print(dumps_table(table, f"stages.{stage.name}"))
+            return 0
+        run_recipe(recipe, runs, args.cache_dir, args.stages, args.num_threads, args.ship)
+    except RecipeError as e:
+        parser.error(str(e))
+    return 0
+
+
+COMMANDS = {"recipe": recipe_main, "train": training_main, "cache": cache_main,
+            "evaluate": evaluate_main, "average": average_main, "export": export_main}
 
 
 if __name__ == "__main__":  # torchrun -m vllm_chimera.commands.train ... runs training

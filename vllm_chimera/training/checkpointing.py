@@ -9,6 +9,7 @@ during a save leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from vllm_chimera.checkpoint import load_draft, save_draft
-from vllm_chimera.measurements import DeviceMeasurements, save_measurements
+from vllm_chimera.measurements import DeviceMeasurements, load_measurements, save_measurements
 from vllm_chimera.model import ChimeraDraftModel
 from vllm_chimera.training.peers import PeerDraft
 
@@ -138,6 +139,36 @@ def export_draft(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
     for device_type, schedule in (step_aside_schedules or {}).items():
         save_measurements(dst, device_type, step_aside_schedule=schedule)
     return Path(dst)
+
+
+def export_draft_keeping_schedules(src: str | Path, dst: str | Path,
+                                   schedules_from: str | Path | None = None,
+                                   dtype: torch.dtype = torch.float16) -> dict:
+    """export_draft, carrying the step-aside schedules measured for the draft in
+    `schedules_from` (e.g. the shipped draft a new one replaces; they are measured by
+    chimera-bench, not trained, so re-measure them for the new draft). Returns the schedules
+    kept, {device type: schedule}."""
+    measured = (load_measurements(schedules_from)
+                if schedules_from and Path(schedules_from, "config.json").is_file() else {})
+    kept = {device: m.step_aside_schedule for device, m in measured.items() if m.step_aside_schedule}
+    export_draft(src, dst, dtype, step_aside_schedules=kept)
+    print(f"exported {src} -> {dst}" + (f"; kept the step-aside schedules of {schedules_from}, "
+          f"{kept}: re-measure them for this draft with chimera-bench --save-schedule"
+          if kept else ""), flush=True)
+    return kept
+
+
+def average_into(draft_dirs: list[str], weights: list[float] | None, target_config,
+                 out: str | Path) -> Path:
+    """average_drafts, written as OUTPUT/draft with OUTPUT/average.json (what was averaged)."""
+    draft = average_drafts(draft_dirs, weights, target_config)
+    out = Path(out)
+    save_draft(draft, out / "draft")
+    record = {"drafts": [str(d) for d in draft_dirs],
+              "weights": list(weights) if weights else [1.0] * len(draft_dirs)}
+    (out / "average.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"averaged {len(draft_dirs)} drafts -> {out / 'draft'}", flush=True)
+    return out / "draft"
 
 
 def average_drafts(draft_dirs: list[str | Path], weights: list[float] | None = None,

@@ -239,8 +239,6 @@ def initial_draft(draft_dir: str, config: ChimeraConfig, target, train: CachedDa
             for head in grown.heads:
                 torch.nn.init.zeros_(head.token_up.weight)
         draft = grown
-    for name in ChimeraConfig.MEASURED_FIELDS:
-        setattr(draft.config, name, None)
     return draft.bind_target(*target_embed_and_lm_head(target))
 
 
@@ -711,6 +709,15 @@ def evaluate_draft(settings: TrainingSettings, draft_dir: str) -> dict:
                "validation": evaluate(loss_module, val_data, settings, device)}
     print(json.dumps(metrics, indent=2), flush=True)
     return metrics
+
+
+def evaluate_to_file(settings: TrainingSettings, draft_dir: str) -> Path:
+    """evaluate_draft, written to OUTPUT_DIR/evaluation.json; returns that file."""
+    metrics = evaluate_draft(settings, draft_dir)
+    out = Path(settings.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return out / "evaluation.json"
 
 
 def validation_setup(settings: TrainingSettings, draft_dir: str):
