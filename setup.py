@@ -19,7 +19,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["vllm_chimera", "vllm_chimera.*"]) + ["chimera_kernels"],
     package_dir={"vllm_chimera": "vllm_chimera", "chimera_kernels": "kernels"},
-    # The trained drafts shipped with the package (config.json + fp16 model.safetensors).
+    # The trained drafts shipped with the package: config.json (the design only), fp16
+    # model.safetensors, and measurements.json beside them where a measuring command
+    # (chimera-bench) has written one; `chimera-train export` carries only the step-aside
+    # schedules of the draft it replaces (vllm_chimera/measurements.py).
     # The held-out code benchmark prompts (prepare/code_prompts.py) too.
     package_data={"vllm_chimera": ["drafts/*/*.json", "drafts/*/*.safetensors",
                                    "prepare/data/*.jsonl"]},

@@ -1,6 +1,7 @@
 """Fused trigram encoder: out_t = act(W1 · [E(x_{t-2}); E(x_{t-1}); E(x_t)] + b).
 
-The bottom layer of the Chimera draft model (CHIMERA.md, "The draft model", item 1).
+The bottom layer of the Chimera draft model (arXiv 2402.15758; ChimeraDraftModel in
+vllm_chimera/model.py, docs/architecture.md).
 W1 is an nn.Linear(3d, d_out) weight, [d_out, 3d]: column block 0 multiplies E(x_{t-2}),
 block 1 E(x_{t-1}), block 2 E(x_t). The Triton kernel gathers the three embedding rows
 and accumulates the three [d] x [d, d_out] block products in fp32, so the [N, 3d]

@@ -1,5 +1,6 @@
 """ShareGPT's train/validation split and MT-bench's questions, and prompts rendered from them
-with a target's chat template (CHIMERA.md, "Real models and data").
+with a target's chat template (the layers: docs/architecture.md; the data the shipped
+draft was trained on: docs/training.md).
 
     prepare_data() -> <cache>/data/sharegpt/{train,validation}.jsonl, summary.json
                       <cache>/data/mtbench/question.jsonl   (benchmarks only)
