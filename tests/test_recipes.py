@@ -16,7 +16,6 @@ from safetensors import safe_open
 
 from test_training import tiny_setup  # noqa: F401 (a fixture)
 from vllm_chimera.commands import train as cli
-from vllm_chimera.training import trainer
 from vllm_chimera.training.recipe import (RecipeError, dumps_table, load_recipe, parse_recipe,
                                           read_answers, settings_from_table, settings_table,
                                           stage_settings)

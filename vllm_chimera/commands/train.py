@@ -65,8 +65,6 @@ def train_parser() -> argparse.ArgumentParser:
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
     """Every TrainingSettings flag (train, cache, evaluate and the flat form share them)."""
-    d = TrainingSettings.__dataclass_fields__
-    default = lambda name: d[name].default  # noqa: E731
     p.add_argument("--target", required=True,
                    help="a prepared target's name (`chimera-prepare target NAME`) or a Hugging Face folder")
     p.add_argument("--output-dir", required=True, help="checkpoints, final draft, metrics, plot")
@@ -77,12 +75,18 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-data", help="held-out JSONL (default: the prepared validation split; "
                                       "'none' to skip validation)")
     p.add_argument("--cache-dir", help="cache root for prepared data and hidden states")
-    g = p.add_argument_group("draft")
-    g.add_argument("--draft-kind", choices=("chimera", "medusa", "eagle"), default=default("draft_kind"),
+    _draft_arguments(p.add_argument_group("draft"))
+    _data_arguments(p.add_argument_group("data"))
+    _optimisation_arguments(p.add_argument_group("optimisation"))
+    _run_arguments(p.add_argument_group("run"))
+
+
+def _draft_arguments(g) -> None:
+    g.add_argument("--draft-kind", choices=("chimera", "medusa", "eagle"), default=_default("draft_kind"),
                    help="chimera (default); medusa: Medusa-1 heads (ResidualBlock + own LM head "
                         "each) on the target's last hidden state; eagle: EAGLE-1 (fc + one Llama "
                         "layer, Llama targets), regression onto h_{t+1} + cross-entropy")
-    g.add_argument("--num-heads", type=int, default=default("num_heads"),
+    g.add_argument("--num-heads", type=int, default=_default("num_heads"),
                    help="K: Chimera's or Medusa's heads, EAGLE's validated draft steps")
     g.add_argument("--no-trigram-encoder", action="store_true", help="ablation: no trigram encoder")
     g.add_argument("--no-context-encoder", action="store_true",
@@ -120,22 +124,26 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help="Medusa heads share the target's frozen LM head (vLLM's original_lm_head) "
                         "instead of training a copy each; with --draft-vocab-size they share one "
                         "trainable reduced LM head")
-    g = p.add_argument_group("data")
-    g.add_argument("--max-length", type=int, default=default("max_length"))
+
+
+def _data_arguments(g) -> None:
+    g.add_argument("--max-length", type=int, default=_default("max_length"))
     g.add_argument("--train-tokens", type=int, help="training budget in tokens (default: all)")
-    g.add_argument("--val-tokens", type=int, default=default("val_tokens"))
-    g.add_argument("--loss-on", choices=("responses", "all"), default=default("loss_on"))
-    g.add_argument("--cache-precision", choices=("fp32", "bf16"), default=default("cache_precision"),
+    g.add_argument("--val-tokens", type=int, default=_default("val_tokens"))
+    g.add_argument("--loss-on", choices=("responses", "all"), default=_default("loss_on"))
+    g.add_argument("--cache-precision", choices=("fp32", "bf16"), default=_default("cache_precision"),
                    help="the target's forward over the training data when caching it (bf16: "
                         "2-3x faster on CPUs with AMX; validation data is always fp32)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=float, default=default("epochs"))
-    g.add_argument("--batch-size", type=int, default=default("batch_size"),
+
+
+def _optimisation_arguments(g) -> None:
+    g.add_argument("--epochs", type=float, default=_default("epochs"))
+    g.add_argument("--batch-size", type=int, default=_default("batch_size"),
                    help="sequences per optimizer step over all processes")
-    g.add_argument("--micro-batch-size", type=int, default=default("micro_batch_size"))
-    g.add_argument("--lr", type=float, default=default("lr"))
-    g.add_argument("--weight-decay", type=float, default=default("weight_decay"))
-    g.add_argument("--warmup-ratio", type=float, default=default("warmup_ratio"))
+    g.add_argument("--micro-batch-size", type=int, default=_default("micro_batch_size"))
+    g.add_argument("--lr", type=float, default=_default("lr"))
+    g.add_argument("--weight-decay", type=float, default=_default("weight_decay"))
+    g.add_argument("--warmup-ratio", type=float, default=_default("warmup_ratio"))
     g.add_argument("--head-weights", type=lambda s: [float(x) for x in s.split(",")],
                    help="comma-separated loss weight per head (default 0.8**i)")
     g.add_argument("--loss-positions-fraction", type=float, metavar="F",
@@ -146,26 +154,33 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help="train the heads only where vLLM's context lookup with this min_match "
                         "(its default: 2) finds no match, the only positions where they draft "
                         "when the lookup is on (default: every position); chimera and medusa")
-    g.add_argument("--kl-weight", type=float, default=default("kl_weight"),
+    g.add_argument("--kl-weight", type=float, default=_default("kl_weight"),
                    help="weight of KL from the target's next-token distribution per head "
                         "(Medusa-2's self-distillation; default 0: off)")
-    g.add_argument("--regression-weight", type=float, default=default("regression_weight"),
+    g.add_argument("--regression-weight", type=float, default=_default("regression_weight"),
                    help="weight of the smooth-L1 regression of each head's state onto the "
                         "target's h_{t+1+i} (EAGLE's; default 0: off; chimera and medusa)")
-    g.add_argument("--autocast", choices=("auto", "bf16", "off"), default=default("autocast"),
+    g.add_argument("--autocast", choices=("auto", "bf16", "off"), default=_default("autocast"),
                    help="bf16 autocast of the draft: auto (CUDA GPUs with bf16), bf16 (also "
                         "CPUs with AMX / AVX-512-BF16), off (fp32)")
-    g.add_argument("--seed", type=int, default=default("seed"))
-    g = p.add_argument_group("run")
-    g.add_argument("--save-every", type=int, default=default("save_every"))
+    g.add_argument("--seed", type=int, default=_default("seed"))
+
+
+def _run_arguments(g) -> None:
+    g.add_argument("--save-every", type=int, default=_default("save_every"))
     g.add_argument("--eval-every", type=int,
                    help="validate every N steps (log.jsonl: step, seconds, cpu_seconds, "
                         "per-head accuracy; default: at the end only)")
     g.add_argument("--stop-at-step", type=int, help="stop (resumably) after this step")
     g.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    g.add_argument("--device", default=default("device"))
+    g.add_argument("--device", default=_default("device"))
     g.add_argument("--num-threads", type=int, help="torch CPU threads")
     g.add_argument("--no-progress", action="store_true")
+
+
+def _default(name: str):
+    """TrainingSettings' default for field `name` (the flags' defaults)."""
+    return TrainingSettings.__dataclass_fields__[name].default
 
 
 def target_folder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
