@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The 60-step pilot that chose the training recipe of scripts/train_smollm2.sh: full vs 8192-token
+# The 60-step pilot that chose the training recipe (recipes/smollm2-chimera.toml): full vs 8192-token
 # draft vocabulary, lr 1e-3 vs 3e-3, on the first 80k tokens of ShareGPT (dataset answers), one
 # thread each, run one after the other. Results: results/training/pilot-*/metrics.json.
 set -euo pipefail
