@@ -10,7 +10,7 @@
 # then `python scripts/update_readme_results.py` writes the README blocks from them.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # here, py, cache, runs
-methods="${METHODS:-plain,ngram,suffix,chimera,chimera-suffix}"
+methods="${METHODS:-plain,ngram,suffix,chimera}"
 batch_sizes="${BATCH_SIZES:-1}"
 for prompts in ${PROMPTS:-mtbench code}; do
   output="$here/results/bench/defaults-$prompts-b${batch_sizes//,/-}"

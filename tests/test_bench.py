@@ -22,6 +22,7 @@ def test_quick_benchmark_writes_json_table_and_plot(tmp_path):
     settings = BenchSettings(target=str(tmp_path / "target"), draft=str(tmp_path / "draft"),
                              methods=("plain", "ngram", "chimera", "chimera:2"),
                              batch_sizes=(1, 4), max_tokens=24, sampled_temperature=0.7,
+                             lookup={"matcher": "ngram"},  # (its 4-token drafts: vLLM's K below)
                              engine_kwargs=dict(kv_cache_memory_bytes=64 << 20, max_model_len=512))
     report = run_benchmark(settings, prompts, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "bench.json").read_text())

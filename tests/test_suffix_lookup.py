@@ -297,7 +297,8 @@ def test_every_lookup_draft_is_measured_chosen_or_not():
     ({"matcher": "suffix", "min_token_prob": True}, "min_token_prob must be a number in [0, 1]"),
     ({"matcher": "suffix", "choice": "best"}, "choice must be one of ('measured', 'lookup-first')"),
     ({"matcher": "suffix", "occurrence": "latest"}, "['occurrence'] are settings of matcher 'ngram'"),
-    ({"cache_tokens": 100}, "['cache_tokens'] are settings of matcher 'suffix', not of 'ngram'"),
+    ({"matcher": "ngram", "cache_tokens": 100},
+     "['cache_tokens'] are settings of matcher 'suffix', not of 'ngram'"),
     ({"matcher": "suffix", "cache": 100}, "unknown 'lookup' settings ['cache']"),
 ])
 def test_bad_suffix_settings_are_clear_errors(value, message):
@@ -313,10 +314,21 @@ def test_settings_per_matcher_round_trip():
                                 "cache_tokens": 0, "max_spec_factor": 1.0,
                                 "min_token_prob": 0.1, "choice": "measured"}
     assert LookupSettings.parse(suffix.to_dict()) == suffix  # (vLLM validates it twice)
-    assert LookupSettings().to_dict() == {"matcher": "ngram", "num_tokens": 4, "min_match": 2,
-                                          "max_match": 4, "occurrence": "latest"}
+    ngram = LookupSettings(matcher="ngram")
+    assert ngram.to_dict() == {"matcher": "ngram", "num_tokens": 4, "min_match": 2,
+                               "max_match": 4, "occurrence": "latest"}
     assert isinstance(lookup.make_lookup(suffix, 64), lookup.SuffixLookup)
-    assert isinstance(lookup.make_lookup(LookupSettings(), 64), lookup.ContextLookup)
+    assert isinstance(lookup.make_lookup(ngram, 64), lookup.ContextLookup)
+
+
+@needs_arctic
+def test_the_default_matcher_is_suffix_or_the_one_whose_settings_are_named():
+    assert LookupSettings.parse(True) == LookupSettings.parse({}) == LookupSettings()
+    assert LookupSettings().matcher == "suffix" and LookupSettings().num_tokens == 24
+    assert LookupSettings.parse({"min_match": 3}).matcher == "ngram"
+    assert LookupSettings.parse({"cache_tokens": 0}).matcher == "suffix"
+    with pytest.raises(ValueError, match="are settings of matcher 'ngram'"):
+        LookupSettings.parse({"min_match": 3, "cache_tokens": 0})
 
 
 def test_suffix_matcher_without_arctic_is_a_clear_error(monkeypatch):
@@ -326,3 +338,6 @@ def test_suffix_matcher_without_arctic_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="needs arctic-inference 0.3.0.*scripts/setup.sh"):
         LookupSettings.parse({"matcher": "suffix"})
     assert LookupSettings.parse({"matcher": "ngram"}).matcher == "ngram"
+    # Unasked for, the suffix matcher gives way to the n-gram one (one warning line).
+    assert LookupSettings.parse(True).matcher == "ngram"
+    assert LookupSettings.parse({"num_tokens": 6}) == LookupSettings(matcher="ngram", num_tokens=6)

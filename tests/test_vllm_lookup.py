@@ -236,7 +236,7 @@ def test_training_knows_where_the_lookup_drafts(min_match, occurrence):
     with many repeats."""
     from vllm_chimera.context_lookup import lookup_matches
 
-    settings = LookupSettings(min_match=min_match, max_match=max(min_match, 4), occurrence=occurrence)
+    settings = LookupSettings(matcher="ngram", min_match=min_match, max_match=max(min_match, 4), occurrence=occurrence)
     context_lookup = lookup.ContextLookup(settings, max_model_len=256)
     generator = torch.Generator().manual_seed(min_match)
     tokens = torch.randint(0, 4, (6, 60), generator=generator)  # 4 ids: repeats everywhere
@@ -297,7 +297,8 @@ def test_latest_match_is_vllms_match_from_the_last_occurrence(min_match, max_mat
 def test_context_lookup_drafts_from_the_chosen_occurrence():
     history = np.array([5, 7, 1, 5, 7, 2, 5, 0, 0], dtype=np.int32)  # 7 tokens, then 7 sampled
     for occurrence, expected in (("latest", [2, 5, 7]), ("earliest", [1, 5, 7])):
-        context_lookup = lookup.ContextLookup(LookupSettings(occurrence=occurrence), max_model_len=64)
+        context_lookup = lookup.ContextLookup(LookupSettings(matcher="ngram", occurrence=occurrence),
+                                              max_model_len=64)
         assert context_lookup.propose(history, 7, 7, max_tokens=3).tolist() == expected
-    near_the_end = lookup.ContextLookup(LookupSettings(), max_model_len=9)  # room for 1 token
+    near_the_end = lookup.ContextLookup(LookupSettings(matcher="ngram"), max_model_len=9)  # room for 1 token
     assert near_the_end.propose(history, 7, 7, max_tokens=3).tolist() == [2]

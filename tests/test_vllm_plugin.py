@@ -15,6 +15,7 @@ from vllm_chimera.checkpoint import save_draft
 from vllm_chimera.measurements import save_measurements
 from vllm_chimera.vllm import patching
 from vllm_chimera.vllm.plugin import ALLOW_UNTESTED_ENV, check_vllm_version, register
+from vllm_chimera.vllm.spec_config import LookupSettings
 
 pytest.importorskip("vllm")
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs  # noqa: E402
@@ -52,7 +53,9 @@ def test_plugin_entry_point_is_installed():
 def test_method_chimera(folders):
     spec = speculative_config(folders / "target", speculative_config={
         "method": "chimera", "model": str(folders / "draft")})
-    assert spec.method == "chimera" and spec.num_speculative_tokens == 4  # K = number of heads
+    # The heads' K = the number of heads; vLLM's K also covers the lookup's longer drafts.
+    assert spec.method == "chimera" and spec.num_head_tokens == 4
+    assert spec.num_speculative_tokens == max(4, LookupSettings.parse(True).num_tokens)
     assert spec.draft_model_config.architectures == ["ChimeraDraftModel"]
     assert spec.use_eagle()  # routed through the runner's hidden-state drafting path
 
@@ -89,8 +92,10 @@ def test_a_draft_measured_here_runs_with_its_measurements(folders, tmp_path, cap
 def test_chimera_detected_from_the_checkpoint(folders):
     spec = speculative_config(folders / "target", speculative_config={
         "model": str(folders / "draft"), "num_speculative_tokens": 2})
-    # The heads draft 2; vLLM's K also covers the context lookup's 4-token drafts.
-    assert (spec.method, spec.num_head_tokens, spec.num_speculative_tokens) == ("chimera", 2, 4)
+    # The heads draft 2; vLLM's K also covers the context lookup's longer drafts.
+    lookup_tokens = LookupSettings.parse(True).num_tokens  # (24: the suffix lookup's)
+    assert (spec.method, spec.num_head_tokens, spec.num_speculative_tokens) == (
+        "chimera", 2, lookup_tokens)
     spec = speculative_config(folders / "target", speculative_config={
         "model": str(folders / "draft"), "num_speculative_tokens": 2, "lookup": False})
     assert (spec.num_head_tokens, spec.num_speculative_tokens, spec.lookup) == (2, 2, False)
@@ -102,7 +107,8 @@ def test_spec_flags(folders):
     assert args.spec_method == "chimera"
     args.dtype, args.kv_cache_memory_bytes, args.max_model_len = "float32", 64 << 20, 512
     spec = args.create_engine_config().speculative_config
-    assert (spec.method, spec.num_head_tokens, spec.num_speculative_tokens) == ("chimera", 3, 4)
+    assert (spec.method, spec.num_head_tokens, spec.num_speculative_tokens) == (
+        "chimera", 3, LookupSettings.parse(True).num_tokens)
 
 
 def test_speculative_model_flag_finds_the_draft(folders, tmp_path):
@@ -113,7 +119,7 @@ def test_speculative_model_flag_finds_the_draft(folders, tmp_path):
         args = parse_cli(["--model", str(target), "--speculative-model", value])
         args.dtype, args.kv_cache_memory_bytes, args.max_model_len = "float32", 64 << 20, 512
         spec = args.create_engine_config().speculative_config
-        assert spec.method == "chimera" and spec.num_speculative_tokens == 4
+        assert spec.method == "chimera" and spec.num_head_tokens == 4
     with pytest.raises(SystemExit):  # contradicting --spec-model is refused by the parser
         parse_cli(["--model", str(target), "--spec-model", "a", "--speculative-model", "b"])
 

@@ -133,11 +133,11 @@ def bench_main(argv=None) -> int:
     parser.add_argument("--medusa-draft", help="Medusa heads folder (method medusa)")
     parser.add_argument("--eagle-draft", help="EAGLE-1 draft folder (method eagle)")
     parser.add_argument("--methods", default="plain,ngram,chimera",
-                        help="comma-separated: plain, ngram, chimera (with the context lookup), "
-                             "chimera-nolookup, chimera-suffix (the suffix-tree lookup), chimera-confident "
-                             "(--min-confidence), medusa, "
-                             "eagle; METHOD:K fixes K (chimera:2); "
-                             "chimera alone uses the draft's defaults")
+                        help="comma-separated: plain, ngram, suffix, chimera (with the "
+                             "context lookup), chimera-nolookup, chimera-suffix / chimera-ngram "
+                             "(a lookup matcher named), chimera-confident (--min-confidence), "
+                             "medusa, eagle; METHOD:K fixes K (chimera:2); chimera alone uses "
+                             "the draft's defaults")
     parser.add_argument("--batch-sizes", default="1,4,16")
     parser.add_argument("--prompts", choices=("mtbench", "code"), default="mtbench",
                         help="MT-bench first turns, or the held-out code requests "
@@ -150,9 +150,9 @@ def bench_main(argv=None) -> int:
                         help="tokens chimera drafts from a context-lookup match (default: the "
                              "plugin's); method chimera-nolookup turns the lookup off")
     parser.add_argument("--lookup-matcher", choices=("ngram", "suffix"), default=None,
-                        help="chimera's lookup: 'ngram' (the request's own text, the plugin's "
-                             "default) or 'suffix' (suffix trees over the request and earlier "
-                             "requests, as vLLM's suffix method)")
+                        help="chimera's lookup: 'suffix' (suffix trees over the request and "
+                             "earlier requests, as vLLM's suffix method; the plugin's default) or "
+                             "'ngram' (the request's own text)")
     parser.add_argument("--lookup-occurrence", choices=OCCURRENCES, default=None,
                         help="which earlier occurrence of the matched suffix chimera's lookup "
                              "drafts from (default: the plugin's, latest; earliest = vLLM's "

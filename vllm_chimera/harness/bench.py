@@ -103,8 +103,8 @@ def method_config(spec: str, settings: BenchSettings) -> dict | None:
         config = {"method": method, "model": str(draft)}
         if method.startswith("chimera"):  # with and without the context lookup, a tree
             lookup = settings.lookup or True
-            if method == "chimera-suffix":  # the suffix-tree lookup (needs arctic-inference)
-                lookup = {"matcher": "suffix"}
+            if method in ("chimera-suffix", "chimera-ngram"):  # a lookup matcher named
+                lookup = {"matcher": method.rpartition("-")[2]}
             config.update(method="chimera", lookup=False if method.endswith("-nolookup") else lookup)
             if method.startswith("chimera-tree"):
                 config["tree"] = settings.tree
@@ -124,7 +124,7 @@ def method_config(spec: str, settings: BenchSettings) -> dict | None:
 
 # The methods that need a draft, and the BenchSettings field that holds it.
 DRAFT_OPTIONS = {"chimera": "draft", "chimera-nolookup": "draft", "chimera-tree": "draft",
-                 "chimera-suffix": "draft",
+                 "chimera-suffix": "draft", "chimera-ngram": "draft",
                  "chimera-confident": "draft",
                  "chimera-tree-nolookup": "draft", "medusa": "medusa_draft", "eagle": "eagle_draft"}
 
@@ -477,10 +477,13 @@ def markdown_table(report: dict) -> str:
         lines += ["", "Drafts by source (greedy rows with the context lookup): share of the "
                   "drafting steps, of the drafted tokens and of the accepted tokens that came "
                   "from the lookup; accepted tokens per drafting step of each source; the "
-                  "lookup's own time per engine step.", "",
+                  "lookup's own time per engine step; the engine steps whose draft pass was "
+                  "skipped (no request needed the heads: max_deferred_rows).", "",
                   "| method | batch | lookup steps | lookup drafted | lookup accepted "
-                  "| accepted/step: lookup / heads | lookup ms/step |", "|---|---|---|---|---|---|---|"]
+                  "| accepted/step: lookup / heads | lookup ms/step | passes skipped |",
+                  "|---|---|---|---|---|---|---|---|"]
         lines += [_lookup_line(m, row) for m, row in lookup_rows]
+        lines += _choice_lines(lookup_rows)
     tree_rows = [(m, row) for m, r in report["results"].items() for row in r["greedy"] if row.get("tree")]
     if tree_rows:
         lines += ["", "Token trees (greedy rows with a tree): trees verified per engine step (all "
@@ -521,7 +524,43 @@ def _lookup_line(method: str, row: dict) -> str:
     return (f"| {method} | {row['batch_size']} | {share(stats['num_drafts']):.0%} | "
             f"{share(stats['num_draft_tokens']):.0%} | {share(stats['num_accepted_tokens']):.0%} | "
             f"{per_step('lookup'):.2f} / {per_step('heads'):.2f} | "
-            f"{1000 * stats['lookup_seconds'] / steps:.2f} |")
+            f"{1000 * stats['lookup_seconds'] / steps:.2f} | "
+            f"{_share(stats.get('num_skipped_passes'), (row.get('step_times') or {}).get('num_steps'))} |")
+
+
+def _choice_lines(lookup_rows: list) -> list[str]:
+    """The suffix lookup's choice rule per score bin, for the first greedy row that has its
+    counts (context_lookup.ChoiceCounts): per bin of the best lookup draft's score, how
+    many tokens each source's drafts had accepted (every lookup draft is measured, chosen
+    or not; the heads' where they drafted), and what the rule chose there."""
+    for method, row in lookup_rows:
+        choice = row["lookup"].get("choice") or {}
+        if sum(choice.get("chose_own", [])) + sum(choice.get("chose_cache", [])) > 0:
+            break
+    else:
+        return []
+    edges = choice["score_edges"]
+    names = ["no lookup draft", f"< {edges[0]:g}"] + [
+        f"{a:g}-{b:g}" for a, b in zip(edges, edges[1:])] + [f">= {edges[-1]:g}"]
+    per_draft = lambda source, i: (  # noqa: E731
+        f"{choice[source + '_accepted'][i] / choice[source + '_drafts'][i]:.2f} "
+        f"({choice[source + '_drafts'][i]})" if choice[source + "_drafts"][i] else "-")
+    lines = ["", f"The lookup's choice rule ({method}, batch {row['batch_size']}), per bin of the "
+             "draft's score: tokens accepted per draft (drafts) from the request's own tree, the "
+             "global cache and the heads, and how often the rule chose each.", "",
+             "| score | own tree | cache | heads | chose own / cache / heads |",
+             "|---|---|---|---|---|"]
+    for i, name in enumerate(names):
+        chosen = [choice[key][i] for key in ("chose_own", "chose_cache", "chose_heads")]
+        if sum(chosen) or choice["own_drafts"][i] or choice["cache_drafts"][i]:
+            lines.append(f"| {name} | {per_draft('own', i)} | {per_draft('cache', i)} | "
+                         f"{per_draft('heads', i)} | {' / '.join(map(str, chosen))} |")
+    return lines
+
+
+def _share(count: int | None, total: int | None) -> str:
+    """count / total as a percentage, "-" where either is unknown (older reports)."""
+    return "-" if count is None or not total else f"{count / total:.0%}"
 
 
 def _tokens_per_step(row: dict) -> str:

@@ -68,6 +68,9 @@ class LookupStats:
     num_draft_tokens: dict[str, int] = field(default_factory=lambda: {HEADS: 0, LOOKUP: 0})
     num_accepted_tokens: dict[str, int] = field(default_factory=lambda: {HEADS: 0, LOOKUP: 0})
     lookup_seconds: float = 0.0  # time spent matching, all steps
+    # Draft passes skipped (no request needed the heads), and rows encoded late because of it.
+    num_skipped_passes: int = 0
+    num_deferred_rows: int = 0
     # The suffix matcher's choice rule, per score bin (empty with the n-gram matcher).
     choice: ChoiceCounts = field(default_factory=ChoiceCounts)
 
@@ -75,12 +78,14 @@ class LookupStats:
         for counts in (self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens):
             counts.update({HEADS: 0, LOOKUP: 0})
         self.lookup_seconds = 0.0
+        self.num_skipped_passes = self.num_deferred_rows = 0
         self.choice = ChoiceCounts()
 
     def as_dict(self) -> dict:
         return {"num_drafts": dict(self.num_drafts), "num_draft_tokens": dict(self.num_draft_tokens),
                 "num_accepted_tokens": dict(self.num_accepted_tokens),
-                "lookup_seconds": self.lookup_seconds, "choice": self.choice.as_dict()}
+                "lookup_seconds": self.lookup_seconds, "num_skipped_passes": self.num_skipped_passes,
+                "num_deferred_rows": self.num_deferred_rows, "choice": self.choice.as_dict()}
 
 
 # The counts of every Chimera proposer in this process; readers reset them (STATS.reset()).

@@ -29,13 +29,15 @@ class SpeculativeConfigPatch(ClassPatch):
                          (spec_config.TreeSettings; normalized to a dict); off by default
         min_confidence   cut each chain of head drafts where the heads' confidence falls
                          below it (spec_config.parse_min_confidence); off by default
+        max_deferred_rows  rows whose draft pass may wait for a later step when no
+                         request needs the heads (spec_config.parse_max_deferred_rows)
         num_head_tokens  the heads' K (set here from num_speculative_tokens, which then
                          also covers the lookup's longer drafts; not for users to set)
     """
 
     target = "vllm.config.speculative:SpeculativeConfig"
     replaces = ("__post_init__", "use_eagle")
-    NEW_FIELDS = ("lookup", "num_head_tokens", "tree", "min_confidence")
+    NEW_FIELDS = ("lookup", "num_head_tokens", "tree", "min_confidence", "max_deferred_rows")
     _original_method_type = None
 
     @classmethod
@@ -87,6 +89,7 @@ class SpeculativeConfigPatch(ClassPatch):
             return original(self)
         lookup = spec_config.LookupSettings.parse(self.lookup)  # ValueError if bad
         self.min_confidence = spec_config.parse_min_confidence(self.min_confidence)
+        self.max_deferred_rows = spec_config.parse_max_deferred_rows(self.max_deferred_rows)
         if self.target_model_config is None:
             raise ValueError("chimera needs the target model's config")
         if self.draft_sample_method != "greedy":

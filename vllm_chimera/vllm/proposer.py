@@ -13,14 +13,17 @@ The proposer keeps no per-request state: everything is derived from this step's 
 and the runner's token history, so finished, preempted and reordered requests need no
 bookkeeping, and rejected positions are simply re-encoded when they are recomputed.
 
-Stepping aside (K = 0 for this step, from a batch-size schedule): by default the proposer
-then does nothing at all, so a large batch pays no draft cost (chimera-bench's step
-breakdown measures what is left; results/bench/). The price:
-the draft layer's KV for the positions computed meanwhile is not written, so a request
-that lives on until the batch shrinks and drafting resumes drafts from an incomplete
-context (verification stays lossless; only its acceptance suffers).
-VLLM_CHIMERA_ASIDE_KEEPS_KV=1 keeps the encoder pass running at K = 0 instead (vLLM's
-EAGLE behaviour; a draft without the context layer has no KV to keep).
+Skipped passes (deferred_rows.py): on a step where no request needs the heads (every
+drafting request drafts from the lookup, or the batch stands aside: K = 0 for this step,
+from a batch-size schedule) the encoder pass is skipped; the rows it would have encoded
+wait, and each request's next pass encodes them first, so the draft layer's KV is complete
+whenever a head reads it. At most speculative_config["max_deferred_rows"] rows wait (512;
+0 runs the pass every step); a step whose rows would not fit runs its pass.
+VLLM_CHIMERA_ASIDE_KEEPS_KV=1 runs the encoder pass at K = 0 every step instead (vLLM's
+EAGLE behaviour); with max_deferred_rows 0 and without it, stepping aside does nothing at
+all and the KV of the positions computed meanwhile is never written (acceptance suffers
+once drafting resumes; verification stays lossless). A draft without the context layer
+has no KV to keep.
 
 The context lookup (lookup.py, speculative_config["lookup"], on by default): each step the
 request's own text is searched for an earlier occurrence of its last tokens; a request with
@@ -69,7 +72,7 @@ from vllm.v1.spec_decode.eagle import EagleProposer
 from chimera_kernels import trigram_window_ids
 from vllm_chimera.model import confident_lengths
 from vllm_chimera.tree import TokenTree
-from vllm_chimera.vllm import lookup, tree_verify
+from vllm_chimera.vllm import deferred_rows, lookup, tree_verify
 from vllm_chimera.vllm.cpu_workarounds import install_cpu_expand_kernel_fix
 from vllm_chimera.vllm.model import ChimeraDraftForVLLM
 from vllm_chimera.vllm.spec_config import LookupSettings, TreeSettings
@@ -108,6 +111,22 @@ class ChimeraProposer(EagleProposer):
         if self.tree is not None:
             tree_verify.check_engine_supports_trees(vllm_config, self.tree)
         self._tree_drafts: dict[str, tuple[TokenTree, list[int]]] = {}
+        self.deferred = (deferred_rows.DeferredRows(spec.max_deferred_rows)
+                         if spec.max_deferred_rows else None)
+        if self.deferred is not None:
+            self._grow_buffers(self.max_num_tokens + self.deferred.max_rows)
+
+    def _grow_buffers(self, num_rows: int) -> None:
+        """EAGLE's row buffers, made room for the deferred rows a pass encodes besides a
+        full step's (CUDA-graph sizes stay vLLM's: a larger pass runs without a graph)."""
+        if self.uses_mrope:
+            raise ValueError("chimera drafts use 1-D RoPE positions")
+        self.input_ids = torch.zeros(num_rows, dtype=self.input_ids.dtype, device=self.device)
+        self.positions = torch.zeros(num_rows, dtype=self.positions.dtype, device=self.device)
+        self.hidden_states = torch.zeros(num_rows, self.hidden_size, dtype=self.dtype,
+                                         device=self.device)
+        self._slot_mapping_buffer = torch.zeros(num_rows, dtype=self._slot_mapping_buffer.dtype,
+                                                device=self.device)
 
     def load_model(self, target_model: torch.nn.Module) -> None:
         target_layers = set(get_layers_from_vllm_config(self.vllm_config, AttentionLayerBase))
@@ -135,7 +154,7 @@ class ChimeraProposer(EagleProposer):
         # [max_num_tokens, 3] each row's trigram window (ChimeraEncoder's input): a
         # persistent buffer, as EAGLE's input_ids, since CUDA graphs read fixed addresses.
         uses_windows = self.model.encoder is not None and self.model.config.use_trigram_encoder
-        self.window_ids = (torch.zeros(self.max_num_tokens, 3, dtype=torch.int64,
+        self.window_ids = (torch.zeros(len(self.input_ids), 3, dtype=torch.int64,
                                        device=self.device) if uses_windows else None)
         if self.tree is not None:
             tree_verify.check_target_supports_trees(self.runner, self._draft_attn_layer_names)
@@ -181,18 +200,24 @@ class ChimeraProposer(EagleProposer):
             cudagraph_mode = CUDAGraphMode.NONE
         super().initialize_cudagraph_keys(cudagraph_mode)
 
-    def _prefix_ids(self, num_reqs: int) -> torch.Tensor:
-        """(x_{t0-1}, x_{t0}) before each request's first row this step: [num_reqs, 2].
+    def _first_positions(self, num_reqs: int) -> np.ndarray:
+        """[num_reqs] the position of each request's first row this step: its computed-token
+        count, as the runner's own positions are (host buffers: no GPU is waited on)."""
+        return self.runner.input_batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
 
-        Row t0 is the first position computed this step; its trigram window is
-        (x_{t0-1}, x_{t0}, x_{t0+1}), and x_{t0-1} was computed in an earlier step, so it
-        comes from the runner's token history. -1 marks "before the sequence start".
-        e.g. a request decoding at t0 = 7 gives (x_6, x_7); a fresh prompt gives (-1, x_0).
-        Read from the runner's host buffers (t0 is the request's computed-token count, as
-        the runner's own positions are), so a GPU is never waited on for it.
+    def _prefix_ids(self, starts: np.ndarray) -> torch.Tensor:
+        """(x_{t0-1}, x_{t0}) before each request's first row t0 = starts[i] of this pass:
+        [num_reqs, 2].
+
+        Row t0's trigram window is (x_{t0-1}, x_{t0}, x_{t0+1}), and x_{t0-1} was computed
+        in an earlier step, so it comes from the runner's token history. -1 marks "before
+        the sequence start". e.g. a request decoding at t0 = 7 gives (x_6, x_7); a fresh
+        prompt gives (-1, x_0); one with rows deferred from position 4 (4, 5, 6 before
+        this step's 7) gives (x_3, x_4).
         """
         batch = self.runner.input_batch
-        t0 = torch.from_numpy(batch.num_computed_tokens_cpu[:num_reqs]).long()  # [num_reqs]
+        t0 = torch.from_numpy(starts)  # [num_reqs]
+        num_reqs = len(starts)
         history = batch.token_ids_cpu_tensor  # [max_num_reqs, max_model_len]
         rows = torch.arange(num_reqs)
         previous = history[rows, (t0 - 1).clamp(min=0)].long()
@@ -208,25 +233,37 @@ class ChimeraProposer(EagleProposer):
         self.num_speculative_tokens = num_speculative_tokens
         self._last_draft_probs = None
         self._tree_drafts = {}  # (taken by the runner already, or stale)
+        num_reqs = common_attn_metadata.num_reqs
         has_kv = bool(self._draft_attn_layer_names)  # False without the context layer
-        if num_speculative_tokens == 0 and not (self.aside_keeps_kv and has_kv):  # aside
-            return torch.empty(common_attn_metadata.num_reqs, 0, dtype=torch.int64,
-                               device=self.device)
+        aside = num_speculative_tokens == 0
+        if aside and not (has_kv and (self.aside_keeps_kv or self.deferred is not None)):
+            return torch.empty(num_reqs, 0, dtype=torch.int64, device=self.device)
         if self.reads_target_layers:  # [num_tokens, (n + 1) * d] -> h_t as the draft reads it
             target_hidden_states = self.model.fuse_target_layers(target_hidden_states)
+        matches = None if aside else self._lookup_matches(
+            num_reqs, num_speculative_tokens, next_token_ids, num_rejected_tokens_gpu)
         if not has_kv:  # no context layer: heads on h_n alone
             if token_indices_to_sample is None:  # each request's last row
                 token_indices_to_sample = common_attn_metadata.query_start_loc[1:] - 1
             h = target_hidden_states[token_indices_to_sample]  # [num_reqs, d]
             return self._combine(h, torch.zeros_like(h), num_speculative_tokens,
-                                 next_token_ids, num_rejected_tokens_gpu)
-        prefix_ids = (self._prefix_ids(common_attn_metadata.num_reqs)
-                      if self.window_ids is not None else None)
+                                 next_token_ids, matches)
         num_tokens, token_indices_to_sample, cad = self.set_inputs_first_pass(
             target_token_ids=target_token_ids, next_token_ids=next_token_ids,
             target_positions=target_positions, target_hidden_states=target_hidden_states,
             token_indices_to_sample=token_indices_to_sample, cad=common_attn_metadata,
             num_rejected_tokens_gpu=num_rejected_tokens_gpu)
+        starts = self._first_positions(num_reqs)
+        if self.deferred is not None:
+            self.deferred.retire(self.runner.requests)
+            if (not self.aside_keeps_kv and self._needs_no_heads(aside, matches)
+                    and self._defer(cad, token_indices_to_sample, starts)):
+                return (torch.empty(num_reqs, 0, dtype=torch.int64, device=self.device)
+                        if aside else self._combine(None, None, num_speculative_tokens,
+                                                    next_token_ids, matches))
+            num_tokens, token_indices_to_sample, cad = self._take_deferred(
+                cad, num_tokens, token_indices_to_sample, starts)
+        prefix_ids = self._prefix_ids(starts) if self.window_ids is not None else None
         _, per_layer_attn_metadata = self.build_per_group_and_layer_attn_metadata(cad)
         runtime_mode, num_input_tokens, num_tokens_across_dp = (
             self._determine_batch_execution_and_padding(num_tokens))
@@ -249,27 +286,82 @@ class ChimeraProposer(EagleProposer):
                 num_tokens_across_dp=num_tokens_across_dp, cudagraph_runtime_mode=runtime_mode,
                 slot_mapping=self._get_slot_mapping(slot_mapping_size, cad.slot_mapping)):
             s = self.model(**model_kwargs)  # [num_input_tokens, d]
-        # (With K = 0 here the pass above kept the draft KV in sync: ASIDE_KEEPS_KV_ENV.)
+        # (With K = 0 here the pass above wrote the draft KV of rows that could not wait.)
         rows = token_indices_to_sample  # [num_reqs] each request's last accepted position
         return self._combine(self.hidden_states[rows], s[rows], num_speculative_tokens,
-                             next_token_ids, num_rejected_tokens_gpu)
+                             next_token_ids, matches)
 
-    def _combine(self, h: torch.Tensor, s: torch.Tensor, num_tokens: int,
-                 next_token_ids: torch.Tensor, num_rejected_tokens) -> torch.Tensor | list:
-        """Each request's drafts: the lookup's where it matched, else the heads' tree or
-        chain (h, s: [num_reqs, d] at each request's last accepted position)."""
+    def _lookup_matches(self, num_reqs: int, num_tokens: int, next_token_ids: torch.Tensor,
+                        num_rejected_tokens) -> list[np.ndarray] | None:
+        """The lookup's drafts per request (empty: none), or None without a lookup or when
+        the heads draft nothing this step (then neither does the lookup)."""
+        if self.lookup is None or min(num_tokens, self.num_head_tokens) == 0:
+            return None
+        return self._lookup_drafts(num_reqs, next_token_ids, num_rejected_tokens,
+                                   self._max_lookup_tokens(num_tokens))
+
+    def _needs_no_heads(self, aside: bool, matches: list[np.ndarray] | None) -> bool:
+        """True where no request needs the heads this step: the batch stands aside, or every
+        request drafts from the lookup (prefill chunks draft nothing)."""
+        if aside:
+            return True
+        if matches is None:
+            return False
+        chunks = self._prefill_chunks(len(matches))
+        return all(len(match) or chunk for match, chunk in zip(matches, chunks))
+
+    def _defer(self, cad, token_indices_to_sample: torch.Tensor, starts: np.ndarray) -> bool:
+        """Keep this step's valid rows for a later pass instead of encoding them now; False
+        (nothing kept) where they do not fit. Row i's valid rows run from its query start
+        to its last accepted row (token_indices_to_sample; the rejected rows after it are
+        recomputed later anyway)."""
+        query_starts = cad.query_start_loc_cpu.numpy()[:-1].astype(np.int64)  # [num_reqs]
+        # (A host copy: the lookup waited for this step's GPU work already.)
+        last_rows = token_indices_to_sample.cpu().numpy().astype(np.int64)  # [num_reqs]
+        if not self.deferred.fits(int((last_rows - query_starts + 1).sum())):
+            return False
+        for i, req_id in enumerate(self.runner.input_batch.req_ids[:len(starts)]):
+            rows = slice(query_starts[i], last_rows[i] + 1)
+            self.deferred.defer(req_id, int(starts[i]), self.input_ids[rows], self.hidden_states[rows])
+        lookup.STATS.num_skipped_passes += 1
+        return True
+
+    def _take_deferred(self, cad, num_tokens: int, token_indices_to_sample: torch.Tensor,
+                       starts: np.ndarray):
+        """This step's rows with the requests' deferred rows in front of their own
+        (deferred_rows.prepend); `starts` becomes each request's first row of the pass."""
+        if self.deferred.num_rows == 0:
+            return num_tokens, token_indices_to_sample, cad
+        taken = {}
+        for i, req_id in enumerate(self.runner.input_batch.req_ids[:len(starts)]):
+            rows = self.deferred.take(req_id, int(starts[i]))
+            if rows is not None:
+                taken[i], starts[i] = rows, rows[0]
+        if not taken:
+            return num_tokens, token_indices_to_sample, cad
+        lookup.STATS.num_deferred_rows += sum(len(rows[1]) for rows in taken.values())
+        return deferred_rows.prepend(taken, cad, num_tokens, token_indices_to_sample,
+                                     self.input_ids, self.positions, self.hidden_states,
+                                     self.block_size)
+
+    def _combine(self, h: torch.Tensor | None, s: torch.Tensor | None, num_tokens: int,
+                 next_token_ids: torch.Tensor, matches: list[np.ndarray] | None
+                 ) -> torch.Tensor | list:
+        """Each request's drafts: the lookup's where it matched (`matches`, None without a
+        lookup), else the heads' tree or chain (h, s: [num_reqs, d] at each request's last
+        accepted position; None where no request needs the heads)."""
         num_head_tokens = min(num_tokens, self.num_head_tokens)
-        num_reqs = h.shape[0]
+        num_reqs = next_token_ids.shape[0]
         tree = (self.tree.tree_for_batch_size(num_reqs)
                 if self.tree is not None and num_head_tokens > 0 else None)
-        if ((self.lookup is None and tree is None and self.min_confidence is None)
-                or num_head_tokens == 0):
+        if (matches is None and tree is None and self.min_confidence is None) or num_head_tokens == 0:
             return self._draft_tokens(h, s, num_head_tokens, next_token_ids)
-        matches = (self._lookup_drafts(num_reqs, next_token_ids, num_rejected_tokens,
-                                       self._max_lookup_tokens(num_tokens))
-                   if self.lookup is not None else [np.empty(0, dtype=np.int32)] * num_reqs)
+        if matches is None:
+            matches = [np.empty(0, dtype=np.int32)] * num_reqs
         drafts = [match.tolist() for match in matches]
         missed = [i for i, match in enumerate(matches) if len(match) == 0]
+        if h is None:  # (no pass ran: the rows without a match are prefill chunks, whose
+            missed = []  # drafts vLLM drops)
         tree_rows = [i for i in missed if tree is not None and self._tree_allowed(i)]
         chain_rows = [i for i in missed if i not in set(tree_rows)]
         if chain_rows:
@@ -370,7 +462,7 @@ class ChimeraProposer(EagleProposer):
         [num_reqs, num_tokens] target ids (an empty [num_reqs, 0] at K = 0, reached only
         when the encoder pass ran to keep the draft KV)."""
         if num_tokens == 0:
-            return torch.empty(h.shape[0], 0, dtype=torch.int64, device=self.device)
+            return torch.empty(next_token_ids.shape[0], 0, dtype=torch.int64, device=self.device)
         return self.model.head_top_k(h, s, num_tokens, 1, next_token_ids)[..., 0]
 
     def _chain_drafts(self, h: torch.Tensor, s: torch.Tensor, num_tokens: int,

@@ -1,7 +1,8 @@
 """Chimera's speculative_config settings: parsed, checked and resolved against the draft.
 
 Detection (is Chimera asked for?), draft discovery, K and the step-aside schedule, and the
-settings Chimera adds to vLLM's SpeculativeConfig (lookup, min_confidence, tree).
+settings Chimera adds to vLLM's SpeculativeConfig (lookup, min_confidence, tree,
+max_deferred_rows).
 
 Chimera is requested by any of:
     method="chimera"                       (--spec-method chimera, --speculative-config)
@@ -191,6 +192,9 @@ MAX_LOOKUP_TOKENS = 128  # vLLM's rejection sampler handles at most this many dr
 class LookupSettings:
     """Drafting from text instead of the heads, by one of two matchers.
 
+    matcher "suffix" (the default, where arctic-inference is installed; else "ngram", with
+    one warning line): see below.
+
     matcher "ngram": from the request's own text: where the last `min_match`..`max_match`
     tokens occurred before in the request (prompt and output), propose the `num_tokens`
     tokens that followed them instead of the heads' tokens. The longest such suffix
@@ -211,7 +215,7 @@ class LookupSettings:
     wherever there is one.
     """
 
-    matcher: str = "ngram"
+    matcher: str = "suffix"
     num_tokens: int | None = None  # the most tokens drafted from a match (None: the matcher's default)
     min_match: int = DEFAULT_MIN_MATCH
     max_match: int = 4
@@ -231,7 +235,7 @@ class LookupSettings:
         """speculative_config["lookup"]: None or True (defaults), False (off), or a dict of
         the fields above. Raises ValueError naming what is wrong."""
         if value is None or value is True:
-            return cls()
+            value = {}
         if value is False:
             return None
         if not isinstance(value, dict):
@@ -240,7 +244,7 @@ class LookupSettings:
         unknown = sorted(set(value) - set(LOOKUP_KEYS))
         if unknown:
             raise ValueError(f"chimera: unknown 'lookup' settings {unknown}; known: {LOOKUP_KEYS}")
-        matcher = value.get("matcher", cls.matcher)
+        matcher = value.get("matcher") or _default_matcher(value)
         if matcher not in MATCHERS:
             raise ValueError(f"chimera: lookup matcher must be one of {MATCHERS}, got {matcher!r}")
         for other, keys in MATCHER_KEYS.items():
@@ -270,6 +274,20 @@ class LookupSettings:
 
 
 LOOKUP_KEYS = tuple(f.name for f in fields(LookupSettings))
+
+
+def _default_matcher(value: dict) -> str:
+    """The matcher of a lookup dict that names none: the one whose settings it names, else
+    "suffix" where arctic-inference is installed, else "ngram" (one warning line)."""
+    named = [m for m, keys in MATCHER_KEYS.items() if any(key in value for key in keys)]
+    if len(named) == 1:
+        return named[0]
+    if importlib.util.find_spec("arctic_inference") is not None:
+        return "suffix"
+    logger.warning_once("chimera: arctic-inference is not installed, so the lookup drafts from "
+                        "the request's own text only (matcher 'ngram'); `bash scripts/setup.sh` "
+                        "installs it for the default suffix-tree lookup")
+    return "ngram"
 
 
 def _check_lookup_setting(key: str, value) -> None:
@@ -310,6 +328,26 @@ def parse_min_confidence(value) -> float | None:
         raise ValueError(f"chimera: min_confidence must be a number in (0, 1) (or unset), "
                          f"got {value!r}")
     return float(value)
+
+
+# -- Skipped draft passes (speculative_config["max_deferred_rows"]) -------------------------
+DEFAULT_MAX_DEFERRED_ROWS = 512
+
+
+def parse_max_deferred_rows(value) -> int:
+    """speculative_config["max_deferred_rows"]: None (the default, 512) or an integer >= 0.
+
+    On a step where no request needs the heads (all draft from the lookup, or the batch
+    stands aside) the draft's encoder pass is skipped and its rows wait for the next pass
+    (vllm/deferred_rows.py); at most this many rows, all requests together, wait at a
+    time. 0 runs the pass every step. Raises ValueError naming the problem.
+    """
+    if value is None:
+        return DEFAULT_MAX_DEFERRED_ROWS
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"chimera: max_deferred_rows must be an integer >= 0 (0: never skip "
+                         f"the draft pass), got {value!r}")
+    return value
 
 
 # -- Token trees (speculative_config["tree"]) ----------------------------------------------
