@@ -36,7 +36,7 @@ def demo_main(argv=None) -> int:
 
         if not Path(args.draft, "config.json").is_file():
             parser.error(f"no draft in {args.draft} (train one: bash scripts/train_smollm2.sh "
-                         "chimera export), or run the toy demo: chimera-demo --toy")
+                         "--ship), or run the toy demo: chimera-demo --toy")
         return 0 if run_smollm2_demo(args.draft, args.num_prompts or 8,
                                      args.max_new_tokens or 128) else 1
     if args.num_heads < 4:
