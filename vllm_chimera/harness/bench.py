@@ -41,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from vllm_chimera.harness.offline import ENGINE_DEFAULTS
+from vllm_chimera.measurements import save_measurements
 
 _COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
              "vllm:spec_decode_num_accepted_tokens")
@@ -439,8 +440,6 @@ def save_schedule(schedule: list[list[int]], draft_dir: str | os.PathLike,
     """Store a measured step-aside schedule in the draft's measurements.json, for
     `device_type` (default: this machine's, as vLLM sees it). vLLM then uses it whenever the
     user fixes no K."""
-    from vllm_chimera.measurements import save_measurements
-
     if device_type is None:
         from vllm.platforms import current_platform
 

@@ -106,13 +106,13 @@ class SpeculativeConfigPatch(ClassPatch):
         from vllm.platforms import current_platform
 
         num_head_tokens = self.num_head_tokens or self.num_speculative_tokens  # (run twice: replace())
-        self.model, num_head_tokens, schedule, draft_config = spec_config.resolve_chimera(
+        self.model, num_head_tokens, schedule, resolved = spec_config.resolve_chimera(
             self.model, num_head_tokens, self.target_model_config.model,
             self.target_model_config.hf_config, device_type=current_platform.device_type,
             schedule_given=self.num_speculative_tokens_per_batch_size is not None)
         if schedule is not None:  # the draft's measured step-aside defaults
             self.num_speculative_tokens_per_batch_size = [tuple(entry) for entry in schedule]
-        tree = spec_config.TreeSettings.parse(self.tree, draft_config, current_platform.device_type)
+        tree = spec_config.TreeSettings.parse(self.tree, resolved, current_platform.device_type)
         if tree is not None and tree.schedule and schedule is not None:  # both the draft's
             self.num_speculative_tokens_per_batch_size = [
                 tuple(entry) for entry in spec_config.with_tree_steps(schedule, tree.schedule)]
