@@ -26,10 +26,12 @@ once drafting resumes; verification stays lossless). A draft without the context
 has no KV to keep.
 
 The context lookup (lookup.py, speculative_config["lookup"], on by default): each step the
-request's own text is searched for an earlier occurrence of its last tokens; a request with
-a match drafts the tokens that followed it (up to lookup num_tokens), the others draft the
-heads' K tokens. So one request may draft 4 tokens while the next drafts 1: the runner's
-list-of-lists draft format carries that.
+request's text (and with the default suffix matcher, earlier requests' text) is searched
+for an earlier occurrence of its last tokens; a request whose match the lookup drafts gets
+the tokens that followed it (up to lookup num_tokens), the others the heads' K tokens. So
+one request may draft 12 tokens while the next drafts 1: the runner's list-of-lists draft
+format carries that. The lookup runs first, so that a step where no request needs the
+heads can skip the draft pass (above).
 
 Scheduling is synchronous, on CPU and GPU alike: vLLM 0.32 turns asynchronous scheduling
 off for every method outside its own list (EAGLE, MTP, draft models, n-gram GPU, DFlash),
